@@ -1,0 +1,268 @@
+//! The account API (/account/*), served by Tollgate itself: tokens and passwords (`identity`),
+//! usage (`usage`: quota, statistics, report, audit, captured data) and the system endpoints
+//! (`system`). It takes a parsed request and returns a complete response; pingora stays in
+//! `proxy`. Every error carries tracedata with service ACCOUNT.
+
+mod identity;
+mod system;
+mod usage;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::Utc;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::model::ServiceName;
+use crate::store::UserRecord;
+use crate::trace::{self, Tracedata};
+
+pub struct AccountRequest<'a> {
+    pub method: &'a http::Method,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub authorization: Option<&'a [u8]>,
+    pub content_type: Option<&'a [u8]>,
+    /// The body; a body over the account API's limit arrives as the marker `\0too-large`.
+    pub body: Bytes,
+    pub client_ip: Option<IpAddr>,
+    pub code: Uuid,
+}
+
+pub struct AccountResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
+}
+
+impl AccountResponse {
+    fn json<T: serde::Serialize>(value: &T) -> AccountResponse {
+        AccountResponse {
+            status: 200,
+            content_type: "application/json".into(),
+            headers: Vec::new(),
+            body: Bytes::from(serde_json::to_vec(value).expect("API models always serialise")),
+        }
+    }
+
+    fn file(content_type: &str, body: Bytes, filename: Option<String>) -> AccountResponse {
+        AccountResponse {
+            status: 200,
+            content_type: content_type.into(),
+            headers: filename
+                .map(|f| vec![("content-disposition", format!("attachment; filename=\"{f}\""))])
+                .unwrap_or_default(),
+            body,
+        }
+    }
+}
+
+/// A request in progress: who asked (once known) and which operation, for tracedata.
+struct Call<'a> {
+    app: &'a App,
+    req: AccountRequest<'a>,
+    operation: &'static str,
+    user: Option<Arc<UserRecord>>,
+    /// The username tried at login, for the error's `client` before anyone is authenticated.
+    tried: Option<String>,
+}
+
+impl Call<'_> {
+    fn caller(&mut self) -> Result<Arc<UserRecord>, ApiError> {
+        let user = self.app.authority.authenticate(self.req.authorization)?;
+        self.user = Some(user.clone());
+        Ok(user)
+    }
+
+    fn body<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        parse_json(&self.req.body)
+    }
+
+    fn query(&self) -> Vec<(String, String)> {
+        parse_query(self.req.query)
+    }
+
+    fn tracedata(&self) -> Tracedata {
+        let (client, tz) = match (&self.user, &self.tried) {
+            (Some(u), _) => (trace::client_label(&u.company_key, &u.username), u.timezone),
+            (None, Some(name)) if name.chars().count() >= 2 && name.len() <= 256 => (name.clone(), 0),
+            _ => (trace::ANONYMOUS.to_string(), 0),
+        };
+        Tracedata {
+            code: self.req.code,
+            client,
+            server: self.app.config.server.name.clone(),
+            service: ServiceName::ACCOUNT,
+            operation: self.operation.into(),
+            time: trace::in_timezone(Utc::now(), tz),
+        }
+    }
+}
+
+/// Parses JSON into `T`, naming the field and the rule when it does not fit.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body == b"\0too-large" {
+        return Err(ApiError::new(413, "body: larger than the account API accepts (1 MiB)"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." || path.is_empty() { "body".to_string() } else { path };
+        let rule = inner.to_string();
+        // serde_json appends " at line L column C"; the field name says more to a caller.
+        let rule = rule.split(" at line ").next().unwrap_or(&rule).to_string();
+        ApiError::invalid(&field, rule)
+    })
+}
+
+/// Query pairs, percent-decoded (`+` as space).
+pub fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Checks a string's length in characters.
+fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    let n = value.chars().count();
+    if n < min || n > max {
+        return Err(ApiError::invalid(field, format!("must be {min}..{max} characters, got {n}")));
+    }
+    Ok(())
+}
+
+fn check_word(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    check_len(field, value, min, max)?;
+    if !crate::model::is_word(value) {
+        return Err(ApiError::invalid(field, "must match \\w+ (letters, digits, underscore)"));
+    }
+    Ok(())
+}
+
+/// Serves one account API request.
+pub async fn handle(app: &App, req: AccountRequest<'_>) -> AccountResponse {
+    let method = req.method.clone();
+    let path = req.path.to_string();
+    let mut call = Call { app, req, operation: "account", user: None, tried: None };
+    let result = route(&mut call, &method, &path).await;
+    match result {
+        Ok(response) => response,
+        Err(error) => {
+            let body = error.body(&call.tracedata());
+            let mut headers = Vec::new();
+            if let Some(s) = error.retry_after_seconds {
+                headers.push(("retry-after", s.to_string()));
+            }
+            AccountResponse { status: error.status, content_type: "application/json".into(), headers, body: Bytes::from(body) }
+        }
+    }
+}
+
+async fn route(call: &mut Call<'_>, method: &http::Method, path: &str) -> Result<AccountResponse, ApiError> {
+    use http::Method as M;
+    let rest = path.strip_prefix("/account/").unwrap_or("");
+    let endpoint = |op: &'static str, call: &mut Call<'_>| call.operation = op;
+    match (method, rest) {
+        (&M::POST, "token/generation") => {
+            endpoint("token_generation", call);
+            identity::token_generation(call).await
+        }
+        (&M::POST, "token/validation") => {
+            endpoint("token_validation", call);
+            identity::token_validation(call)
+        }
+        (&M::POST, "password") => {
+            endpoint("password_change", call);
+            identity::password_change(call).await
+        }
+        (&M::GET, "info") => {
+            endpoint("get_account_info", call);
+            identity::info_get(call)
+        }
+        (&M::PUT, "info") => {
+            endpoint("update_account_info", call);
+            identity::info_put(call)
+        }
+        (&M::GET, "quota") => {
+            endpoint("get_quota", call);
+            usage::quota(call)
+        }
+        (&M::GET, "statistics") => {
+            endpoint("get_statistics", call);
+            usage::statistics(call).await
+        }
+        (&M::GET, "report") => {
+            endpoint("get_report", call);
+            usage::report(call).await
+        }
+        (&M::GET, "audit") => {
+            endpoint("get_audit", call);
+            usage::audit(call).await
+        }
+        (&M::GET, r) if r.starts_with("data/") => {
+            endpoint("get_data", call);
+            usage::data(call, &r["data/".len()..]).await
+        }
+        (&M::GET, "system/version") => {
+            endpoint("get_version", call);
+            Ok(system::version())
+        }
+        (&M::GET, "system/check") => {
+            endpoint("get_check", call);
+            Ok(system::check(call.app).await)
+        }
+        (&M::GET, r) if r.starts_with("file/") => {
+            endpoint("get_file", call);
+            system::file(call.app, &r["file/".len()..])
+        }
+        _ => {
+            endpoint("account_lookup", call);
+            Err(ApiError::not_found(path.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Req {
+        username: String,
+        ttl_seconds: Option<i64>,
+    }
+
+    #[test]
+    fn json_errors_name_the_field_and_rule() {
+        let e = parse_json::<Req>(br#"{"username": 5}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.starts_with("username: invalid type"), "{}", e.message);
+        let e = parse_json::<Req>(br#"{"ttl_seconds": 5}"#).unwrap_err();
+        assert!(e.message.contains("missing field `username`"), "{}", e.message);
+        let e = parse_json::<Req>(br#""just a string""#).unwrap_err();
+        assert!(e.message.starts_with("body: invalid type: string"), "{}", e.message);
+        let e = parse_json::<Req>(b"{not json").unwrap_err();
+        assert!(e.message.starts_with("body: "), "{}", e.message);
+    }
+
+    #[test]
+    fn query_pairs_are_decoded() {
+        assert_eq!(
+            parse_query("from=2025-01-02T03%3A04%3A05%2B0300&limit=10&x"),
+            vec![("from".into(), "2025-01-02T03:04:05+0300".into()), ("limit".into(), "10".into()), ("x".into(), "".into())]
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! What a caller has used and may still use: GET /account/quota, /statistics, /report,
+//! /audit and /data/{tracecode}. Reads first flush the store writer, so a call that just
+//! finished is visible at once.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{check_len, AccountResponse, Call};
+use crate::error::ApiError;
+use crate::model::{MethodGroup, Role, ServiceName};
+use crate::report::{self, DailyRow};
+use crate::store::{self, AuditQuery, AuditSort, Flow, UserRecord, Visibility};
+use crate::trace;
+
+/// The API's bounds for quota values; an unlimited quota is shown as its bound.
+const MAX_POINTS_PER_REQUEST: u64 = 1_000_000;
+const MAX_POINTS_PER_DAY: u64 = 100_000_000;
+/// The longest statistics period, in days.
+const MAX_PERIOD_DAYS: i64 = 3653;
+
+fn internal(e: store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store read failed");
+    ApiError::internal("the store could not be read")
+}
+
+async fn flush(call: &Call<'_>) -> Result<(), ApiError> {
+    call.app.writer.flush().await.map_err(internal)
+}
+
+fn get<'q>(query: &'q [(String, String)], name: &str) -> Option<&'q str> {
+    query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn offset_of(user: &UserRecord) -> FixedOffset {
+    FixedOffset::east_opt(user.timezone * 3600).unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"))
+}
+
+pub fn quota(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
+    let user = call.caller()?;
+    let mut services: BTreeMap<ServiceName, Vec<Value>> = BTreeMap::new();
+    for (service, group, v) in call.app.quotas.all_for(&user) {
+        let mut method = json!({
+            "method_group": group,
+            "points_per_request": v.points_per_request.unwrap_or(MAX_POINTS_PER_REQUEST).min(MAX_POINTS_PER_REQUEST),
+            "points_per_day": v.points_per_day.unwrap_or(MAX_POINTS_PER_DAY).min(MAX_POINTS_PER_DAY),
+        });
+        if let Some(w) = v.points_per_date_window {
+            method["points_per_date_window"] = json!(w);
+        }
+        if let Some(c) = v.max_concurrent_execution {
+            method["max_concurrent_execution"] = json!(c);
+        }
+        services.entry(service).or_default().push(method);
+    }
+    let services: Vec<Value> = services.into_iter().map(|(s, m)| json!({"service": s, "methods": m})).collect();
+    Ok(AccountResponse::json(&json!({"base": {"services": services}})))
+}
+
+/// The statistics/report period: inclusive local dates, defaulting to this month so far.
+fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), ApiError> {
+    let query = call.query();
+    let today = Utc::now().with_timezone(&offset_of(user)).date_naive();
+    let date = |field: &str| -> Result<Option<NaiveDate>, ApiError> {
+        get(&query, field)
+            .map(|v| NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| ApiError::invalid(field, "must be a date YYYY-MM-DD")))
+            .transpose()
+    };
+    let from = date("from")?.unwrap_or_else(|| today.with_day(1).unwrap_or(today));
+    let to = date("to")?.unwrap_or(today);
+    if to < from {
+        return Err(ApiError::invalid("to", "must not be before from"));
+    }
+    if (to - from).num_days() + 1 > MAX_PERIOD_DAYS {
+        return Err(ApiError::invalid("to", format!("the period may span at most {MAX_PERIOD_DAYS} days")));
+    }
+    Ok((from, to))
+}
+
+fn daily_rows(call: &Call<'_>, user: &UserRecord, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyRow>, ApiError> {
+    let rows = call
+        .app
+        .store
+        .stats(&user.username, store::day_of_date(from), store::day_of_date(to))
+        .map_err(internal)?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, _, _, c)| c.points > 0 || c.unique_points > 0)
+        .map(|(day, service, group, c)| DailyRow {
+            date: store::date_of_day(day),
+            service: service.to_string(),
+            method_group: group.to_string(),
+            points: c.points,
+            unique_points: c.unique_points,
+        })
+        .collect())
+}
+
+pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
+    let user = call.caller()?;
+    let (from, to) = period(call, &user)?;
+    flush(call).await?;
+    let rows = daily_rows(call, &user, from, to)?;
+    let mut dates: BTreeMap<NaiveDate, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
+    for r in rows {
+        dates.entry(r.date).or_default().entry(r.service).or_default().push(json!({
+            "method_group": r.method_group,
+            "unique_points_per_day": r.unique_points,
+            "points_per_day": r.points,
+        }));
+    }
+    let dates: Vec<Value> = dates
+        .into_iter()
+        .map(|(date, services)| {
+            let services: Vec<Value> = services.into_iter().map(|(s, m)| json!({"service": s, "methods": m})).collect();
+            json!({"date": date.format("%Y-%m-%d").to_string(), "services": services})
+        })
+        .collect();
+    Ok(AccountResponse::json(&json!({"username": user.username, "dates": dates})))
+}
+
+pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
+    let user = call.caller()?;
+    let (from, to) = period(call, &user)?;
+    flush(call).await?;
+    let rows = daily_rows(call, &user, from, to)?;
+    let bytes = report::statistics_workbook(&user.username, from, to, &rows).map_err(|e| ApiError::internal(e.to_string()))?;
+    let filename = format!("report_{}_{}_{}.xlsx", user.username, from.format("%Y%m%d"), to.format("%Y%m%d"));
+    Ok(AccountResponse::file("application/octet-stream", Bytes::from(bytes), Some(filename)))
+}
+
+/// Parses the date-times the official client and people send: RFC 3339 with `Z`, `+03:00`
+/// or `+0300`, fractional seconds or not, and naive ones (taken in the user's timezone).
+pub fn parse_time(value: &str, tz: FixedOffset) -> Option<DateTime<Utc>> {
+    // A `+` that arrived unencoded in a query string was decoded to a space.
+    let v = value.trim().replace(' ', "+");
+    if let Ok(t) = DateTime::parse_from_rfc3339(&v) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M%z"] {
+        if let Ok(t) = DateTime::parse_from_str(&v, format) {
+            return Some(t.with_timezone(&Utc));
+        }
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(&v, format) {
+            return tz.from_local_datetime(&t).single().map(|t| t.with_timezone(&Utc));
+        }
+    }
+    NaiveDate::parse_from_str(&v, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| tz.from_local_datetime(&d.and_hms_opt(0, 0, 0)?).single())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// ISO 8601 duration with milliseconds, short enough for the API's 16 characters.
+pub fn iso_duration(duration_us: u64) -> String {
+    let ms = duration_us / 1000;
+    format!("PT{}.{:03}S", ms / 1000, ms % 1000)
+}
+
+fn int_param(query: &[(String, String)], field: &str, default: u64, min: u64, max: u64) -> Result<u64, ApiError> {
+    match get(query, field) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| ApiError::invalid(field, format!("must be an integer {min}..{max}"))),
+    }
+}
+
+fn enum_param<T: std::str::FromStr<Err = String>>(query: &[(String, String)], field: &str) -> Result<Option<T>, ApiError> {
+    get(query, field).map(|v| v.parse::<T>().map_err(|e| ApiError::invalid(field, e))).transpose()
+}
+
+fn visibility(user: &UserRecord) -> Visibility {
+    if user.roles.contains(&Role::ADMIN) {
+        Visibility::All
+    } else if user.roles.contains(&Role::PARTNER) {
+        Visibility::Company(user.company_key.clone())
+    } else {
+        Visibility::User(user.username.clone())
+    }
+}
+
+pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
+    let user = call.caller()?;
+    let query = call.query();
+    let tz = offset_of(&user);
+    let now = Utc::now();
+    let time = |field: &str, default: DateTime<Utc>| -> Result<DateTime<Utc>, ApiError> {
+        match get(&query, field) {
+            None | Some("") => Ok(default),
+            Some(v) => parse_time(v, tz).ok_or_else(|| ApiError::invalid(field, "must be a date-time such as 2024-02-21T09:30:00+03:00")),
+        }
+    };
+    let start_of_today = tz
+        .from_local_datetime(&now.with_timezone(&tz).date_naive().and_hms_opt(0, 0, 0).unwrap_or_default())
+        .single()
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(now);
+    let from = time("from", start_of_today)?;
+    let to = time("to", now)?;
+    let offset = int_param(&query, "offset", 0, 0, 10_000_000)? as usize;
+    let limit = int_param(&query, "limit", 100, 1, 10_000_000)? as usize;
+    let service = enum_param::<ServiceName>(&query, "service_name")?;
+    let method_group = enum_param::<MethodGroup>(&query, "method_group")?;
+    let operation = get(&query, "operation_id").map(str::to_string);
+    if let Some(op) = &operation {
+        check_len("operation_id", op, 3, 256)?;
+    }
+    let sort = match get(&query, "sort_field").unwrap_or("time") {
+        "time" => AuditSort::Time,
+        "username" => AuditSort::Username,
+        "service" => AuditSort::Service,
+        "operation" => AuditSort::Operation,
+        "method_group" => AuditSort::MethodGroup,
+        "points_count" => AuditSort::PointsCount,
+        "duration" => AuditSort::Duration,
+        _ => {
+            return Err(ApiError::invalid(
+                "sort_field",
+                "must be one of time, username, service, operation, method_group, points_count, duration",
+            ))
+        }
+    };
+    let descending = match get(&query, "sort_direction").unwrap_or("ASC") {
+        "ASC" | "asc" => false,
+        "DESC" | "desc" => true,
+        _ => return Err(ApiError::invalid("sort_direction", "must be ASC or DESC")),
+    };
+    flush(call).await?;
+    let app = call.app;
+    let q = AuditQuery {
+        visibility: visibility(&user),
+        from_ms: from.timestamp_millis(),
+        to_ms: to.timestamp_millis(),
+        service,
+        operation,
+        method_group,
+        sort,
+        descending,
+        offset,
+        limit,
+    };
+    let page = app.store.audit(&q).map_err(internal)?;
+    let actions: Vec<Value> = page
+        .records
+        .iter()
+        .map(|r| {
+            let time = trace::in_timezone(store::Store::utc_of_ms(r.time_ms), r.timezone);
+            json!({
+                "username": r.username,
+                "company_key": r.company_key,
+                "tracedata": {
+                    "code": r.code,
+                    "client": trace::client_label(&r.company_key, &r.username),
+                    "server": &*app.config.server.name,
+                    "service": r.service,
+                    "operation": r.operation,
+                    "time": trace::format_time(&time),
+                },
+                "method_group": r.method_group,
+                "statistics": {"points_count": r.points, "duration": iso_duration(r.duration_us)},
+            })
+        })
+        .collect();
+    Ok(AccountResponse::json(&json!({
+        "actions": actions,
+        "statistics": {"overall": {"total": page.overall_total}, "filter": {"total": page.filter_total}},
+    })))
+}
+
+pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse, ApiError> {
+    let user = call.caller()?;
+    let code = Uuid::parse_str(raw_code).map_err(|_| ApiError::invalid("tracecode", "must be a UUID"))?;
+    let query = call.query();
+    let flow = match get(&query, "data_flow_type").unwrap_or("INPUT") {
+        "INPUT" => Flow::Input,
+        "OUTPUT" => Flow::Output,
+        _ => return Err(ApiError::invalid("data_flow_type", "must be INPUT or OUTPUT")),
+    };
+    let stage = int_param(&query, "data_flow_stage", 0, 0, trace::MAX_STAGE as u64)? as u8;
+    let convert = get(&query, "data_flow_convert").unwrap_or("ORIGIN");
+    if !matches!(convert, "ORIGIN" | "JSON" | "XLSX") {
+        return Err(ApiError::invalid("data_flow_convert", "must be ORIGIN, JSON or XLSX"));
+    }
+    flush(call).await?;
+    let not_found = || ApiError::not_found(raw_code.to_string());
+    let process = call.app.store.process(&code).map_err(internal)?.ok_or_else(not_found)?;
+    let visible = match visibility(&user) {
+        Visibility::All => true,
+        Visibility::Company(c) => process.company_key == c,
+        Visibility::User(u) => process.owner == u,
+    };
+    if !visible {
+        return Err(not_found());
+    }
+    let payload = call.app.store.payload(&code, flow, stage).map_err(internal)?.ok_or_else(not_found)?;
+    let mut response = match convert {
+        "ORIGIN" => AccountResponse::file(
+            payload.content_type.as_deref().unwrap_or("application/octet-stream"),
+            payload.body.clone(),
+            None,
+        ),
+        _ => {
+            if payload.truncated {
+                return Err(ApiError::invalid("data_flow_convert", "the capture was truncated; only ORIGIN can be served"));
+            }
+            let value: Value = serde_json::from_slice(&payload.body)
+                .map_err(|_| ApiError::invalid("data_flow_convert", "the captured payload is not JSON; use ORIGIN"))?;
+            if convert == "JSON" {
+                AccountResponse::json(&value)
+            } else {
+                let bytes = report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))?;
+                let name = format!("{code}_{}_{stage}.xlsx", if flow == Flow::Input { "input" } else { "output" });
+                AccountResponse::file("application/octet-stream", Bytes::from(bytes), Some(name))
+            }
+        }
+    };
+    response.headers.push(("x-capture-truncated", payload.truncated.to_string()));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_time_form_the_client_sends_parses() {
+        let tz = FixedOffset::east_opt(3 * 3600).unwrap();
+        let want = DateTime::parse_from_rfc3339("2025-01-02T03:04:05Z").unwrap().with_timezone(&Utc);
+        for v in [
+            "2025-01-02T03:04:05Z",
+            "2025-01-02T03:04:05+00:00",
+            "2025-01-02T03:04:05.000000+0000",
+            "2025-01-02T06:04:05+03:00",
+            "2025-01-02T06:04:05 0300",
+            "2025-01-02T06:04:05",
+            "2025-01-02T06:04:05.000000",
+        ] {
+            assert_eq!(parse_time(v, tz), Some(want), "{v}");
+        }
+        assert_eq!(parse_time("yesterday", tz), None);
+    }
+
+    #[test]
+    fn durations_fit_sixteen_characters() {
+        assert_eq!(iso_duration(153_400), "PT0.153S");
+        assert_eq!(iso_duration(0), "PT0.000S");
+        assert!(iso_duration(86_400_000_000 * 100).len() <= 16);
+    }
+}

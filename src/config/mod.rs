@@ -1,0 +1,430 @@
+//! Tollgate's configuration: read from TOML (`toml`), checked rule by rule, and handed to the
+//! rest as the validated model (`internal`). Only this module knows TOML. Every problem names
+//! its key path, and all of them are reported at once, at start-up.
+
+mod internal;
+mod toml;
+
+pub use internal::*;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::model::{is_word, MethodGroup, Role, ServiceName};
+use crate::quota::points::PointsRule;
+
+/// One thing wrong with a config file, at a key path such as `routes[2].method_group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Problem { key: path.display().to_string(), message: format!("cannot read: {e}") }]
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &base)
+}
+
+/// Parses config text; relative paths in it are taken from `base` (the file's folder).
+pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+    let deserializer = ::toml::Deserializer::new(text);
+    let file: toml::File = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().to_string();
+        let at = inner
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        vec![Problem { key: if key == "." { "(file)".into() } else { key }, message: message + &at }]
+    })?;
+    let mut v = Validator { problems: Vec::new(), base: base.to_path_buf() };
+    let config = v.config(file);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(v.problems)
+    }
+}
+
+struct Validator {
+    problems: Vec<Problem>,
+    base: PathBuf,
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { key: key.into(), message: message.into() });
+    }
+
+    fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
+        value.parse().unwrap_or_else(|_| {
+            self.problem(key, format!("'{value}' is not an address such as 127.0.0.1:8080"));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn range(&mut self, key: &str, value: Option<i64>, default: i64, min: i64, max: i64) -> i64 {
+        let v = value.unwrap_or(default);
+        if v < min || v > max {
+            self.problem(key, format!("{v} is out of range {min}..={max}"));
+            return default;
+        }
+        v
+    }
+
+    fn opt_range(&mut self, key: &str, value: Option<i64>, min: i64, max: i64) -> Option<i64> {
+        value.map(|v| self.range(key, Some(v), min, min, max))
+    }
+
+    fn path(&self, value: &str) -> PathBuf {
+        let p = PathBuf::from(value);
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn parsed<T: std::str::FromStr<Err = String>>(&mut self, key: &str, value: &str) -> Option<T> {
+        value.parse().map_err(|e| self.problem(key, format!("'{value}' {e}"))).ok()
+    }
+
+    fn config(&mut self, f: toml::File) -> Config {
+        let server = Server {
+            listen: self.addr("server.listen", f.server.listen.as_deref().unwrap_or("127.0.0.1:8080")),
+            name: {
+                let name = f.server.name.unwrap_or_else(|| "tollgate".into());
+                if !(2..=256).contains(&name.chars().count()) {
+                    self.problem("server.name", "must be 2..256 characters (it is tracedata.server)");
+                }
+                Arc::from(name)
+            },
+            threads: self.range("server.threads", f.server.threads, 2, 1, 256) as usize,
+            log_format: match f.server.log_format.as_deref().unwrap_or("text") {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    self.problem("server.log_format", format!("'{other}' must be \"text\" or \"json\""));
+                    LogFormat::Text
+                }
+            },
+            grace_period_seconds: self.range("server.grace_period_seconds", f.server.grace_period_seconds, 1, 0, 3600) as u64,
+            shutdown_timeout_seconds: self.range("server.shutdown_timeout_seconds", f.server.shutdown_timeout_seconds, 30, 1, 3600) as u64,
+        };
+        let limits = Limits {
+            max_body_bytes: self.range("limits.max_body_bytes", f.limits.max_body_bytes, 32 << 20, 1, 1 << 32) as usize,
+            max_capture_bytes: self.range("limits.max_capture_bytes", f.limits.max_capture_bytes, 1 << 20, 0, 1 << 32) as usize,
+        };
+        let upstreams: Vec<Upstream> = f
+            .upstreams
+            .into_iter()
+            .enumerate()
+            .map(|(i, u)| self.upstream(i, u))
+            .collect();
+        let store = Store {
+            path: self.path(f.store.path.as_deref().unwrap_or("data")),
+            flush_interval: Duration::from_millis(self.range("store.flush_interval_ms", f.store.flush_interval_ms, 100, 1, 60_000) as u64),
+            durability: match f.store.durability.as_deref().unwrap_or("buffered") {
+                "buffered" => Durability::Buffered,
+                "strict" => Durability::Strict,
+                other => {
+                    self.problem("store.durability", format!("'{other}' must be \"buffered\" or \"strict\""));
+                    Durability::Buffered
+                }
+            },
+            payload_retention_days: self.range("store.payload_retention_days", f.store.payload_retention_days, 30, 1, 3653) as u32,
+            audit_retention_days: self.range("store.audit_retention_days", f.store.audit_retention_days, 90, 1, 3653) as u32,
+            queue_capacity: self.range("store.queue_capacity", f.store.queue_capacity, 65_536, 16, 16 << 20) as usize,
+            lease_ttl: {
+                let longest = upstreams.iter().map(|u| u.total_timeout.as_secs()).max().unwrap_or(0);
+                let default = (longest + 60) as i64;
+                Duration::from_secs(self.range("store.lease_ttl_seconds", f.store.lease_ttl_seconds, default, 1, 86_400) as u64)
+            },
+        };
+        let auth = Auth {
+            secret: f.auth.secret.filter(|s| {
+                let ok = s.len() >= 32;
+                if !ok {
+                    self.problem("auth.secret", "must be at least 32 characters (256 bits); leave it out to have one generated");
+                }
+                ok
+            }),
+            secret_file: f
+                .auth
+                .secret_file
+                .map(|p| self.path(&p))
+                .unwrap_or_else(|| store.path.join("jwt-secret")),
+            previous_secrets: f.auth.previous_secrets.unwrap_or_default(),
+            login_failures_per_account_per_minute: self.range("auth.login_failures_per_account_per_minute", f.auth.login_failures_per_account_per_minute, 5, 1, 100_000) as u32,
+            login_failures_per_address_per_minute: self.range("auth.login_failures_per_address_per_minute", f.auth.login_failures_per_address_per_minute, 30, 1, 100_000) as u32,
+        };
+        let metrics_listen = f.metrics.map(|m| self.addr("metrics.listen", &m.listen));
+        let demo_upstream = f.demo_upstream.map(|d| DemoUpstream {
+            listen: self.addr("demo_upstream.listen", &d.listen),
+            compute_time: Duration::from_millis(self.range("demo_upstream.compute_time_ms", d.compute_time_ms, 2000, 0, 3_600_000) as u64),
+        });
+        let docs_dir = self.path(f.docs.dir.as_deref().unwrap_or("docs"));
+        let routes = f
+            .routes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| self.route(i, r, &upstreams))
+            .collect();
+        let quotas = f
+            .quotas
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, q)| self.quota(i, q))
+            .collect();
+        let mut users: Vec<UserSeed> = Vec::new();
+        for (i, u) in f.users.into_iter().enumerate() {
+            if let Some(seed) = self.user(i, u) {
+                if users.iter().any(|o| o.username == seed.username) {
+                    self.problem(format!("users[{i}].username"), format!("'{}' is listed twice", seed.username));
+                }
+                users.push(seed);
+            }
+        }
+        Config { server, limits, store, auth, metrics_listen, demo_upstream, docs_dir, upstreams, routes, quotas, users }
+    }
+
+    fn upstream(&mut self, i: usize, u: toml::Upstream) -> Upstream {
+        let key = |k: &str| format!("upstreams[{i}].{k}");
+        Upstream {
+            address: self.addr(&key("address"), &u.address),
+            connect_timeout: Duration::from_millis(self.range(&key("connect_timeout_ms"), u.connect_timeout_ms, 1_000, 1, 600_000) as u64),
+            total_timeout: Duration::from_millis(self.range(&key("total_timeout_ms"), u.total_timeout_ms, 60_000, 1, 3_600_000) as u64),
+            idle_timeout: Duration::from_secs(self.range(&key("idle_timeout_seconds"), u.idle_timeout_seconds, 60, 1, 3600) as u64),
+            keepalive: self.range(&key("keepalive"), u.keepalive, 128, 0, 65_536) as usize,
+            name: u.name,
+        }
+    }
+
+    fn route(&mut self, i: usize, r: toml::Route, upstreams: &[Upstream]) -> Option<Route> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let method = match r.method.as_str() {
+            "*" => MethodMatch::Any,
+            m => match http::Method::from_bytes(m.as_bytes()) {
+                Ok(m) if m.as_str().bytes().all(|b| b.is_ascii_uppercase()) => MethodMatch::One(m),
+                _ => {
+                    self.problem(key("method"), format!("'{m}' must be an upper-case HTTP method or \"*\""));
+                    MethodMatch::Any
+                }
+            },
+        };
+        let pattern = PathPattern::parse(&r.path).map_err(|e| self.problem(key("path"), format!("'{}' {e}", r.path))).ok();
+        let upstream = upstreams.iter().position(|u| u.name == r.upstream);
+        if upstream.is_none() {
+            self.problem(key("upstream"), format!("'{}' names no [[upstreams]] entry", r.upstream));
+        }
+        let service = self.parsed::<ServiceName>(&key("service"), &r.service);
+        let method_group = self.parsed::<MethodGroup>(&key("method_group"), &r.method_group);
+        if !(3..=256).contains(&r.operation.chars().count()) {
+            self.problem(key("operation"), "must be 3..256 characters");
+        }
+        let points = PointsRule { array_pointers: r.points.unwrap_or_default(), unique_key_pointer: r.unique_key };
+        if let Err(e) = points.validate() {
+            self.problem(key("points"), e);
+        }
+        if let (Some(name), Some(p)) = (&r.process_id, &pattern) {
+            if !p.segments.contains(&Segment::Param(name.clone())) {
+                self.problem(key("process_id"), format!("'{name}' is not a {{{name}}} segment of the path"));
+            }
+        }
+        let roles = r
+            .roles
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(j, role)| self.parsed::<Role>(&format!("routes[{i}].roles[{j}]"), role))
+            .collect();
+        for (j, pointer) in r.redact.iter().flatten().enumerate() {
+            if !(pointer.is_empty() || pointer.starts_with('/')) {
+                self.problem(format!("routes[{i}].redact[{j}]"), "a JSON pointer must be empty or start with '/'");
+            }
+        }
+        let total_timeout = self
+            .opt_range(&key("total_timeout_ms"), r.total_timeout_ms, 1, 3_600_000)
+            .map(|ms| Duration::from_millis(ms as u64));
+        let requests_per_second = self.opt_range(&key("requests_per_second"), r.requests_per_second, 1, 1_000_000).map(|v| v as u32);
+        Some(Route {
+            method,
+            pattern: pattern?,
+            upstream: upstream?,
+            service: service?,
+            method_group: method_group?,
+            operation: Arc::from(r.operation),
+            points,
+            process_id: r.process_id,
+            auth: r.auth.unwrap_or(true),
+            roles,
+            total_timeout,
+            requests_per_second,
+            capture: r.capture.unwrap_or(true),
+            redact: r.redact.unwrap_or_default(),
+        })
+    }
+
+    fn quota(&mut self, i: usize, q: toml::Quota) -> Option<Quota> {
+        let key = |k: &str| format!("quotas[{i}].{k}");
+        let service = self.parsed::<ServiceName>(&key("service"), &q.service);
+        let method_group = self.parsed::<MethodGroup>(&key("method_group"), &q.method_group);
+        let scope = match (q.company, q.user) {
+            (None, None) => QuotaScope::Default,
+            (Some(c), None) => QuotaScope::Company(c),
+            (None, Some(u)) => QuotaScope::User(u),
+            (Some(_), Some(_)) => {
+                self.problem(key("user"), "set either company or user, not both");
+                QuotaScope::Default
+            }
+        };
+        let values = QuotaValues {
+            points_per_request: self.opt_range(&key("points_per_request"), q.points_per_request, 0, 1_000_000).map(|v| v as u64),
+            points_per_day: self.opt_range(&key("points_per_day"), q.points_per_day, 0, 100_000_000).map(|v| v as u64),
+            points_per_date_window: self.opt_range(&key("points_per_date_window"), q.points_per_date_window, 0, 100_000_000).map(|v| v as u64),
+            date_window_days: self.opt_range(&key("date_window_days"), q.date_window_days, 2, 366).map(|v| v as u32),
+            max_concurrent_execution: self.opt_range(&key("max_concurrent_execution"), q.max_concurrent_execution, 0, 1000).map(|v| v as u32),
+        };
+        if values.points_per_date_window.is_some() && values.date_window_days.is_none() && scope == QuotaScope::Default {
+            self.problem(key("date_window_days"), "is required with points_per_date_window (N >= 2)");
+        }
+        Some(Quota { service: service?, method_group: method_group?, scope, values })
+    }
+
+    fn user(&mut self, i: usize, u: toml::User) -> Option<UserSeed> {
+        let key = |k: &str| format!("users[{i}].{k}");
+        if !(2..=256).contains(&u.username.len()) || !is_word(&u.username) {
+            self.problem(key("username"), "must be 2..256 word characters (\\w+)");
+        }
+        if !(3..=256).contains(&u.company_key.len()) || !is_word(&u.company_key) {
+            self.problem(key("company_key"), "must be 3..256 word characters (\\w+)");
+        }
+        let password = match (u.password, u.password_hash) {
+            (Some(p), None) if (1..=1000).contains(&p.chars().count()) => Some(PasswordSeed::Plain(p)),
+            (Some(_), None) => {
+                self.problem(key("password"), "must be 1..1000 characters");
+                None
+            }
+            (None, Some(h)) if h.starts_with("$argon2") => Some(PasswordSeed::Hash(h)),
+            (None, Some(_)) => {
+                self.problem(key("password_hash"), "must be an argon2 PHC string ($argon2id$...)");
+                None
+            }
+            _ => {
+                self.problem(key("password"), "give exactly one of password and password_hash");
+                None
+            }
+        };
+        let roles: Vec<Role> = u
+            .roles
+            .unwrap_or_else(|| vec!["USER".into()])
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| self.parsed::<Role>(&format!("users[{i}].roles[{j}]"), r))
+            .collect();
+        if roles.is_empty() || roles.len() > 2 {
+            self.problem(key("roles"), "must list 1 or 2 roles");
+        }
+        for (field, value, min, max) in [("name", &u.name, 2, 256), ("email", &u.email, 5, 256), ("phone", &u.phone, 5, 32)] {
+            if let Some(v) = value {
+                if !(min..=max).contains(&v.chars().count()) {
+                    self.problem(key(field), format!("must be {min}..{max} characters"));
+                }
+            }
+        }
+        let timezone = self.range(&key("timezone"), u.timezone, 0, -12, 12) as i32;
+        Some(UserSeed {
+            username: u.username,
+            password: password?,
+            company_key: u.company_key,
+            roles,
+            name: u.name,
+            email: u.email,
+            phone: u.phone,
+            timezone,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        parse(text, Path::new("/etc/tollgate")).unwrap_err()
+    }
+
+    #[test]
+    fn empty_file_gets_defaults() {
+        let c = parse("", Path::new("/etc/tollgate")).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.limits.max_body_bytes, 32 << 20);
+        assert_eq!(c.store.path, PathBuf::from("/etc/tollgate/data"));
+        assert_eq!(c.auth.secret_file, PathBuf::from("/etc/tollgate/data/jwt-secret"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let p = problems("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].key.contains("server"), "{p:?}");
+        assert!(p[0].message.contains("lisen"), "{p:?}");
+        let p = problems("[[routes]]\nmethod=\"GET\"\npath=\"/a\"\nupstream=\"u\"\nservice=\"UNIVERSAL\"\nmethod_group=\"PLAN\"\noperation=\"abc\"\npointz=[]\n");
+        assert!(p[0].key.starts_with("routes[0]") && p[0].message.contains("pointz"), "{p:?}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let p = problems(
+            r#"
+            [server]
+            listen = "nowhere"
+            threads = 0
+            [[upstreams]]
+            name = "u"
+            address = "127.0.0.1:9"
+            [[routes]]
+            method = "get"
+            path = "/a/{id}"
+            upstream = "v"
+            service = "NOPE"
+            method_group = "PLAN"
+            operation = "ab"
+            process_id = "pid"
+            "#,
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for k in ["server.listen", "server.threads", "routes[0].method", "routes[0].upstream", "routes[0].service", "routes[0].operation", "routes[0].process_id"] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn users_need_exactly_one_password_form_and_valid_names() {
+        let p = problems("[[users]]\nusername = \"a\"\ncompany_key = \"acme\"\n");
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"users[0].username") && keys.contains(&"users[0].password"), "{keys:?}");
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        let p = problems("[auth]\nsecret = \"short\"\n");
+        assert_eq!(p[0].key, "auth.secret");
+    }
+}

@@ -1,0 +1,580 @@
+//! The pingora side of Tollgate: one `ProxyHttp` whose phases read like the life of a call.
+//!
+//! ```text
+//!  request_filter ─┬─ /account/*  → account::Api answers locally ───────────────┐
+//!                  └─ route → authenticate → tracecode/owner → read whole body   │
+//!                     → count points → admit (lease) → upstream::exchange        │
+//!                       (forward buffered body, stream answer back, capture)     │
+//!  logging ◄─────────────────────────────────────────────────────────────────────┘
+//!     settle the lease (commit on 2xx, else refund) → record (audit, payloads,
+//!     statistics → store writer) → metrics
+//! ```
+//! Pingora's own upstream phases are never reached: `request_filter` always answers. The
+//! work lives in the domain modules; each step here is a few lines. A lease lives in the
+//! per-request context, so even when `logging` does not run (a panic, a shutdown that drops
+//! the call) dropping the context refunds it and frees the slot.
+
+pub mod upstream;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use chrono::Utc;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use uuid::Uuid;
+
+use crate::account::{self, AccountRequest};
+use crate::app::App;
+use crate::config::{MethodMatch, Route};
+use crate::error::ApiError;
+use crate::model::{Role, ServiceName};
+use crate::quota::ledger::{Lease, Rejection, Today};
+use crate::quota::points::{count_points, Points};
+use crate::quota::LedgerKey;
+use crate::store::writer::CallRecord;
+use crate::store::{AuditRecord, Payload, ProcessRecord, UserRecord};
+use crate::trace::{self, Tracedata};
+
+pub const TRACECODE_HEADER: &str = "x-tracecode";
+pub const CLIENT_HEADER: &str = "x-client";
+pub const POINTS_HEADER: &str = "x-points";
+pub const UNIQUE_POINTS_HEADER: &str = "x-unique-points";
+
+pub struct Tollgate {
+    app: Arc<App>,
+    connector: Connector,
+    peers: Vec<HttpPeer>,
+}
+
+/// The in-flight gauge, decremented however the call ends.
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What one call carries from phase to phase.
+pub struct Ctx {
+    started: Instant,
+    code: Uuid,
+    route: Option<usize>,
+    user: Option<Arc<UserRecord>>,
+    lease: Option<Lease<LedgerKey>>,
+    points: Points,
+    stage: u8,
+    process: Option<ProcessRecord>,
+    input: Option<Payload>,
+    output: Option<Payload>,
+    upstream_status: Option<u16>,
+    /// The status this call answered with (0: none was written).
+    status: u16,
+    local_day: i32,
+    _in_flight: Option<InFlight>,
+}
+
+impl Tollgate {
+    pub fn new(app: Arc<App>) -> Tollgate {
+        let keepalive = app.config.upstreams.iter().map(|u| u.keepalive).max().unwrap_or(128);
+        let connector = Connector::new(Some(pingora::connectors::ConnectorOptions::new(keepalive.max(1))));
+        let peers = app
+            .config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut peer = HttpPeer::new(u.address, false, String::new());
+                peer.options.connection_timeout = Some(u.connect_timeout);
+                peer.options.total_connection_timeout = Some(u.connect_timeout);
+                peer.options.idle_timeout = Some(u.idle_timeout);
+                peer
+            })
+            .collect();
+        Tollgate { app, connector, peers }
+    }
+
+    fn route(&self, req: &RequestHeader) -> Option<(usize, Option<Result<Uuid, ()>>)> {
+        let path = req.uri.path();
+        self.app.config.routes.iter().enumerate().find_map(|(i, r)| {
+            if let MethodMatch::One(m) = &r.method {
+                if *m != req.method {
+                    return None;
+                }
+            }
+            let id = r.pattern.matches(path, r.process_id.as_deref())?;
+            Some((i, id.map(|id| Uuid::parse_str(id).map_err(|_| ()))))
+        })
+    }
+
+    fn tracedata(&self, ctx: &Ctx, service: ServiceName, operation: &str) -> Tracedata {
+        let (client, tz) = match &ctx.user {
+            Some(u) => (trace::client_label(&u.company_key, &u.username), u.timezone),
+            None => (trace::ANONYMOUS.to_string(), 0),
+        };
+        Tracedata {
+            code: ctx.code,
+            client,
+            server: self.app.config.server.name.clone(),
+            service,
+            operation: operation.into(),
+            time: trace::in_timezone(Utc::now(), tz),
+        }
+    }
+
+    /// Answers a proxied route's error in the API shape.
+    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, error: ApiError, extra: &[(&str, String)]) {
+        let (service, operation) = match ctx.route.map(|i| &self.app.config.routes[i]) {
+            Some(r) => (r.service, r.operation.to_string()),
+            None => (guess_service(session.req_header().uri.path()), "route_lookup".to_string()),
+        };
+        let body = error.body(&self.tracedata(ctx, service, &operation));
+        let mut headers: Vec<(&str, String)> = extra.to_vec();
+        if let Some(s) = error.retry_after_seconds {
+            headers.push(("retry-after", s.to_string()));
+        }
+        ctx.status = error.status;
+        let _ = respond(session, error.status, "application/json", &ctx.code, &headers, Bytes::from(body)).await;
+    }
+
+    async fn serve_account(&self, session: &mut Session, ctx: &mut Ctx) {
+        let body = match read_body(session, self.app.config.limits.max_body_bytes.min(1 << 20)).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
+                session.set_keepalive(None);
+                Bytes::from_static(b"\0too-large")
+            }
+            Err(BodyError::Gone) => return,
+        };
+        let req = session.req_header();
+        let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
+        let request = AccountRequest {
+            method: &req.method,
+            path: req.uri.path(),
+            query: req.uri.query().unwrap_or(""),
+            authorization: header("authorization"),
+            content_type: header("content-type"),
+            body,
+            client_ip: client_ip(session),
+            code: ctx.code,
+        };
+        let response = account::handle(&self.app, request).await;
+        ctx.status = response.status;
+        self.app.metrics.account_requests.with_label_values(&[status_class(response.status)]).inc();
+        let headers: Vec<(&str, String)> = response.headers.iter().map(|(k, v)| (*k, v.clone())).collect();
+        let _ = respond(session, response.status, &response.content_type, &ctx.code, &headers, response.body).await;
+    }
+
+    /// Steps 1-8 of a proxied call; errors are answered by the caller.
+    async fn proxy_call(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), (ApiError, Vec<(&'static str, String)>)> {
+        let app = &self.app;
+        let plain = |e: ApiError| (e, Vec::new());
+        let (route_index, process_id) = self.route(session.req_header()).ok_or_else(|| {
+            plain(ApiError::not_found(session.req_header().uri.path().to_string()))
+        })?;
+        ctx.route = Some(route_index);
+        let route = &app.config.routes[route_index];
+        let metrics = &app.metrics.routes[route_index];
+        ctx._in_flight = Some({
+            app.metrics.in_flight.inc();
+            InFlight(app.metrics.in_flight.clone())
+        });
+
+        // Who is calling.
+        let user = if route.auth {
+            let user = app
+                .authority
+                .authenticate(session.req_header().headers.get("authorization").map(|v| v.as_bytes()))
+                .map_err(plain)?;
+            ctx.user = Some(user.clone());
+            if !route.roles.is_empty() && !user.roles.iter().any(|r| route.roles.contains(r)) {
+                return Err(plain(ApiError::forbidden("this route is not open to your role")));
+            }
+            Some(user)
+        } else {
+            None
+        };
+        let now_utc = Utc::now();
+        let tz = user.as_ref().map(|u| u.timezone).unwrap_or(0);
+        let today = Today::at(now_utc.timestamp(), tz);
+        ctx.local_day = today.day;
+
+        // Which process: a follow-up reuses (and must own) its tracecode.
+        let owner = user.as_ref().map(|u| u.username.as_str()).unwrap_or(trace::ANONYMOUS);
+        let company = user.as_ref().map(|u| u.company_key.as_str()).unwrap_or(trace::ANONYMOUS);
+        let utc_day = crate::store::day_of_ms(now_utc.timestamp_millis());
+        let entry = match process_id {
+            Some(Ok(code)) => {
+                ctx.code = code;
+                let admin = user.as_ref().is_some_and(|u| u.roles.contains(&Role::ADMIN));
+                let store = &app.store;
+                app.processes
+                    .follow_up(code, owner, admin, || {
+                        store.process(&code).ok().flatten().map(|p| (p.owner, p.company_key, p.day, p.exchanges))
+                    })
+                    .map_err(|_| plain(ApiError::not_found(code.to_string())))?
+            }
+            Some(Err(())) => return Err(plain(ApiError::not_found(session.req_header().uri.path().to_string()))),
+            None => app.processes.start(ctx.code, owner, company, utc_day),
+        };
+        ctx.stage = trace::stage_of(entry.exchanges - 1);
+        ctx.process = Some(ProcessRecord {
+            owner: entry.owner.to_string(),
+            company_key: entry.company_key.to_string(),
+            day: entry.day,
+            exchanges: entry.exchanges,
+        });
+
+        // The whole body, before anything reaches the upstream.
+        let body = match read_body(session, app.config.limits.max_body_bytes).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
+                session.set_keepalive(None);
+                app.metrics.rejections.with_label_values(&["body_too_large"]).inc();
+                return Err(plain(ApiError::new(413, format!("body: larger than max_body_bytes ({})", app.config.limits.max_body_bytes))));
+            }
+            Err(BodyError::Gone) => return Err(plain(ApiError::bad_request("body: the client stopped sending"))),
+        };
+
+        // Points, then the one atomic admission.
+        ctx.points = count_points(&body, &route.points).map_err(|e| {
+            app.metrics.rejections.with_label_values(&["invalid_json"]).inc();
+            plain(ApiError::bad_request(format!("body: {e}")))
+        })?;
+        let mut rate_headers = Vec::new();
+        if let Some(user) = &user {
+            let key: LedgerKey = (Arc::from(user.username.as_str()), route.service, route.method_group);
+            let limits = app.quotas.limits(user, route.service, route.method_group);
+            if !app.writer.has_room() {
+                app.metrics.rejections.with_label_values(&["store_backlog"]).inc();
+                let mut e = ApiError::new(503, "the audit store is behind; try again shortly");
+                e.retry_after_seconds = Some(1);
+                return Err(plain(e));
+            }
+            match app.ledger.admit(&key, &limits, ctx.points.points, today, Instant::now()) {
+                Ok(lease) => ctx.lease = Some(lease),
+                Err(rejection) => {
+                    let headers = rate_limit_headers(app.ledger.remaining(&key, &limits, today));
+                    app.metrics.rejections.with_label_values(&[rejection_reason(&rejection)]).inc();
+                    return Err((rejection_error(&rejection), headers));
+                }
+            }
+            rate_headers = rate_limit_headers(app.ledger.remaining(&key, &limits, today));
+        }
+
+        // Forward, stream back, capture.
+        if route.capture {
+            let cap = app.config.limits.max_capture_bytes;
+            ctx.input = Some(Payload {
+                content_type: session.req_header().headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string),
+                truncated: body.len() > cap,
+                body: body.slice(..body.len().min(cap)),
+            });
+        }
+        let client = user.as_ref().map(|u| trace::client_label(&u.company_key, &u.username)).unwrap_or_else(|| trace::ANONYMOUS.into());
+        let code = ctx.code.to_string();
+        let (points, unique) = (ctx.points.points.to_string(), ctx.points.unique_points.to_string());
+        let req = upstream::upstream_request(
+            session.req_header(),
+            body.len(),
+            &[(TRACECODE_HEADER, &code), (CLIENT_HEADER, &client), (POINTS_HEADER, &points), (UNIQUE_POINTS_HEADER, &unique)],
+            &["authorization", POINTS_HEADER, UNIQUE_POINTS_HEADER],
+        )
+        .map_err(|_| plain(ApiError::bad_request("request head cannot be forwarded")))?;
+        let upstream_cfg = &app.config.upstreams[route.upstream];
+        let leg = upstream::Leg {
+            connector: &self.connector,
+            peer: &self.peers[route.upstream],
+            idle_timeout: upstream_cfg.idle_timeout,
+            total_timeout: route.total_timeout.unwrap_or(upstream_cfg.total_timeout),
+            max_capture_bytes: if route.capture { app.config.limits.max_capture_bytes } else { 0 },
+        };
+        let started = ctx.started;
+        let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
+            let _ = head.insert_header(TRACECODE_HEADER, &code);
+            let proxy_time = started.elapsed().saturating_sub(upstream_time);
+            let _ = head.insert_header(
+                "server-timing",
+                format!("proxy;dur={:.3}, upstream;dur={:.3}", ms(proxy_time), ms(upstream_time)),
+            );
+            for (k, v) in &rate_headers {
+                let _ = head.insert_header(*k, v);
+            }
+        })
+        .await;
+        match result {
+            Ok(ex) => {
+                metrics.upstream_seconds.observe(ex.upstream_time.as_secs_f64());
+                ctx.status = ex.status;
+                ctx.upstream_status = Some(ex.status);
+                if route.capture {
+                    ctx.output = Some(Payload { content_type: ex.content_type, truncated: ex.capture_truncated, body: ex.captured.freeze() });
+                }
+                if !ex.complete {
+                    app.metrics.upstream_errors.with_label_values(&["aborted"]).inc();
+                }
+                Ok(())
+            }
+            Err(failure) => {
+                app.metrics.upstream_errors.with_label_values(&[failure.kind()]).inc();
+                let message = match failure {
+                    upstream::UpstreamFailure::Timeout => "the upstream did not answer in time",
+                    upstream::UpstreamFailure::Connect => "the upstream is unreachable",
+                    upstream::UpstreamFailure::Protocol => "the upstream broke the exchange",
+                };
+                Err(plain(ApiError::new(failure.status(), message)))
+            }
+        }
+    }
+
+    /// Step 9: settle, record, count.
+    fn finish(&self, ctx: &mut Ctx) {
+        let app = &self.app;
+        let Some(route_index) = ctx.route else { return };
+        let route: &Route = &app.config.routes[route_index];
+        let metrics = &app.metrics.routes[route_index];
+        metrics.count(ctx.status);
+        metrics.total_seconds.observe(ctx.started.elapsed().as_secs_f64());
+        let charged = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        let charged_day = ctx.lease.as_ref().map(|l| l.day());
+        if let Some(lease) = ctx.lease.take() {
+            lease.settle(charged);
+        }
+        // Only calls that reached the upstream are on record.
+        let (Some(status), Some(process)) = (ctx.upstream_status, ctx.process.take()) else { return };
+        let user = ctx.user.as_ref();
+        let mut input = ctx.input.take();
+        let mut output = ctx.output.take();
+        if !route.redact.is_empty() {
+            for p in [&mut input, &mut output].into_iter().flatten() {
+                p.body = trace::redact(&p.body, &route.redact);
+            }
+        }
+        let record = CallRecord {
+            audit: AuditRecord {
+                code: ctx.code,
+                username: user.map(|u| u.username.clone()).unwrap_or_else(|| trace::ANONYMOUS.into()),
+                company_key: user.map(|u| u.company_key.clone()).unwrap_or_else(|| trace::ANONYMOUS.into()),
+                service: route.service,
+                operation: route.operation.to_string(),
+                method_group: route.method_group,
+                time_ms: Utc::now().timestamp_millis() - ctx.started.elapsed().as_millis() as i64,
+                timezone: user.map(|u| u.timezone).unwrap_or(0),
+                points: ctx.points.points,
+                unique_points: ctx.points.unique_points,
+                duration_us: ctx.started.elapsed().as_micros() as u64,
+                status,
+            },
+            process,
+            stage: ctx.stage,
+            input,
+            output,
+            charged_day: if charged { charged_day.or(Some(ctx.local_day)) } else { None },
+        };
+        if let Err(full) = app.writer.try_record(record) {
+            // Never drop audit: wait for room off the async workers.
+            let writer = app.writer.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = writer.record_blocking(full.0) {
+                    tracing::error!(error = %e, "audit record could not be stored");
+                }
+            });
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn status_class(status: u16) -> &'static str {
+    ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"][(status / 100).min(5) as usize]
+}
+
+fn guess_service(path: &str) -> ServiceName {
+    path.trim_start_matches('/')
+        .split('/')
+        .next()
+        .and_then(|s| s.to_ascii_uppercase().parse().ok())
+        .unwrap_or(ServiceName::ACCOUNT)
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+}
+
+fn rejection_reason(r: &Rejection) -> &'static str {
+    match r {
+        Rejection::PointsPerRequest { .. } => "points_per_request",
+        Rejection::PointsPerDay { .. } => "points_per_day",
+        Rejection::PointsPerDateWindow { .. } => "points_per_date_window",
+        Rejection::Concurrency { .. } => "max_concurrent_execution",
+    }
+}
+
+fn rejection_error(r: &Rejection) -> ApiError {
+    match r {
+        Rejection::PointsPerRequest { limit, requested } => ApiError::payment_required(format!(
+            "points_per_request: the request has {requested} points, the quota allows {limit} per request"
+        )),
+        Rejection::PointsPerDay { limit, used, requested, .. } => ApiError::payment_required(format!(
+            "points_per_day: {used} of {limit} points used today, the request needs {requested}"
+        )),
+        Rejection::PointsPerDateWindow { limit, used, requested, window_days, .. } => ApiError::payment_required(format!(
+            "points_per_date_window: {used} of {limit} points used in the last {window_days} days, the request needs {requested}"
+        )),
+        Rejection::Concurrency { limit, retry_after_seconds } => ApiError::too_many(
+            format!("max_concurrent_execution: {limit} calls already in flight"),
+            *retry_after_seconds,
+        ),
+    }
+}
+
+/// The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11) for the tightest points quota.
+fn rate_limit_headers(remaining: Option<crate::quota::ledger::Remaining>) -> Vec<(&'static str, String)> {
+    match remaining {
+        Some(r) => vec![
+            ("ratelimit-policy", format!("\"points\";q={}", r.limit)),
+            ("ratelimit", format!("\"points\";r={};t={}", r.remaining, r.reset_seconds)),
+        ],
+        None => Vec::new(),
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Gone,
+}
+
+/// Reads the whole request body, refusing (without reading on) once it passes `limit`.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
+    let req = session.req_header();
+    let declared = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge);
+    }
+    let expects_continue = req
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if session.is_body_empty() {
+        return Ok(Bytes::new());
+    }
+    if expects_continue {
+        session.write_continue_response().await.map_err(|_| BodyError::Gone)?;
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf: Option<BytesMut> = None;
+    let mut total = 0usize;
+    while let Some(chunk) = session.read_request_body().await.map_err(|_| BodyError::Gone)? {
+        total += chunk.len();
+        if total > limit {
+            return Err(BodyError::TooLarge);
+        }
+        // The common single-chunk body is kept as is; only larger ones are copied together.
+        match (&mut first, &mut buf) {
+            (None, None) => first = Some(chunk),
+            (Some(f), None) => {
+                let mut b = BytesMut::with_capacity(declared.unwrap_or(total * 2).max(total));
+                b.extend_from_slice(f);
+                b.extend_from_slice(&chunk);
+                buf = Some(b);
+            }
+            (_, Some(b)) => b.extend_from_slice(&chunk),
+        }
+    }
+    Ok(match (first, buf) {
+        (_, Some(b)) => b.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// Writes a complete local answer with its length, so the connection stays reusable.
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    code: &Uuid,
+    headers: &[(&str, String)],
+    body: Bytes,
+) -> pingora::Result<()> {
+    let mut head = ResponseHeader::build(status, Some(4 + headers.len()))?;
+    head.insert_header("content-type", content_type)?;
+    head.insert_header("content-length", body.len().to_string())?;
+    head.insert_header(TRACECODE_HEADER, code.to_string())?;
+    for (k, v) in headers {
+        head.insert_header(k.to_string(), v.as_str())?;
+    }
+    session.write_response_header(Box::new(head), body.is_empty()).await?;
+    if !body.is_empty() {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ProxyHttp for Tollgate {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            code: trace::new_tracecode(),
+            route: None,
+            user: None,
+            lease: None,
+            points: Points::default(),
+            stage: 0,
+            process: None,
+            input: None,
+            output: None,
+            upstream_status: None,
+            status: 0,
+            local_day: 0,
+            _in_flight: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        ctx.started = Instant::now();
+        if session.req_header().uri.path().starts_with("/account/") {
+            self.serve_account(session, ctx).await;
+            return Ok(true);
+        }
+        if let Err((error, headers)) = self.proxy_call(session, ctx).await {
+            self.reject(session, ctx, error, &headers).await;
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        // Every call is answered in request_filter; reaching here is a bug, reported as such.
+        pingora::Error::e_explain(pingora::ErrorType::InternalError, "request_filter answers every call")
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> FailToProxy {
+        let status = match e.etype() {
+            pingora::ErrorType::HTTPStatus(code) => *code,
+            _ if e.esource() == &pingora::ErrorSource::Downstream => 0,
+            _ => 500,
+        };
+        if status > 0 {
+            self.reject(session, ctx, ApiError::new(status, "the request could not be served"), &[]).await;
+        }
+        FailToProxy { error_code: status, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
+        self.finish(ctx);
+    }
+}

@@ -1,0 +1,205 @@
+//! The upstream leg, done by Tollgate itself rather than pingora's proxy loop, because the
+//! whole body is read (and points admitted) before the upstream is contacted, and pingora 0.9
+//! cannot replay a buffered body over 64 KiB. It writes the request on a pooled connection,
+//! reads the response head, and streams the response body to the caller while capturing a copy.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::proxy::Session;
+
+/// How the upstream leg failed, for the caller's status and the metrics' `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Could not connect (refused, unreachable): 502.
+    Connect,
+    /// Connected, but the exchange broke (reset, malformed answer): 502.
+    Protocol,
+    /// The total timeout passed before the response head: 504.
+    Timeout,
+}
+
+impl UpstreamFailure {
+    pub fn status(self) -> u16 {
+        match self {
+            UpstreamFailure::Timeout => 504,
+            _ => 502,
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Protocol => "protocol",
+            UpstreamFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// What the caller saw and what was captured of it.
+pub struct Exchange {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub captured: BytesMut,
+    pub capture_truncated: bool,
+    /// From the request being written to the response head arriving.
+    pub upstream_time: Duration,
+    /// The response body reached the caller completely.
+    pub complete: bool,
+}
+
+/// Headers that belong to one connection, never forwarded either way.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Rewrites the caller's request head for the upstream: hop-by-hop and caller-sent copies of
+/// Tollgate's own headers dropped, the buffered body's length set, identity headers added.
+pub fn upstream_request(
+    caller: &RequestHeader,
+    body_len: usize,
+    added: &[(&'static str, &str)],
+    dropped: &[&str],
+) -> pingora::Result<RequestHeader> {
+    let mut req = caller.clone();
+    for h in HOP_BY_HOP.iter().chain(dropped) {
+        req.remove_header(*h);
+    }
+    for (name, value) in added {
+        req.insert_header(*name, *value)?;
+    }
+    let has_body = body_len > 0 || caller.headers.contains_key(http::header::CONTENT_LENGTH) || caller.headers.contains_key(http::header::TRANSFER_ENCODING);
+    if has_body {
+        req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
+    }
+    req.set_version(http::Version::HTTP_11);
+    Ok(req)
+}
+
+pub struct Leg<'a> {
+    pub connector: &'a Connector,
+    pub peer: &'a HttpPeer,
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    pub max_capture_bytes: usize,
+}
+
+/// Sends `req` + `body` upstream and relays the answer to `session`. `on_head` may add headers
+/// to the caller's response head (it gets the upstream time). Errors before the response head
+/// are returned for the caller to answer; after it, the caller connection is simply ended.
+pub async fn exchange(
+    leg: Leg<'_>,
+    session: &mut Session,
+    req: RequestHeader,
+    body: Bytes,
+    on_head: impl FnOnce(&mut ResponseHeader, Duration),
+) -> Result<Exchange, UpstreamFailure> {
+    let deadline = Instant::now() + leg.total_timeout;
+    let (mut http, head, upstream_time) =
+        match tokio::time::timeout_at(deadline.into(), send(&leg, req, body)).await {
+            Ok(result) => result?,
+            Err(_) => return Err(UpstreamFailure::Timeout),
+        };
+    let status = head.status.as_u16();
+    let content_type = head
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut out = head;
+    for h in ["connection", "keep-alive", "proxy-connection"] {
+        out.remove_header(h);
+    }
+    on_head(&mut out, upstream_time);
+    let mut ex = Exchange {
+        status,
+        content_type,
+        captured: BytesMut::new(),
+        capture_truncated: false,
+        upstream_time,
+        complete: false,
+    };
+    let body_expected = !http.response_done();
+    if session.write_response_header(Box::new(out), !body_expected).await.is_err() {
+        return Ok(ex);
+    }
+    if !body_expected {
+        ex.complete = true;
+        leg.connector.release_http_session(http, leg.peer, Some(leg.idle_timeout)).await;
+        return Ok(ex);
+    }
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline.into(), http.read_response_body()).await {
+            Ok(Ok(chunk)) => chunk,
+            // The head is already sent: all that is left is to end the caller's response early.
+            Ok(Err(_)) | Err(_) => return Ok(ex),
+        };
+        let done = http.response_done();
+        if let Some(data) = &chunk {
+            capture(&mut ex, data, leg.max_capture_bytes);
+        }
+        if session.write_response_body(chunk, done).await.is_err() {
+            return Ok(ex);
+        }
+        if done {
+            break;
+        }
+    }
+    ex.complete = true;
+    leg.connector.release_http_session(http, leg.peer, Some(leg.idle_timeout)).await;
+    Ok(ex)
+}
+
+fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
+    let room = max_capture_bytes.saturating_sub(ex.captured.len());
+    if data.len() > room {
+        ex.capture_truncated = true;
+    }
+    ex.captured.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+async fn send(leg: &Leg<'_>, req: RequestHeader, body: Bytes) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
+    let (mut http, reused) = leg.connector.get_http_session(leg.peer).await.map_err(|_| UpstreamFailure::Connect)?;
+    let sent = Instant::now();
+    let result = write_and_read_head(&mut http, req.clone(), body.clone()).await;
+    let head = match result {
+        Ok(head) => head,
+        // A pooled connection the upstream closed while idle: retry once on a fresh one,
+        // which is safe because nothing of this request reached the upstream's application.
+        Err(_) if reused => {
+            let (mut fresh, _) = leg.connector.get_http_session(leg.peer).await.map_err(|_| UpstreamFailure::Connect)?;
+            let head = write_and_read_head(&mut fresh, req, body).await.map_err(|_| UpstreamFailure::Protocol)?;
+            http = fresh;
+            head
+        }
+        Err(_) => return Err(UpstreamFailure::Protocol),
+    };
+    Ok((http, head, sent.elapsed()))
+}
+
+async fn write_and_read_head(http: &mut HttpSession, req: RequestHeader, body: Bytes) -> pingora::Result<ResponseHeader> {
+    http.write_request_header(Box::new(req)).await?;
+    if !body.is_empty() {
+        http.write_request_body(body, true).await?;
+    }
+    http.finish_request_body().await?;
+    loop {
+        http.read_response_header().await?;
+        let head = http.response_header().ok_or_else(|| pingora::Error::new(pingora::ErrorType::InvalidHTTPHeader))?;
+        // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
+        if !head.status.is_informational() {
+            return Ok(head.clone());
+        }
+    }
+}

@@ -1,0 +1,1501 @@
+//! Points counting: what a proxied call costs, read from its JSON request body.
+//!
+//! A route's [`PointsRule`] names JSON pointers (RFC 6901) to arrays in the body. The points of a
+//! call are the sum of the element counts of those arrays; the unique points are the number of
+//! distinct elements over all of them, compared by a key pointer evaluated inside each element,
+//! or by the whole element. This module owns that counting and the validation of the body it
+//! needs: the body is scanned once, in place, without building a document tree; whatever no
+//! pointer reaches is validated and skipped. It leaves to others where rules come from (the
+//! configuration, which should call [`PointsRule::validate`] when it loads them), what the
+//! points are admitted against (the quota), and turning [`InvalidJson`] into a 400 (the proxy).
+//!
+//! Decisions a route author can rely on:
+//! - A pointer that does not resolve, or resolves to something other than an array, counts 0.
+//!   It is not an error: the body is still valid JSON, and judging its shape is the upstream
+//!   service's job, not the meter's.
+//! - An object member name that a pointer (or the key pointer) follows and that occurs twice in
+//!   the same object is rejected as [`InvalidJson`]: parsers disagree on which copy wins, so the
+//!   points could not be trusted to match what the upstream works on.
+//! - Arrays and objects nested deeper than [`MAX_NESTING_DEPTH`] are rejected.
+//! - Numbers are checked against the JSON grammar only, not for range.
+//! - A `\u` escape of an unpaired UTF-16 surrogate is rejected, as an upstream decoding the
+//!   string would reject it.
+//! - Two pointers naming the same array count its elements twice in the points, and once in the
+//!   unique points.
+
+use std::fmt;
+use std::hash::BuildHasher;
+
+/// Deepest nesting of arrays and objects a counted body may have. Deeper bodies are rejected so
+/// the scanner's recursion stays bounded whatever the caller sends.
+pub const MAX_NESTING_DEPTH: usize = 128;
+
+/// Where in a route's request body its points are.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PointsRule {
+    /// JSON pointers to the arrays whose elements are the points. None: the call costs nothing.
+    pub array_pointers: Vec<String>,
+    /// JSON pointer, evaluated inside each element, to the value that makes elements the same
+    /// for the unique points. None: elements are compared whole.
+    pub unique_key_pointer: Option<String>,
+}
+
+impl PointsRule {
+    /// Checks every pointer against RFC 6901: empty (the whole body or element) or starting with
+    /// '/', and every '~' followed by '0' or '1'. The message names the pointer and the rule.
+    pub fn validate(&self) -> Result<(), String> {
+        for (index, pointer) in self.array_pointers.iter().enumerate() {
+            check_pointer(pointer)
+                .map_err(|why| format!("array_pointers[{index}] {pointer:?}: {why}"))?;
+        }
+        if let Some(pointer) = &self.unique_key_pointer {
+            check_pointer(pointer)
+                .map_err(|why| format!("unique_key_pointer {pointer:?}: {why}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The cost of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Points {
+    pub points: u64,
+    pub unique_points: u64,
+}
+
+/// Why a body cannot be counted; the proxy answers 400 and does not forward it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidJson {
+    /// Byte offset into the body where the problem was found.
+    pub offset: usize,
+    pub reason: &'static str,
+}
+
+impl fmt::Display for InvalidJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid JSON at byte {}: {}", self.offset, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidJson {}
+
+const UNEXPECTED_END: &str = "unexpected end of input";
+const EXPECTED_VALUE: &str = "expected a JSON value";
+const EXPECTED_MEMBER_NAME: &str = "expected a string as object member name";
+const EXPECTED_COLON: &str = "expected ':' after object member name";
+const EXPECTED_OBJECT_NEXT: &str = "expected ',' or '}' after object member";
+const EXPECTED_ARRAY_NEXT: &str = "expected ',' or ']' after array element";
+const TRAILING_CHARACTERS: &str = "trailing characters after the JSON value";
+const TOO_DEEP: &str = "arrays and objects nested deeper than 128 levels";
+const CONTROL_IN_STRING: &str = "unescaped control character in string";
+const BAD_ESCAPE: &str = "invalid escape in string";
+const BAD_UNICODE_ESCAPE: &str = "invalid \\u escape: expected 4 hex digits";
+const LONE_SURROGATE: &str = "\\u escape is an unpaired UTF-16 surrogate";
+const BAD_UTF8: &str = "invalid UTF-8 in string";
+const LEADING_ZERO: &str = "number has a leading zero";
+const DIGIT_AFTER_MINUS: &str = "expected a digit after '-'";
+const DIGIT_AFTER_POINT: &str = "expected a digit after the decimal point";
+const DIGIT_IN_EXPONENT: &str = "expected a digit in the exponent";
+const BAD_LITERAL: &str = "invalid literal (expected true, false or null)";
+const DUPLICATE_MEMBER: &str = "object member name repeated on a points pointer path";
+
+/// Counts the points of `body` under `rule`.
+///
+/// A rule without array pointers costs nothing and does not read the body, so such routes may
+/// carry any body. Otherwise the whole body must be valid JSON (RFC 8259), even past the counted
+/// arrays. The rule is expected to have passed [`PointsRule::validate`] when the configuration
+/// was loaded; a pointer that fails it resolves nowhere here.
+///
+/// Unique points compare the bytes of the key value (or of the whole element) as sent, with
+/// only the insignificant whitespace outside strings left out, so pretty-printed and compact
+/// copies of an element are the same. Nothing else is normalised: `"a"` and `"\u0061"`, or `1`
+/// and `1.0`, are distinct, as are members in a different order. An element whose key pointer
+/// does not resolve is compared by its whole value, and never equals an element that has a key.
+/// Values are compared by a 64-bit hash with a seed drawn per call: two different values share
+/// a hash, and count once, with a probability of about n²/2⁶⁵ for n elements (3e-10 for
+/// 100 000). Keeping hashes instead of values keeps the set small enough to stay in cache, which
+/// is most of the cost of unique counting.
+pub fn count_points(body: &[u8], rule: &PointsRule) -> Result<Points, InvalidJson> {
+    if rule.array_pointers.is_empty() {
+        return Ok(Points::default());
+    }
+    let plan = Plan::new(rule);
+    let mut scanner = Scanner::new(body, &plan);
+    for tokens in &plan.pointers {
+        scanner.cursors.push(Cursor::start(tokens, Target::Array));
+    }
+    scanner.skip_whitespace();
+    if scanner.cursors.is_empty() {
+        scanner.skip_value(0)?;
+    } else {
+        scanner.walk(0, 0)?;
+    }
+    scanner.skip_whitespace();
+    if scanner.pos != body.len() {
+        return Err(invalid(scanner.pos, TRAILING_CHARACTERS));
+    }
+    Ok(Points {
+        points: scanner.points,
+        unique_points: scanner.distinct.count(),
+    })
+}
+
+fn check_pointer(pointer: &str) -> Result<(), &'static str> {
+    if !pointer.is_empty() && !pointer.starts_with('/') {
+        return Err("a JSON pointer must be empty (the whole value) or start with '/' (RFC 6901)");
+    }
+    let bytes = pointer.as_bytes();
+    for (index, &byte) in bytes.iter().enumerate() {
+        if byte == b'~' && !matches!(bytes.get(index + 1), Some(b'0' | b'1')) {
+            return Err("'~' must be followed by '0' (for '~') or '1' (for '/') (RFC 6901)");
+        }
+    }
+    Ok(())
+}
+
+/// One reference token of a pointer, ready to compare against member names and array indices.
+struct Token {
+    name: Vec<u8>,
+    /// The array index the token denotes; RFC 6901 forbids leading zeros, and "-" (past the end)
+    /// never names an existing element.
+    index: Option<usize>,
+}
+
+fn parse_pointer(pointer: &str) -> Option<Vec<Token>> {
+    check_pointer(pointer).ok()?;
+    Some(pointer.split('/').skip(1).map(parse_token).collect())
+}
+
+fn parse_token(escaped: &str) -> Token {
+    // `check_pointer` guarantees every '~' is followed by '0' or '1'; decoding left to right
+    // makes "~01" the name "~1", as RFC 6901 requires.
+    let mut name = Vec::with_capacity(escaped.len());
+    let mut bytes = escaped.bytes();
+    while let Some(byte) = bytes.next() {
+        if byte == b'~' {
+            name.push(if bytes.next() == Some(b'1') {
+                b'/'
+            } else {
+                b'~'
+            });
+        } else {
+            name.push(byte);
+        }
+    }
+    let index = match name.as_slice() {
+        [b'0'] => Some(0),
+        [b'1'..=b'9', rest @ ..] if rest.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(&name)
+                .ok()
+                .and_then(|digits| digits.parse().ok())
+        }
+        _ => None,
+    };
+    Token { name, index }
+}
+
+/// A rule compiled for one scan.
+struct Plan {
+    pointers: Vec<Vec<Token>>,
+    /// None: every element is compared whole.
+    key: Option<Vec<Token>>,
+}
+
+impl Plan {
+    fn new(rule: &PointsRule) -> Self {
+        Plan {
+            pointers: rule
+                .array_pointers
+                .iter()
+                .filter_map(|pointer| parse_pointer(pointer))
+                .collect(),
+            key: rule.unique_key_pointer.as_deref().and_then(parse_pointer),
+        }
+    }
+}
+
+/// What a pointer being followed will find: a counted array, or the key of an element.
+#[derive(Clone, Copy)]
+enum Target {
+    Array,
+    /// Index into `Scanner::key_spans`: the element whose key this is.
+    Key(usize),
+}
+
+/// A pointer followed as far as the value being scanned: its first `next` tokens matched the
+/// path to it.
+#[derive(Clone, Copy)]
+struct Cursor<'p> {
+    tokens: &'p [Token],
+    next: usize,
+    target: Target,
+    /// Set once the next token matched a member of the object being scanned, to catch a repeat.
+    matched: bool,
+}
+
+impl<'p> Cursor<'p> {
+    fn start(tokens: &'p [Token], target: Target) -> Self {
+        Cursor {
+            tokens,
+            next: 0,
+            target,
+            matched: false,
+        }
+    }
+
+    fn next_token(&self) -> Option<&'p Token> {
+        self.tokens.get(self.next)
+    }
+
+    fn is_complete(&self) -> bool {
+        self.next == self.tokens.len()
+    }
+
+    fn advanced(&self) -> Self {
+        Cursor {
+            next: self.next + 1,
+            matched: false,
+            ..*self
+        }
+    }
+}
+
+/// Where a value lies in the body.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+    /// Insignificant whitespace occurs inside, so the value must be compacted before comparing.
+    has_whitespace: bool,
+}
+
+struct Scanner<'a, 'p> {
+    input: &'a [u8],
+    pos: usize,
+    plan: &'p Plan,
+    /// Pointers being followed; the cursors of the value being scanned are a range at the top,
+    /// and those of its children are pushed above it while the child is scanned.
+    cursors: Vec<Cursor<'p>>,
+    /// Per element being identified (innermost last): its key, once found.
+    key_spans: Vec<Option<Span>>,
+    /// Count of whitespace runs skipped so far; a value contains whitespace when it changed
+    /// while the value was scanned.
+    whitespace_runs: usize,
+    name_buffer: Vec<u8>,
+    points: u64,
+    distinct: DistinctElements,
+}
+
+impl<'a, 'p> Scanner<'a, 'p> {
+    fn new(input: &'a [u8], plan: &'p Plan) -> Self {
+        Scanner {
+            input,
+            pos: 0,
+            plan,
+            cursors: Vec::new(),
+            key_spans: Vec::new(),
+            whitespace_runs: 0,
+            name_buffer: Vec::new(),
+            points: 0,
+            distinct: DistinctElements::default(),
+        }
+    }
+
+    #[inline(always)]
+    fn skip_whitespace(&mut self) {
+        let end = skip_whitespace(self.input, self.pos);
+        if end != self.pos {
+            self.whitespace_runs += 1;
+            self.pos = end;
+        }
+    }
+
+    #[inline(always)]
+    fn peek(&self) -> Result<u8, InvalidJson> {
+        match self.input.get(self.pos) {
+            Some(&byte) => Ok(byte),
+            None => Err(invalid(self.pos, UNEXPECTED_END)),
+        }
+    }
+
+    /// Scans the value at `pos` (a JSON value starts there, whitespace already skipped) with the
+    /// cursors `cursors[lo..]`, at least one, following pointers through it; `depth` is the
+    /// number of arrays and objects around it.
+    #[inline]
+    fn walk(&mut self, lo: usize, depth: usize) -> Result<(), InvalidJson> {
+        let hi = self.cursors.len();
+        let start = self.pos;
+        let whitespace_before = self.whitespace_runs;
+        match self.peek()? {
+            b'{' => self.walk_object(lo, hi, depth)?,
+            b'[' => self.walk_array(lo, hi, depth)?,
+            _ => self.skip_value(depth)?,
+        }
+        let span = Span {
+            start,
+            end: self.pos,
+            has_whitespace: self.whitespace_runs != whitespace_before,
+        };
+        for cursor in &self.cursors[lo..hi] {
+            if let Target::Key(element) = cursor.target {
+                if cursor.is_complete() {
+                    self.key_spans[element] = Some(span);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Scans the value at `pos` with whatever cursors were pushed above `hi` for it.
+    #[inline(always)]
+    fn walk_child(&mut self, hi: usize, depth: usize) -> Result<(), InvalidJson> {
+        if self.cursors.len() == hi {
+            self.skip_value(depth)
+        } else {
+            self.walk(hi, depth)?;
+            self.cursors.truncate(hi);
+            Ok(())
+        }
+    }
+
+    fn walk_object(&mut self, lo: usize, hi: usize, depth: usize) -> Result<(), InvalidJson> {
+        if depth >= MAX_NESTING_DEPTH {
+            return Err(invalid(self.pos, TOO_DEEP));
+        }
+        let input = self.input;
+        let any_open = self.cursors[lo..hi]
+            .iter()
+            .any(|cursor| !cursor.is_complete());
+        self.pos += 1;
+        self.skip_whitespace();
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            return Ok(());
+        }
+        loop {
+            let name_at = self.pos;
+            if self.peek()? != b'"' {
+                return Err(invalid(name_at, EXPECTED_MEMBER_NAME));
+            }
+            let (after_name, escaped) = scan_string(input, name_at)?;
+            self.pos = after_name;
+            self.skip_whitespace();
+            if self.peek()? != b':' {
+                return Err(invalid(self.pos, EXPECTED_COLON));
+            }
+            self.pos += 1;
+            self.skip_whitespace();
+            if any_open {
+                let raw_name = &input[name_at + 1..after_name - 1];
+                let name: &[u8] = if escaped {
+                    decode_string(raw_name, &mut self.name_buffer);
+                    &self.name_buffer
+                } else {
+                    raw_name
+                };
+                for index in lo..hi {
+                    let cursor = self.cursors[index];
+                    if cursor
+                        .next_token()
+                        .is_some_and(|token| same_bytes(&token.name, name))
+                    {
+                        if cursor.matched {
+                            return Err(invalid(name_at, DUPLICATE_MEMBER));
+                        }
+                        self.cursors[index].matched = true;
+                        self.cursors.push(cursor.advanced());
+                    }
+                }
+            }
+            self.walk_child(hi, depth + 1)?;
+            self.skip_whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.skip_whitespace();
+                }
+                b'}' => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => return Err(invalid(self.pos, EXPECTED_OBJECT_NEXT)),
+            }
+        }
+    }
+
+    fn walk_array(&mut self, lo: usize, hi: usize, depth: usize) -> Result<(), InvalidJson> {
+        if depth >= MAX_NESTING_DEPTH {
+            return Err(invalid(self.pos, TOO_DEEP));
+        }
+        let mut counted_by: u64 = 0;
+        let mut any_open = false;
+        for cursor in &self.cursors[lo..hi] {
+            if !cursor.is_complete() {
+                any_open = true;
+            } else if let Target::Array = cursor.target {
+                counted_by += 1;
+            }
+        }
+        let key_tokens = self.plan.key.as_deref();
+        self.pos += 1;
+        self.skip_whitespace();
+        if self.peek()? == b']' {
+            self.pos += 1;
+            return Ok(());
+        }
+        let mut element_count: u64 = 0;
+        loop {
+            if any_open {
+                for index in lo..hi {
+                    let cursor = self.cursors[index];
+                    let is_this_element = cursor.next_token().is_some_and(|token| {
+                        token.index.is_some_and(|i| i as u64 == element_count)
+                    });
+                    if is_this_element {
+                        self.cursors.push(cursor.advanced());
+                    }
+                }
+            }
+            if counted_by > 0 {
+                let start = self.pos;
+                let whitespace_before = self.whitespace_runs;
+                let key = match key_tokens {
+                    // The usual case, a key member of an object element that no other pointer
+                    // looks into, is left to the skipper.
+                    Some([token])
+                        if self.cursors.len() == hi && self.input.get(start) == Some(&b'{') =>
+                    {
+                        self.skip_structure(depth + 1, Some(&token.name))?
+                    }
+                    _ => {
+                        let element = self.key_spans.len();
+                        self.key_spans.push(None);
+                        if let Some(tokens) = key_tokens {
+                            self.cursors
+                                .push(Cursor::start(tokens, Target::Key(element)));
+                        }
+                        self.walk_child(hi, depth + 1)?;
+                        self.key_spans.pop().flatten()
+                    }
+                };
+                let whole = Span {
+                    start,
+                    end: self.pos,
+                    has_whitespace: self.whitespace_runs != whitespace_before,
+                };
+                match key {
+                    Some(key) => self.distinct.insert_key(self.input, key),
+                    None => self.distinct.insert_whole_element(self.input, whole),
+                }
+            } else {
+                self.walk_child(hi, depth + 1)?;
+            }
+            element_count += 1;
+            self.skip_whitespace();
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.skip_whitespace();
+                }
+                b']' => {
+                    self.pos += 1;
+                    break;
+                }
+                _ => return Err(invalid(self.pos, EXPECTED_ARRAY_NEXT)),
+            }
+        }
+        self.points = self
+            .points
+            .saturating_add(element_count.saturating_mul(counted_by));
+        Ok(())
+    }
+
+    /// Validates and steps over the value at `pos` without following any pointer into it.
+    #[inline(always)]
+    fn skip_value(&mut self, depth: usize) -> Result<(), InvalidJson> {
+        // Most skipped values are member values that are strings or numbers: no call for those.
+        match self.input.get(self.pos) {
+            Some(b'"') => self.pos = scan_string(self.input, self.pos)?.0,
+            Some(b'-' | b'0'..=b'9') => self.pos = scan_number(self.input, self.pos)?,
+            _ => {
+                self.skip_structure(depth, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Scanner::skip_value`] for any value. Iterative, so the only bound on nesting is the
+    /// explicit one. With `member`, and when the value is an object, also returns where the
+    /// value of its member of that name lies: the usual single-token key pointer is found
+    /// without leaving this loop.
+    fn skip_structure(
+        &mut self,
+        depth: usize,
+        member: Option<&[u8]>,
+    ) -> Result<Option<Span>, InvalidJson> {
+        let input = self.input;
+        let mut pos = self.pos;
+        let mut whitespace_runs = self.whitespace_runs;
+        // One bit per container opened inside this value, innermost in bit 0: set for objects.
+        let mut object_bits: u128 = 0;
+        let mut open: usize = 0;
+        let mut name_next = false;
+        let mut member_value: Option<Span> = None;
+        // Where the value of `member` starts, and the whitespace runs seen before it, while
+        // that value is being skipped.
+        let mut member_start: Option<(usize, usize)> = None;
+        'value: loop {
+            if name_next {
+                let name_at = pos;
+                let wanted = if open == 1 { member } else { None };
+                let (value_at, is_wanted) = skip_member_name(
+                    input,
+                    pos,
+                    &mut whitespace_runs,
+                    wanted,
+                    &mut self.name_buffer,
+                )?;
+                pos = value_at;
+                if is_wanted {
+                    if member_value.is_some() {
+                        return Err(invalid(name_at, DUPLICATE_MEMBER));
+                    }
+                    member_start = Some((pos, whitespace_runs));
+                }
+            }
+            let Some(&first) = input.get(pos) else {
+                return Err(invalid(pos, UNEXPECTED_END));
+            };
+            match first {
+                b'"' => pos = scan_string(input, pos)?.0,
+                b'{' | b'[' => {
+                    if depth + open >= MAX_NESTING_DEPTH {
+                        return Err(invalid(pos, TOO_DEEP));
+                    }
+                    let is_object = first == b'{';
+                    pos = skip_whitespace_counting(input, pos + 1, &mut whitespace_runs);
+                    let close = if is_object { b'}' } else { b']' };
+                    if input.get(pos) == Some(&close) {
+                        pos += 1;
+                    } else {
+                        object_bits = (object_bits << 1) | u128::from(is_object);
+                        open += 1;
+                        name_next = is_object;
+                        continue 'value;
+                    }
+                }
+                b'-' | b'0'..=b'9' => pos = scan_number(input, pos)?,
+                b't' => pos = scan_literal(input, pos, b"true")?,
+                b'f' => pos = scan_literal(input, pos, b"false")?,
+                b'n' => pos = scan_literal(input, pos, b"null")?,
+                _ => return Err(invalid(pos, EXPECTED_VALUE)),
+            }
+            // A value ended: close the containers it completes, then go to the next value.
+            loop {
+                if open == 1 {
+                    if let Some((start, whitespace_before)) = member_start.take() {
+                        member_value = Some(Span {
+                            start,
+                            end: pos,
+                            has_whitespace: whitespace_runs != whitespace_before,
+                        });
+                    }
+                }
+                if open == 0 {
+                    self.pos = pos;
+                    self.whitespace_runs = whitespace_runs;
+                    return Ok(member_value);
+                }
+                pos = skip_whitespace_counting(input, pos, &mut whitespace_runs);
+                let in_object = object_bits & 1 == 1;
+                match input.get(pos) {
+                    Some(b',') => {
+                        pos = skip_whitespace_counting(input, pos + 1, &mut whitespace_runs);
+                        name_next = in_object;
+                        continue 'value;
+                    }
+                    Some(b'}') if in_object => {}
+                    Some(b']') if !in_object => {}
+                    Some(_) if in_object => return Err(invalid(pos, EXPECTED_OBJECT_NEXT)),
+                    Some(_) => return Err(invalid(pos, EXPECTED_ARRAY_NEXT)),
+                    None => return Err(invalid(pos, UNEXPECTED_END)),
+                }
+                pos += 1;
+                object_bits >>= 1;
+                open -= 1;
+            }
+        }
+    }
+}
+
+fn invalid(offset: usize, reason: &'static str) -> InvalidJson {
+    InvalidJson { offset, reason }
+}
+
+/// Byte equality without a library call: member names are short, and most differ at once.
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// The distinct elements seen so far, as seeded hashes (see [`count_points`]). Keys and whole
+/// elements are kept apart so an unkeyed element never equals a key.
+#[derive(Default)]
+struct DistinctElements {
+    seed: foldhash::fast::RandomState,
+    keys: Vec<u64>,
+    whole_elements: Vec<u64>,
+    compact_buffer: Vec<u8>,
+}
+
+impl DistinctElements {
+    fn insert_key(&mut self, input: &[u8], span: Span) {
+        let hash = self.hash(input, span);
+        self.keys.push(hash);
+    }
+
+    fn insert_whole_element(&mut self, input: &[u8], span: Span) {
+        let hash = self.hash(input, span);
+        self.whole_elements.push(hash);
+    }
+
+    fn hash(&mut self, input: &[u8], span: Span) -> u64 {
+        let raw = &input[span.start..span.end];
+        if span.has_whitespace {
+            compact_into(raw, &mut self.compact_buffer);
+            self.seed.hash_one(self.compact_buffer.as_slice())
+        } else {
+            self.seed.hash_one(raw)
+        }
+    }
+
+    fn count(&mut self) -> u64 {
+        let mut distinct = 0;
+        for hashes in [&mut self.keys, &mut self.whole_elements] {
+            hashes.sort_unstable();
+            hashes.dedup();
+            distinct += hashes.len() as u64;
+        }
+        distinct
+    }
+}
+
+/// Copies a validated JSON value without the whitespace outside its strings.
+fn compact_into(raw: &[u8], compact: &mut Vec<u8>) {
+    compact.clear();
+    let mut in_string = false;
+    let mut after_backslash = false;
+    for &byte in raw {
+        if in_string {
+            if after_backslash {
+                after_backslash = false;
+            } else if byte == b'\\' {
+                after_backslash = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            compact.push(byte);
+        } else if !is_whitespace(byte) {
+            in_string = byte == b'"';
+            compact.push(byte);
+        }
+    }
+}
+
+#[inline(always)]
+fn is_whitespace(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Steps over insignificant whitespace. JSON whitespace is at most ' ' and every byte that
+/// starts or continues JSON text is above it, so the usual case, none, is one comparison.
+#[inline(always)]
+fn skip_whitespace(input: &[u8], pos: usize) -> usize {
+    match input.get(pos) {
+        Some(&byte) if byte > b' ' => pos,
+        _ => skip_whitespace_run(input, pos),
+    }
+}
+
+#[inline(never)]
+fn skip_whitespace_run(input: &[u8], mut pos: usize) -> usize {
+    while input.get(pos).is_some_and(|&byte| is_whitespace(byte)) {
+        pos += 1;
+    }
+    pos
+}
+
+#[inline(always)]
+fn skip_whitespace_counting(input: &[u8], pos: usize, whitespace_runs: &mut usize) -> usize {
+    let end = skip_whitespace(input, pos);
+    *whitespace_runs += usize::from(end != pos);
+    end
+}
+
+/// Steps over `"name"` `:` and the whitespace around the colon. Returns where the value starts,
+/// and whether the name is `wanted`.
+#[inline(always)]
+fn skip_member_name(
+    input: &[u8],
+    name_at: usize,
+    whitespace_runs: &mut usize,
+    wanted: Option<&[u8]>,
+    name_buffer: &mut Vec<u8>,
+) -> Result<(usize, bool), InvalidJson> {
+    if input.get(name_at) != Some(&b'"') {
+        return Err(invalid(name_at, EXPECTED_MEMBER_NAME));
+    }
+    let (after_name, escaped) = scan_string(input, name_at)?;
+    let is_wanted = wanted.is_some_and(|wanted| {
+        let raw_name = &input[name_at + 1..after_name - 1];
+        if escaped {
+            decode_string(raw_name, name_buffer);
+            same_bytes(name_buffer, wanted)
+        } else {
+            same_bytes(raw_name, wanted)
+        }
+    });
+    let pos = skip_whitespace_counting(input, after_name, whitespace_runs);
+    if input.get(pos) != Some(&b':') {
+        return Err(invalid(pos, EXPECTED_COLON));
+    }
+    Ok((
+        skip_whitespace_counting(input, pos + 1, whitespace_runs),
+        is_wanted,
+    ))
+}
+
+const EVERY_BYTE: u64 = u64::from_le_bytes([1; 8]);
+const HIGH_BITS: u64 = EVERY_BYTE * 0x80;
+
+/// Validates the string whose opening quote is at `open_quote`. Returns the offset after the
+/// closing quote, and whether the string contains escapes.
+#[inline(always)]
+fn scan_string(input: &[u8], open_quote: usize) -> Result<(usize, bool), InvalidJson> {
+    let mut pos = open_quote + 1;
+    let mut escaped = false;
+    loop {
+        // Eight bytes at a time up to the next byte that needs a look: '"', '\\', a control
+        // character, or a non-ASCII byte (to validate UTF-8). Most strings are plain ASCII and
+        // short enough to be one block, where this beats one pass per class of stop byte.
+        // A borrow can mark a byte after a true match, never before one, so the lowest mark is
+        // exact - and only the lowest is used.
+        while let Some(block) = input.get(pos..).and_then(<[u8]>::first_chunk::<8>) {
+            let block = u64::from_le_bytes(*block);
+            let is_zero = |v: u64| v.wrapping_sub(EVERY_BYTE) & !v;
+            let quotes = is_zero(block ^ (EVERY_BYTE * u64::from(b'"'))) & HIGH_BITS;
+            let backslashes = is_zero(block ^ (EVERY_BYTE * u64::from(b'\\')));
+            let below_space = block.wrapping_sub(EVERY_BYTE * 0x20) & !block;
+            let stops = (quotes | backslashes | below_space | block) & HIGH_BITS;
+            if stops != 0 {
+                pos += (stops.trailing_zeros() / 8) as usize;
+                // The usual stop, the closing quote, without reading the byte again.
+                if stops & stops.wrapping_neg() & quotes != 0 {
+                    return Ok((pos + 1, escaped));
+                }
+                break;
+            }
+            pos += 8;
+        }
+        let Some(&byte) = input.get(pos) else {
+            return Err(invalid(pos, UNEXPECTED_END));
+        };
+        match byte {
+            b'"' => return Ok((pos + 1, escaped)),
+            b'\\' => {
+                escaped = true;
+                pos = scan_escape(input, pos)?;
+            }
+            0x00..=0x1F => return Err(invalid(pos, CONTROL_IN_STRING)),
+            0x80..=0xFF => pos = scan_utf8(input, pos)?,
+            _ => pos += 1,
+        }
+    }
+}
+
+fn scan_escape(input: &[u8], backslash: usize) -> Result<usize, InvalidJson> {
+    match input.get(backslash + 1) {
+        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(backslash + 2),
+        Some(b'u') => {
+            let unit = hex4_checked(input, backslash + 2)?;
+            match unit {
+                0xD800..=0xDBFF => {
+                    let low_escape = backslash + 6;
+                    if input.get(low_escape) == Some(&b'\\')
+                        && input.get(low_escape + 1) == Some(&b'u')
+                        && matches!(hex4_checked(input, low_escape + 2)?, 0xDC00..=0xDFFF)
+                    {
+                        Ok(low_escape + 6)
+                    } else {
+                        Err(invalid(backslash, LONE_SURROGATE))
+                    }
+                }
+                0xDC00..=0xDFFF => Err(invalid(backslash, LONE_SURROGATE)),
+                _ => Ok(backslash + 6),
+            }
+        }
+        Some(_) => Err(invalid(backslash, BAD_ESCAPE)),
+        None => Err(invalid(backslash + 1, UNEXPECTED_END)),
+    }
+}
+
+fn hex4_checked(input: &[u8], digits: usize) -> Result<u32, InvalidJson> {
+    if input.len() < digits + 4 {
+        return Err(invalid(input.len(), UNEXPECTED_END));
+    }
+    hex4(input, digits).ok_or_else(|| invalid(digits, BAD_UNICODE_ESCAPE))
+}
+
+fn hex4(input: &[u8], digits: usize) -> Option<u32> {
+    let mut value = 0;
+    for &digit in input.get(digits..digits + 4)? {
+        value = value << 4 | char::from(digit).to_digit(16)?;
+    }
+    Some(value)
+}
+
+/// Validates the UTF-8 sequence starting at `pos` (its first byte is not ASCII), following the
+/// well-formed byte sequences of the Unicode standard: no overlong forms, no surrogates, nothing
+/// above U+10FFFF.
+fn scan_utf8(input: &[u8], pos: usize) -> Result<usize, InvalidJson> {
+    let (length, second_low, second_high) = match input[pos] {
+        0xC2..=0xDF => (2, 0x80, 0xBF),
+        0xE0 => (3, 0xA0, 0xBF),
+        0xE1..=0xEC | 0xEE..=0xEF => (3, 0x80, 0xBF),
+        0xED => (3, 0x80, 0x9F),
+        0xF0 => (4, 0x90, 0xBF),
+        0xF1..=0xF3 => (4, 0x80, 0xBF),
+        0xF4 => (4, 0x80, 0x8F),
+        _ => return Err(invalid(pos, BAD_UTF8)),
+    };
+    for offset in 1..length {
+        let (low, high) = if offset == 1 {
+            (second_low, second_high)
+        } else {
+            (0x80, 0xBF)
+        };
+        match input.get(pos + offset) {
+            Some(&byte) if (low..=high).contains(&byte) => {}
+            Some(_) => return Err(invalid(pos + offset, BAD_UTF8)),
+            None => return Err(invalid(pos + offset, UNEXPECTED_END)),
+        }
+    }
+    Ok(pos + length)
+}
+
+#[inline(always)]
+fn scan_number(input: &[u8], start: usize) -> Result<usize, InvalidJson> {
+    let is_digit = |pos: usize| input.get(pos).is_some_and(u8::is_ascii_digit);
+    let skip_digits = |mut pos: usize| {
+        while is_digit(pos) {
+            pos += 1;
+        }
+        pos
+    };
+    let mut pos = start;
+    if input[pos] == b'-' {
+        pos += 1;
+    }
+    match input.get(pos) {
+        Some(b'0') if is_digit(pos + 1) => return Err(invalid(pos, LEADING_ZERO)),
+        Some(b'0') => pos += 1,
+        Some(b'1'..=b'9') => pos = skip_digits(pos + 1),
+        _ => return Err(invalid(pos, DIGIT_AFTER_MINUS)),
+    }
+    if input.get(pos) == Some(&b'.') {
+        if !is_digit(pos + 1) {
+            return Err(invalid(pos + 1, DIGIT_AFTER_POINT));
+        }
+        pos = skip_digits(pos + 1);
+    }
+    if matches!(input.get(pos), Some(b'e' | b'E')) {
+        pos += 1;
+        if matches!(input.get(pos), Some(b'+' | b'-')) {
+            pos += 1;
+        }
+        if !is_digit(pos) {
+            return Err(invalid(pos, DIGIT_IN_EXPONENT));
+        }
+        pos = skip_digits(pos);
+    }
+    Ok(pos)
+}
+
+fn scan_literal(input: &[u8], pos: usize, literal: &[u8]) -> Result<usize, InvalidJson> {
+    if input[pos..].starts_with(literal) {
+        Ok(pos + literal.len())
+    } else {
+        Err(invalid(pos, BAD_LITERAL))
+    }
+}
+
+/// Decodes the contents of a validated JSON string (without its quotes) into `out`.
+fn decode_string(raw: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let mut pos = 0;
+    while let Some(&byte) = raw.get(pos) {
+        if byte != b'\\' {
+            out.push(byte);
+            pos += 1;
+            continue;
+        }
+        let unescaped = match raw.get(pos + 1) {
+            Some(b'b') => 0x08,
+            Some(b'f') => 0x0C,
+            Some(b'n') => b'\n',
+            Some(b'r') => b'\r',
+            Some(b't') => b'\t',
+            Some(b'u') => {
+                let unit = hex4(raw, pos + 2).unwrap_or_default();
+                let (code_point, length) = if (0xD800..=0xDBFF).contains(&unit) {
+                    let low = hex4(raw, pos + 8).unwrap_or_default();
+                    (
+                        0x10000 + ((unit - 0xD800) << 10 | (low.wrapping_sub(0xDC00) & 0x3FF)),
+                        12,
+                    )
+                } else {
+                    (unit, 6)
+                };
+                let decoded = char::from_u32(code_point).unwrap_or(char::REPLACEMENT_CHARACTER);
+                out.extend_from_slice(decoded.encode_utf8(&mut [0; 4]).as_bytes());
+                pos += length;
+                continue;
+            }
+            Some(&other) => other,
+            None => break,
+        };
+        out.push(unescaped);
+        pos += 2;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn rule(array_pointers: &[&str], unique_key_pointer: Option<&str>) -> PointsRule {
+        PointsRule {
+            array_pointers: array_pointers.iter().map(|p| p.to_string()).collect(),
+            unique_key_pointer: unique_key_pointer.map(str::to_string),
+        }
+    }
+
+    fn count(body: &str, array_pointers: &[&str], key: Option<&str>) -> Points {
+        match count_points(body.as_bytes(), &rule(array_pointers, key)) {
+            Ok(points) => points,
+            Err(error) => panic!("{body}: {error}"),
+        }
+    }
+
+    fn points(points: u64, unique_points: u64) -> Points {
+        Points {
+            points,
+            unique_points,
+        }
+    }
+
+    fn error(body: &[u8]) -> InvalidJson {
+        match count_points(body, &rule(&["/a"], Some("/k"))) {
+            Ok(points) => panic!(
+                "{:?} accepted with {points:?}",
+                String::from_utf8_lossy(body)
+            ),
+            Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn validate_accepts_rfc_6901_pointers() {
+        let valid = rule(
+            &["", "/", "/locations", "/tasks/0/orders", "/a~0b~1c"],
+            Some("/key"),
+        );
+        assert_eq!(valid.validate(), Ok(()));
+        assert_eq!(rule(&[], Some("")).validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_names_the_pointer_and_the_rule_broken() {
+        let message = rule(&["/ok", "locations"], None).validate().unwrap_err();
+        assert!(
+            message.starts_with("array_pointers[1] \"locations\":"),
+            "{message}"
+        );
+        assert!(message.contains("start with '/'"), "{message}");
+
+        for bad in ["/a~2", "/a~", "/~/b"] {
+            let message = rule(&[bad], None).validate().unwrap_err();
+            assert!(message.contains("'~' must be followed by '0'"), "{message}");
+        }
+
+        let message = rule(&["/a"], Some("key")).validate().unwrap_err();
+        assert!(
+            message.starts_with("unique_key_pointer \"key\":"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn empty_rule_costs_nothing_and_reads_no_body() {
+        let nothing = rule(&[], Some("/key"));
+        assert_eq!(
+            count_points(b"\xff not json", &nothing),
+            Ok(Points::default())
+        );
+    }
+
+    #[test]
+    fn counts_the_elements_of_the_named_array() {
+        assert_eq!(
+            count(r#"{"locations":[1,2,3]}"#, &["/locations"], None),
+            points(3, 3)
+        );
+        assert_eq!(
+            count(r#"{"locations":[]}"#, &["/locations"], None),
+            points(0, 0)
+        );
+        assert_eq!(count("[[],{},null]", &[""], None), points(3, 3));
+    }
+
+    #[test]
+    fn follows_nested_pointers_and_array_indices() {
+        let body = r#"{"tasks":[{"orders":[1,2]},{"orders":[3,4,5]}],"x":{"y":{"z":[9]}}}"#;
+        assert_eq!(count(body, &["/tasks/0/orders"], None), points(2, 2));
+        assert_eq!(count(body, &["/tasks/1/orders"], None), points(3, 3));
+        assert_eq!(count(body, &["/tasks/2/orders"], None), points(0, 0));
+        assert_eq!(count(body, &["/x/y/z"], None), points(1, 1));
+        assert_eq!(count(body, &["/tasks"], None), points(2, 2));
+        assert_eq!(
+            count(
+                body,
+                &["/tasks/0/orders", "/tasks/1/orders", "/x/y/z"],
+                None
+            ),
+            points(6, 6)
+        );
+    }
+
+    #[test]
+    fn array_index_tokens_follow_rfc_6901() {
+        let body =
+            r#"{"a":[[1],[2,2],[3,3,3],[4,4,4,4],[5,5,5,5,5],[6],[7],[8],[9],[10],[11,11]]}"#;
+        assert_eq!(count(body, &["/a/10"], None), points(2, 1));
+        assert_eq!(count(body, &["/a/01"], None), points(0, 0));
+        assert_eq!(count(body, &["/a/-"], None), points(0, 0));
+        assert_eq!(count(body, &["/a/+1"], None), points(0, 0));
+        assert_eq!(
+            count(body, &["/a/99999999999999999999999"], None),
+            points(0, 0)
+        );
+        // In an object the same token is just a member name.
+        assert_eq!(
+            count(r#"{"a":{"01":[1],"-":[1,2]}}"#, &["/a/01", "/a/-"], None),
+            points(3, 2)
+        );
+    }
+
+    #[test]
+    fn pointer_escapes_and_member_name_escapes_are_decoded() {
+        let body = r#"{"a/b":[1],"m~n":[1,2],"~1":[1,2,3],"lo\u0063ations":[1,2,3,4],"x\/y":[5]}"#;
+        assert_eq!(count(body, &["/a~1b"], None), points(1, 1));
+        assert_eq!(count(body, &["/m~0n"], None), points(2, 2));
+        assert_eq!(count(body, &["/~01"], None), points(3, 3));
+        assert_eq!(count(body, &["/locations"], None), points(4, 4));
+        assert_eq!(count(body, &["/x~1y"], None), points(1, 1));
+        let unicode = r#"{"\u00e9\ud83d\ude00":[1,2],"é😀t":[3]}"#;
+        assert_eq!(count(unicode, &["/é😀"], None), points(2, 2));
+        assert_eq!(count(unicode, &["/é😀t"], None), points(1, 1));
+    }
+
+    #[test]
+    fn missing_members_count_zero() {
+        let body = r#"{"locations":[1,2],"other":{"x":[1]}}"#;
+        assert_eq!(count(body, &["/missing"], None), points(0, 0));
+        assert_eq!(count(body, &["/other/y", "/locations"], None), points(2, 2));
+        assert_eq!(count(body, &["/locations/0/deeper"], None), points(0, 0));
+    }
+
+    #[test]
+    fn non_array_targets_count_zero() {
+        let body = r#"{"o":{"a":[1]},"s":"[1,2]","n":12,"t":true,"z":null,"a":[1]}"#;
+        for pointer in ["/o", "/s", "/n", "/t", "/z"] {
+            assert_eq!(count(body, &[pointer], None), points(0, 0), "{pointer}");
+        }
+        assert_eq!(count(r#""text""#, &[""], None), points(0, 0));
+    }
+
+    #[test]
+    fn invalid_pointers_resolve_nowhere_but_the_body_is_still_checked() {
+        assert_eq!(count(r#"{"a":[1]}"#, &["a"], None), points(0, 0));
+        assert_eq!(error(b"{\"a\":[1]").reason, UNEXPECTED_END);
+        let bad_key = rule(&["/a"], Some("k"));
+        let body = br#"{"a":[{"k":1},{"k":1}]}"#;
+        assert_eq!(count_points(body, &bad_key), Ok(points(2, 1)));
+    }
+
+    #[test]
+    fn same_array_named_twice_counts_twice_but_is_unique_once() {
+        assert_eq!(count(r#"{"a":[1,2]}"#, &["/a", "/a"], None), points(4, 2));
+    }
+
+    #[test]
+    fn unique_by_key() {
+        let body = r#"{"locations":[{"key":"a","x":1},{"key":"b","x":2},{"x":3,"key":"a"}]}"#;
+        assert_eq!(count(body, &["/locations"], Some("/key")), points(3, 2));
+        assert_eq!(count(body, &["/locations"], None), points(3, 3));
+    }
+
+    #[test]
+    fn unique_by_nested_and_composite_keys() {
+        let body = r#"{"a":[{"id":{"n":1,"m":[1,2]}},{"id":{"n":1, "m":[1,2]}},{"id":{"m":[1,2],"n":1}}]}"#;
+        // Whitespace is ignored; member order is not normalised.
+        assert_eq!(count(body, &["/a"], Some("/id")), points(3, 2));
+        let nested = r#"{"a":[{"p":{"q":[5,6]}},{"p":{"q":[7,6]}},{"p":{"q":[9,8]}}]}"#;
+        assert_eq!(count(nested, &["/a"], Some("/p/q/1")), points(3, 2));
+    }
+
+    #[test]
+    fn element_without_key_is_compared_whole_and_apart_from_keys() {
+        let body = r#"{"a":[{"k":"x"},"x","\"x\"",{"j":1},{"j":1},{"j":2},{"k":"x","j":3}]}"#;
+        // Keyed: "x" (twice). Whole: "x", "\"x\"", {"j":1} (twice), {"j":2}.
+        assert_eq!(count(body, &["/a"], Some("/k")), points(7, 5));
+    }
+
+    #[test]
+    fn empty_key_pointer_is_the_whole_element() {
+        let body = r#"{"a":[1,2,1,{"k":1},{"k":1}]}"#;
+        assert_eq!(count(body, &["/a"], Some("")), points(5, 3));
+    }
+
+    #[test]
+    fn unique_by_whole_element() {
+        let body = r#"{"a":[{"x":1},{"x":1},{"x":2},[1],[1],"s","s",1,1.0,"a","\u0061"]}"#;
+        assert_eq!(count(body, &["/a"], None), points(11, 8));
+    }
+
+    #[test]
+    fn whitespace_outside_strings_does_not_make_elements_distinct() {
+        let body = "{\"a\":[{\"x\":[1,2]},\n  { \"x\" : [ 1 , 2 ] },{\"x\":[1, 2],\"s\":\"a b\"},{\"x\":[1,2],\"s\":\"a  b\"}]}";
+        assert_eq!(count(body, &["/a"], None), points(4, 3));
+    }
+
+    #[test]
+    fn unique_counts_across_all_named_arrays() {
+        let body = r#"{"a":[{"k":1},{"k":2}],"b":{"c":[{"k":2},{"k":3}]}}"#;
+        assert_eq!(count(body, &["/a", "/b/c"], Some("/k")), points(4, 3));
+    }
+
+    #[test]
+    fn nested_counted_arrays_are_both_counted() {
+        let body = r#"{"a":[[1,2],[3],[1,2]]}"#;
+        // Elements of /a: [1,2], [3], [1,2]; of /a/0: 1, 2.
+        assert_eq!(count(body, &["/a", "/a/0"], None), points(5, 4));
+        assert_eq!(count(body, &["/a", "/a/0"], Some("/0")), points(5, 4));
+    }
+
+    #[test]
+    fn repeated_member_names_on_a_pointer_path_are_rejected() {
+        let repeated = error(br#"{"a":[1],"a":[2,3]}"#);
+        assert_eq!(repeated, invalid(9, DUPLICATE_MEMBER));
+        let repeated_key = error(br#"{"a":[{"k":1,"k":2}]}"#);
+        assert_eq!(repeated_key, invalid(13, DUPLICATE_MEMBER));
+        let escaped_repeat = error(br#"{"a":[],"\u0061":[]}"#);
+        assert_eq!(escaped_repeat.reason, DUPLICATE_MEMBER);
+        // Off the pointer paths, repeats are left to the upstream.
+        assert_eq!(
+            count(r#"{"b":1,"b":2,"a":[{"j":1,"j":2}]}"#, &["/a"], Some("/k")),
+            points(1, 1)
+        );
+    }
+
+    fn nested_arrays(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_accepted() {
+        let deepest = nested_arrays(MAX_NESTING_DEPTH);
+        assert_eq!(count(&deepest, &[""], None), points(1, 1));
+        assert_eq!(count(&deepest, &["/0/0/0"], None), points(1, 1));
+        let body = format!(
+            r#"{{"a":[1],"b":{}}}"#,
+            nested_arrays(MAX_NESTING_DEPTH - 1)
+        );
+        assert_eq!(count(&body, &["/a"], None), points(1, 1));
+    }
+
+    #[test]
+    fn nesting_beyond_the_limit_is_rejected_when_skipped_or_followed() {
+        assert!(TOO_DEEP.contains(&MAX_NESTING_DEPTH.to_string()));
+        let too_deep = nested_arrays(MAX_NESTING_DEPTH + 1);
+        for pointers in [&["/x"][..], &[""], &["/0/0/0"]] {
+            let result = count_points(too_deep.as_bytes(), &rule(pointers, None));
+            assert_eq!(
+                result,
+                Err(invalid(MAX_NESTING_DEPTH, TOO_DEEP)),
+                "{pointers:?}"
+            );
+        }
+        let objects = format!(
+            "{}1{}",
+            r#"{"a":"#.repeat(MAX_NESTING_DEPTH + 1),
+            "}".repeat(MAX_NESTING_DEPTH + 1)
+        );
+        let result = count_points(objects.as_bytes(), &rule(&["/a/a"], None));
+        assert_eq!(result.map_err(|e| e.reason), Err(TOO_DEEP));
+        // Far beyond the limit, skipped or followed, the error comes back instead of the stack
+        // running out.
+        let huge = nested_arrays(1_000_000);
+        let followed = "/0".repeat(1_000);
+        for pointers in [&["/a"][..], &[followed.as_str()]] {
+            let result = count_points(huge.as_bytes(), &rule(pointers, None));
+            assert_eq!(result, Err(invalid(MAX_NESTING_DEPTH, TOO_DEEP)));
+        }
+    }
+
+    #[test]
+    fn invalid_json_says_where_and_why() {
+        let cases: &[(&[u8], usize, &str)] = &[
+            (b"", 0, UNEXPECTED_END),
+            (b"  \n", 3, UNEXPECTED_END),
+            (b"{\"a\":[1,2]", 10, UNEXPECTED_END),
+            (b"{\"a\":[1,2]} x", 12, TRAILING_CHARACTERS),
+            (b"{\"a\":[1,2]}{}", 11, TRAILING_CHARACTERS),
+            (b"{\"a\":[1,2,]}", 10, EXPECTED_VALUE),
+            (b"{\"a\":[1 2]}", 8, EXPECTED_ARRAY_NEXT),
+            (b"{\"a\":[1],}", 9, EXPECTED_MEMBER_NAME),
+            (b"{\"a\" [1]}", 5, EXPECTED_COLON),
+            (b"{a:[1]}", 1, EXPECTED_MEMBER_NAME),
+            (b"{\"a\":[1] \"b\":2}", 9, EXPECTED_OBJECT_NEXT),
+            (b"{\"a\":[01]}", 6, LEADING_ZERO),
+            (b"{\"a\":[-01]}", 7, LEADING_ZERO),
+            (b"{\"a\":[1.]}", 8, DIGIT_AFTER_POINT),
+            (b"{\"a\":[.5]}", 6, EXPECTED_VALUE),
+            (b"{\"a\":[-]}", 7, DIGIT_AFTER_MINUS),
+            (b"{\"a\":[1e]}", 8, DIGIT_IN_EXPONENT),
+            (b"{\"a\":[1e+]}", 9, DIGIT_IN_EXPONENT),
+            (b"{\"a\":[+1]}", 6, EXPECTED_VALUE),
+            (b"{\"a\":[tru]}", 6, BAD_LITERAL),
+            (b"{\"a\":[nul", 6, BAD_LITERAL),
+            (b"{\"a\":[\"\\x\"]}", 7, BAD_ESCAPE),
+            (b"{\"a\":[\"\\u12G4\"]}", 9, BAD_UNICODE_ESCAPE),
+            (b"{\"a\":[\"\\u12", 11, UNEXPECTED_END),
+            (b"{\"a\":[\"\\ud800\"]}", 7, LONE_SURROGATE),
+            (b"{\"a\":[\"\\ud800\\u0041\"]}", 7, LONE_SURROGATE),
+            (b"{\"a\":[\"\\udc00\"]}", 7, LONE_SURROGATE),
+            (b"{\"a\":[\"tab\there\"]}", 10, CONTROL_IN_STRING),
+            (b"{\"a\":[\"\xff\"]}", 7, BAD_UTF8),
+            (b"{\"a\":[\"\xc0\x80\"]}", 7, BAD_UTF8),
+            (b"{\"a\":[\"\xed\xa0\x80\"]}", 8, BAD_UTF8),
+            (b"{\"a\":[\"\xf4\x90\x80\x80\"]}", 8, BAD_UTF8),
+            (b"{\"a\":[\"\xe2\x82\"]}", 9, BAD_UTF8),
+            (b"{\"a\":[\"unterminated", 19, UNEXPECTED_END),
+            (b"{\"a\":[1],\"b\":\"\xfe\"}", 14, BAD_UTF8),
+            (b"\xef\xbb\xbf{\"a\":[]}", 0, EXPECTED_VALUE),
+        ];
+        for &(body, offset, reason) in cases {
+            assert_eq!(
+                error(body),
+                invalid(offset, reason),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn long_strings_are_validated_in_every_position() {
+        // The word-at-a-time scan must stop at a bad byte wherever it falls in a word.
+        for prefix_length in 0..24 {
+            let prefix = "x".repeat(prefix_length);
+            let bad_at = 7 + prefix_length;
+            for (bad, reason) in [(&b"\x01"[..], CONTROL_IN_STRING), (b"\x80", BAD_UTF8)] {
+                let mut body = format!("{{\"a\":[\"{prefix}").into_bytes();
+                body.extend_from_slice(bad);
+                body.extend_from_slice(b"yyyyyyyyyy\"]}");
+                assert_eq!(error(&body), invalid(bad_at, reason), "{prefix_length}");
+            }
+            let body = format!("{{\"a\":[\"{prefix}\\\"é😀\\\\\",\"{prefix}\"]}}");
+            assert_eq!(count(&body, &["/a"], None), points(2, 2));
+        }
+    }
+
+    #[test]
+    fn errors_after_the_counted_arrays_are_still_reported() {
+        assert_eq!(error(br#"{"a":[1],"b":[1,}"#).reason, EXPECTED_VALUE);
+    }
+
+    #[test]
+    fn display_says_where_and_why() {
+        assert_eq!(
+            invalid(12, LEADING_ZERO).to_string(),
+            "invalid JSON at byte 12: number has a leading zero"
+        );
+    }
+
+    fn member_name() -> impl Strategy<Value = String> {
+        prop_oneof!["[ab]{0,2}", "[ab~/\"\\\\é😀\u{0}\n]{0,3}",]
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-2i64..3).prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[ab~\"\\\\é😀\u{1}\u{7f}]{0,3}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(member_name(), inner, 0..5)
+                    .prop_map(|members| Value::Object(members.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn escape_token(token: &str) -> String {
+        token.replace('~', "~0").replace('/', "~1")
+    }
+
+    /// Every pointer into `value`, each prefixed with `prefix`.
+    fn pointers_into(value: &Value, prefix: &str, found: &mut Vec<String>) {
+        found.push(prefix.to_string());
+        match value {
+            Value::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    pointers_into(item, &format!("{prefix}/{index}"), found);
+                }
+            }
+            Value::Object(members) => {
+                for (name, member) in members {
+                    pointers_into(member, &format!("{prefix}/{}", escape_token(name)), found);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Pointers a rule could use on `doc`: into it, into its array elements (candidate keys),
+    /// and a few that resolve nowhere.
+    fn candidate_pointers(doc: &Value) -> (Vec<String>, Vec<String>) {
+        let mut arrays = Vec::new();
+        pointers_into(doc, "", &mut arrays);
+        arrays.push("/missing".to_string());
+        let mut keys = vec!["/missing".to_string()];
+        for pointer in &arrays {
+            if let Some(Value::Array(items)) = doc.pointer(pointer) {
+                for item in items {
+                    pointers_into(item, "", &mut keys);
+                }
+            }
+        }
+        (arrays, keys)
+    }
+
+    fn reference(doc: &Value, rule: &PointsRule) -> Points {
+        let mut points = 0;
+        let mut keyed = HashSet::new();
+        let mut unkeyed = HashSet::new();
+        for pointer in &rule.array_pointers {
+            let Some(Value::Array(items)) = doc.pointer(pointer) else {
+                continue;
+            };
+            points += items.len() as u64;
+            for item in items {
+                match rule
+                    .unique_key_pointer
+                    .as_deref()
+                    .and_then(|key| item.pointer(key))
+                {
+                    Some(key) => keyed.insert(key.to_string()),
+                    None => unkeyed.insert(item.to_string()),
+                };
+            }
+        }
+        Points {
+            points,
+            unique_points: (keyed.len() + unkeyed.len()) as u64,
+        }
+    }
+
+    fn document_and_rule() -> impl Strategy<Value = (Value, PointsRule, bool)> {
+        json_value().prop_flat_map(|doc| {
+            let (arrays, keys) = candidate_pointers(&doc);
+            let array_pointers = prop::collection::vec(prop::sample::select(arrays), 1..4);
+            let key = prop::option::of(prop::sample::select(keys));
+            (Just(doc), array_pointers, key, any::<bool>()).prop_map(
+                |(doc, array_pointers, unique_key_pointer, pretty)| {
+                    let rule = PointsRule {
+                        array_pointers,
+                        unique_key_pointer,
+                    };
+                    (doc, rule, pretty)
+                },
+            )
+        })
+    }
+
+    fn serialise(doc: &Value, pretty: bool) -> Vec<u8> {
+        let serialised = if pretty {
+            serde_json::to_vec_pretty(doc)
+        } else {
+            serde_json::to_vec(doc)
+        };
+        serialised.expect("a serde_json::Value always serialises")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn agrees_with_a_document_tree((doc, rule, pretty) in document_and_rule()) {
+            prop_assert_eq!(rule.validate(), Ok(()));
+            let body = serialise(&doc, pretty);
+            prop_assert_eq!(count_points(&body, &rule), Ok(reference(&doc, &rule)));
+        }
+
+        #[test]
+        fn mutated_bodies_never_panic_and_are_judged_like_serde_json(
+            (doc, rule, pretty) in document_and_rule(),
+            mutations in prop::collection::vec(
+                (any::<prop::sample::Index>(), 0..3u8, prop_oneof![
+                    prop::sample::select(b"{}[],:\"\\0123456789.eE+-tfnu \n\x01\x7f\x80\xc3\xed\xff".to_vec()),
+                    any::<u8>(),
+                ]),
+                1..4,
+            ),
+        ) {
+            let mut body = serialise(&doc, pretty);
+            for (at, operation, byte) in mutations {
+                match operation {
+                    0 if !body.is_empty() => {
+                        let index = at.index(body.len());
+                        body[index] = byte;
+                    }
+                    1 => body.insert(at.index(body.len() + 1), byte),
+                    _ if !body.is_empty() => {
+                        body.remove(at.index(body.len()));
+                    }
+                    _ => {}
+                }
+            }
+            let ours = count_points(&body, &rule);
+            let theirs = serde_json::from_slice::<Value>(&body);
+            match (&ours, &theirs) {
+                (Err(error), _) if error.reason == DUPLICATE_MEMBER => {}
+                (Ok(_), Err(error)) if error.to_string().contains("number out of range") => {}
+                (Ok(counted), Ok(parsed)) => {
+                    prop_assert_eq!(counted.points, reference(parsed, &rule).points);
+                }
+                (Err(error), Ok(_)) => prop_assert!(false, "rejected valid JSON: {}", error),
+                (Ok(_), Err(error)) => prop_assert!(false, "accepted invalid JSON: {}", error),
+                (Err(_), Err(_)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Wiring: opens the store, builds the shared state, and runs the pingora server with its
+//! services (the proxy, the metrics listener, the optional demo upstream, and the background
+//! upkeep: lease reaping and retention). SIGTERM drains calls in flight, then the store
+//! writer is flushed and the process exits 0.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::http_app::{HttpServer, ServeHttp};
+use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service as ListeningService;
+
+use crate::app::App;
+use crate::auth::{self, Authority, Keys};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::Tollgate;
+use crate::quota::ledger::Ledger;
+use crate::quota::Quotas;
+use crate::store::writer::StoreWriter;
+use crate::store::Store;
+use crate::trace::ProcessRegistry;
+
+/// Builds the shared state from a validated config (opens the store, seeds users).
+pub fn build_app(config: Config) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
+    let config = Arc::new(config);
+    let store = Store::open(&config.store.path).map_err(|e| format!("{}: {e}", config.store.path.display()))?;
+    let secret = auth::load_secret(&config.auth)?;
+    let previous: Vec<Vec<u8>> = config.auth.previous_secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+    auth::seed_users(&store, &config.users)?;
+    let authority = Authority::new(Keys::new(&secret, &previous), store.clone(), &config.auth)?;
+    let (writer, writer_thread) = StoreWriter::start(
+        store.clone(),
+        config.store.flush_interval,
+        config.store.queue_capacity,
+        config.store.durability == crate::config::Durability::Strict,
+    );
+    let app = Arc::new(App {
+        quotas: Quotas::from_config(&config),
+        ledger: Arc::new(Ledger::new(config.store.lease_ttl)),
+        processes: ProcessRegistry::default(),
+        metrics: Metrics::new(&config.routes),
+        authority,
+        store,
+        writer,
+        config,
+        started: Instant::now(),
+    });
+    let restored = app.restore_ledger()?;
+    tracing::info!(restored, "ledger restored from the store");
+    Ok((app, writer_thread))
+}
+
+/// Serves `/metrics` in the Prometheus text format.
+struct MetricsApp(Arc<App>);
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let app = &self.0;
+        if session.req_header().uri.path() != "/metrics" {
+            return http::Response::builder().status(404).body(b"see /metrics\n".to_vec()).expect("static response");
+        }
+        app.metrics.store_queue.set(app.writer.queued() as i64);
+        let body = app.metrics.render();
+        http::Response::builder()
+            .status(200)
+            .header("content-type", prometheus::TEXT_FORMAT)
+            .header("content-length", body.len())
+            .body(body)
+            .expect("static response")
+    }
+}
+
+/// Reaps leases whose release was lost, drops expired day partitions, samples store size.
+struct Upkeep(Arc<App>);
+
+#[async_trait]
+impl BackgroundService for Upkeep {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let app = &self.0;
+        let mut reap = tokio::time::interval(Duration::from_secs(1));
+        let mut retention = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = reap.tick() => {
+                    let reaped = app.ledger.reap_expired(Instant::now());
+                    // Committed points reach the store with each call's record (statistics),
+                    // so the ledger's own change list is only drained here, not persisted.
+                    drop(app.ledger.take_dirty());
+                    if reaped > 0 {
+                        tracing::warn!(reaped, "leases expired without settlement; their slots are free again");
+                    }
+                }
+                _ = retention.tick() => {
+                    let app = app.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let today = Store::now_day();
+                        let s = &app.config.store;
+                        match app.store.drop_days_before(today - s.payload_retention_days as i32, today - s.audit_retention_days as i32) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(dropped = n, "retention removed day partitions"),
+                            Err(e) => tracing::error!(error = %e, "retention failed"),
+                        }
+                        app.metrics.store_bytes.set(app.store.disk_bytes() as i64);
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs Tollgate until SIGTERM (graceful) or SIGINT.
+pub fn serve(config: Config) -> Result<(), String> {
+    // Bind failures must stop the start with a clear message, not leave a silent process.
+    for (what, addr) in [("server.listen", Some(config.server.listen)), ("metrics.listen", config.metrics_listen), ("demo_upstream.listen", config.demo_upstream.as_ref().map(|d| d.listen))] {
+        if let Some(addr) = addr {
+            std::net::TcpListener::bind(addr).map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))?;
+        }
+    }
+    let server_cfg = config.server.clone();
+    let (app, writer_thread) = build_app(config)?;
+    let conf = ServerConf {
+        threads: server_cfg.threads,
+        grace_period_seconds: Some(server_cfg.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(server_cfg.shutdown_timeout_seconds),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&conf, Tollgate::new(app.clone()), "tollgate");
+    proxy.add_tcp(&server_cfg.listen.to_string());
+    proxy.threads = Some(server_cfg.threads);
+    server.add_service(proxy);
+
+    if let Some(addr) = app.config.metrics_listen {
+        let mut metrics = ListeningService::new("metrics".into(), HttpServer::new_app(MetricsApp(app.clone())));
+        metrics.add_tcp(&addr.to_string());
+        metrics.threads = Some(1);
+        server.add_service(metrics);
+    }
+    if let Some(demo) = &app.config.demo_upstream {
+        server.add_service(crate::demo::demo_service(
+            &demo.listen.to_string(),
+            crate::demo::DemoConfig { compute_time: demo.compute_time },
+            1,
+        ));
+    }
+    server.add_service(background_service("upkeep", Upkeep(app.clone())));
+    tracing::info!(listen = %server_cfg.listen, server = %server_cfg.name, "tollgate serving");
+    server.run(RunArgs::default());
+
+    // Calls have drained; write what the writer still holds before exiting.
+    if let Err(e) = app.writer.flush_blocking() {
+        tracing::error!(error = %e, "final store flush failed");
+    }
+    let _ = app.store.sync();
+    drop(app);
+    drop(writer_thread);
+    tracing::info!("tollgate stopped");
+    Ok(())
+}

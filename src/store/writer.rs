@@ -1,0 +1,189 @@
+//! The background writer: the only path by which the request path writes to the store. Calls
+//! hand it their records through a bounded queue and go on; it writes them in batches (one
+//! atomic write batch per flush interval) on its own thread, so a store stall never stalls a
+//! proxied call. A full queue is reported to the caller (`Full`), who answers 503 rather than
+//! dropping audit silently.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use fjall::PersistMode;
+use uuid::Uuid;
+
+use super::*;
+
+/// Everything one finished exchange leaves behind.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub audit: AuditRecord,
+    /// The process this exchange belongs to, with `exchanges` counting this one.
+    pub process: ProcessRecord,
+    pub stage: u8,
+    pub input: Option<Payload>,
+    pub output: Option<Payload>,
+    /// Day (in the user's timezone) the points are counted on, when the call was charged.
+    pub charged_day: Option<Day>,
+}
+
+enum Op {
+    Call(Box<CallRecord>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The queue is full: the disk is not keeping up.
+#[derive(Debug)]
+pub struct Full(pub Box<CallRecord>);
+
+#[derive(Clone)]
+pub struct StoreWriter {
+    tx: Sender<Op>,
+}
+
+const MAX_BATCH_OPS: usize = 4096;
+
+impl StoreWriter {
+    /// Starts the writer thread; it stops when every `StoreWriter` clone is dropped, after
+    /// writing what it holds.
+    pub fn start(store: Arc<Store>, flush_interval: Duration, capacity: usize, strict: bool) -> (StoreWriter, std::thread::JoinHandle<()>) {
+        let (tx, rx) = bounded(capacity);
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(store, rx, flush_interval, strict))
+            .expect("spawning the store writer thread");
+        (StoreWriter { tx }, handle)
+    }
+
+    /// Hands a record to the writer without waiting.
+    pub fn try_record(&self, record: CallRecord) -> std::result::Result<(), Full> {
+        match self.tx.try_send(Op::Call(Box::new(record))) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(Op::Call(r))) | Err(TrySendError::Disconnected(Op::Call(r))) => Err(Full(r)),
+            Err(_) => unreachable!("only calls are sent here"),
+        }
+    }
+
+    /// Hands a record over, waiting for room (off the async workers).
+    pub fn record_blocking(&self, record: Box<CallRecord>) -> Result<()> {
+        self.tx.send(Op::Call(record)).map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Whether a new call could be recorded now (admission refuses calls when it could not).
+    pub fn has_room(&self) -> bool {
+        self.tx.capacity().is_none_or(|cap| self.tx.len() + 64 < cap)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Waits until everything handed over before this call is written (read-your-writes for
+    /// the account API).
+    pub async fn flush(&self) -> Result<()> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(Op::Flush(ack)))
+            .await
+            .map_err(|_| StoreError::WriterGone)?
+            .map_err(|_| StoreError::WriterGone)?;
+        done.await.map_err(|_| StoreError::WriterGone)
+    }
+}
+
+impl StoreWriter {
+    /// As [`StoreWriter::flush`], from a thread outside any runtime (shutdown).
+    pub fn flush_blocking(&self) -> Result<()> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.tx.send(Op::Flush(ack)).map_err(|_| StoreError::WriterGone)?;
+        done.blocking_recv().map_err(|_| StoreError::WriterGone)
+    }
+}
+
+fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bool) {
+    let mut calls: Vec<Box<CallRecord>> = Vec::new();
+    let mut acks = Vec::new();
+    let mut deadline = Instant::now() + flush_interval;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let disconnected = match rx.recv_timeout(wait) {
+            Ok(Op::Call(c)) => {
+                calls.push(c);
+                false
+            }
+            Ok(Op::Flush(ack)) => {
+                acks.push(ack);
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        let due = Instant::now() >= deadline || !acks.is_empty() || calls.len() >= MAX_BATCH_OPS;
+        if due || disconnected {
+            // Take what is already queued too, so a flush covers everything sent before it.
+            while calls.len() < MAX_BATCH_OPS {
+                match rx.try_recv() {
+                    Ok(Op::Call(c)) => calls.push(c),
+                    Ok(Op::Flush(ack)) => acks.push(ack),
+                    Err(_) => break,
+                }
+            }
+            if !calls.is_empty() {
+                if let Err(e) = write_batch(&store, &calls, strict) {
+                    tracing::error!(error = %e, records = calls.len(), "store batch failed; retrying next interval");
+                    std::thread::sleep(flush_interval);
+                    continue;
+                }
+                calls.clear();
+            }
+            for ack in acks.drain(..) {
+                let _ = ack.send(());
+            }
+            deadline = Instant::now() + flush_interval;
+        }
+        if disconnected && calls.is_empty() {
+            let _ = store.sync();
+            return;
+        }
+    }
+}
+
+fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result<()> {
+    let mut batch = store.db.batch();
+    let mut stats: HashMap<Vec<u8>, DayCounts> = HashMap::new();
+    let mut new_processes: HashMap<Uuid, Day> = HashMap::new();
+    for call in calls {
+        let a = &call.audit;
+        let audit = store.day_keyspace("audit", day_of_ms(a.time_ms))?;
+        batch.insert(&audit, record_key(a.time_ms, &a.code), encode(a));
+        batch.insert(&audit, index_key(b'u', &a.username, a.time_ms, &a.code), b"".as_slice());
+        batch.insert(&audit, index_key(b'c', &a.company_key, a.time_ms, &a.code), b"".as_slice());
+
+        let payloads = store.day_keyspace("payload", call.process.day)?;
+        if call.process.exchanges <= 1 {
+            new_processes.insert(a.code, call.process.day);
+        }
+        batch.insert(&payloads, process_key(&a.code), encode(&call.process));
+        for (flow, payload) in [(Flow::Input, &call.input), (Flow::Output, &call.output)] {
+            if let Some(p) = payload {
+                batch.insert(&payloads, payload_key(&a.code, flow, call.stage), encode_payload(p));
+            }
+        }
+        if let Some(day) = call.charged_day {
+            let entry = stats.entry(stats_key(&a.username, day, a.service, a.method_group)).or_default();
+            entry.points += a.points;
+            entry.unique_points += a.unique_points;
+        }
+    }
+    for (code, day) in new_processes {
+        batch.insert(&store.processes, code.as_bytes().as_slice(), day_key(day).as_slice());
+    }
+    for (key, add) in stats {
+        let current = store.stats.get(&key)?.map(|v| counts_from(&v)).unwrap_or_default();
+        let total = DayCounts { points: current.points + add.points, unique_points: current.unique_points + add.unique_points };
+        batch.insert(&store.stats, key, counts_value(total).as_slice());
+    }
+    batch.commit()?;
+    store.db.persist(if strict { PersistMode::SyncAll } else { PersistMode::Buffer })?;
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! Tracing a call through Tollgate: the tracecode every call carries, the tracedata block every
+//! answer and audit record quotes, and the stage an exchange occupies within a process.
+//! Capturing bodies happens in `proxy`; storing them is `store`'s.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::model::ServiceName;
+
+/// Stages a process keeps: 0, 1, 2, and 3 for the latest exchange from the fourth on.
+pub const MAX_STAGE: u8 = 3;
+
+/// The stage the `exchange_index`-th exchange (0-based) of a process is stored under: later
+/// exchanges overwrite stage 3, so stage 3 always holds the latest (a polled final result).
+pub fn stage_of(exchange_index: u32) -> u8 {
+    exchange_index.min(MAX_STAGE as u32) as u8
+}
+
+/// A fresh tracecode for a new process.
+pub fn new_tracecode() -> Uuid {
+    Uuid::new_v4()
+}
+
+/// `company_|_username`, or the fallback when no user is known.
+pub fn client_label(company_key: &str, username: &str) -> String {
+    format!("{company_key}_|_{username}")
+}
+
+/// The caller's label before anyone is authenticated.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// The block every error body and audit action carries, so a user can quote one code.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tracedata {
+    pub code: Uuid,
+    pub client: String,
+    pub server: Arc<str>,
+    pub service: ServiceName,
+    pub operation: Arc<str>,
+    #[serde(serialize_with = "serialize_time")]
+    pub time: DateTime<FixedOffset>,
+}
+
+fn serialize_time<S: Serializer>(t: &DateTime<FixedOffset>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(t))
+}
+
+/// RFC 3339 with the offset spelled `+03:00` and whole seconds, as the API's examples show.
+pub fn format_time(t: &DateTime<FixedOffset>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, false)
+}
+
+/// A UTC instant seen from a user's timezone (hours east of UTC, -12..12).
+pub fn in_timezone(t: DateTime<Utc>, utc_offset_hours: i32) -> DateTime<FixedOffset> {
+    let offset = FixedOffset::east_opt(utc_offset_hours.clamp(-12, 12) * 3600)
+        .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset is valid"));
+    t.with_timezone(&offset)
+}
+
+/// Who owns a process and how many exchanges it has had. The store holds the durable copy;
+/// this is the working set, so a follow-up that arrives before the next store flush still
+/// finds its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEntry {
+    pub owner: Arc<str>,
+    pub company_key: Arc<str>,
+    /// UTC day of the first exchange.
+    pub day: i32,
+    pub exchanges: u32,
+    last_used: std::time::Instant,
+}
+
+const SHARDS: usize = 32;
+const SHARD_SOFT_CAP: usize = 4096;
+const IDLE_EVICT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The in-memory map of recent processes, sharded so that calls do not queue on one lock.
+pub struct ProcessRegistry {
+    shards: Vec<parking_lot::Mutex<std::collections::HashMap<Uuid, ProcessEntry>>>,
+}
+
+impl Default for ProcessRegistry {
+    fn default() -> Self {
+        ProcessRegistry { shards: (0..SHARDS).map(|_| Default::default()).collect() }
+    }
+}
+
+/// The owner check of a follow-up failed: the process is unknown or someone else's.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotYours;
+
+impl ProcessRegistry {
+    fn shard(&self, code: &Uuid) -> &parking_lot::Mutex<std::collections::HashMap<Uuid, ProcessEntry>> {
+        &self.shards[code.as_bytes()[15] as usize % SHARDS]
+    }
+
+    /// Registers the first exchange of a new process; returns its entry (exchanges = 1).
+    pub fn start(&self, code: Uuid, owner: &str, company_key: &str, day: i32) -> ProcessEntry {
+        let entry = ProcessEntry {
+            owner: owner.into(),
+            company_key: company_key.into(),
+            day,
+            exchanges: 1,
+            last_used: std::time::Instant::now(),
+        };
+        let mut shard = self.shard(&code).lock();
+        if shard.len() >= SHARD_SOFT_CAP {
+            let now = std::time::Instant::now();
+            shard.retain(|_, e| now.duration_since(e.last_used) < IDLE_EVICT);
+        }
+        shard.insert(code, entry.clone());
+        entry
+    }
+
+    /// Counts a follow-up exchange of an existing process by `caller` (or by anyone when
+    /// `admin`), loading the process with `load` when it is not in memory. Anyone else: NotYours.
+    pub fn follow_up(
+        &self,
+        code: Uuid,
+        caller: &str,
+        admin: bool,
+        load: impl FnOnce() -> Option<(String, String, i32, u32)>,
+    ) -> Result<ProcessEntry, NotYours> {
+        let mut shard = self.shard(&code).lock();
+        if !shard.contains_key(&code) {
+            let (owner, company_key, day, exchanges) = load().ok_or(NotYours)?;
+            shard.insert(code, ProcessEntry {
+                owner: owner.into(),
+                company_key: company_key.into(),
+                day,
+                exchanges,
+                last_used: std::time::Instant::now(),
+            });
+        }
+        let entry = shard.get_mut(&code).ok_or(NotYours)?;
+        if !admin && &*entry.owner != caller {
+            return Err(NotYours);
+        }
+        entry.exchanges += 1;
+        entry.last_used = std::time::Instant::now();
+        Ok(entry.clone())
+    }
+}
+
+/// What stands in stored captures where a redacted value was.
+pub const REDACTED: &str = "***";
+
+/// `body` with the values at `pointers` replaced by [`REDACTED`], for what is stored (never
+/// for what is forwarded). A body that is not JSON is stored as it is, since there is nothing
+/// to point into.
+pub fn redact(body: &bytes::Bytes, pointers: &[String]) -> bytes::Bytes {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else { return body.clone() };
+    let mut changed = false;
+    for pointer in pointers {
+        if let Some(v) = value.pointer_mut(pointer) {
+            *v = serde_json::Value::String(REDACTED.into());
+            changed = true;
+        }
+    }
+    if !changed {
+        return body.clone();
+    }
+    serde_json::to_vec(&value).map(bytes::Bytes::from).unwrap_or_else(|_| body.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_saturate_at_three() {
+        let stages: Vec<u8> = (0..6).map(stage_of).collect();
+        assert_eq!(stages, vec![0, 1, 2, 3, 3, 3]);
+    }
+
+    #[test]
+    fn time_has_offset_with_colon_and_whole_seconds() {
+        let t = DateTime::parse_from_rfc3339("2024-02-21T06:30:00.123Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(format_time(&in_timezone(t, 3)), "2024-02-21T09:30:00+03:00");
+        assert_eq!(format_time(&in_timezone(t, 0)), "2024-02-21T06:30:00+00:00");
+        assert_eq!(format_time(&in_timezone(t, -12)), "2024-02-20T18:30:00-12:00");
+    }
+
+    #[test]
+    fn follow_ups_count_exchanges_and_keep_strangers_out() {
+        let r = ProcessRegistry::default();
+        let code = Uuid::new_v4();
+        r.start(code, "alice", "acme", 100);
+        assert_eq!(r.follow_up(code, "bob", false, || None), Err(NotYours));
+        assert_eq!(r.follow_up(code, "alice", false, || None).unwrap().exchanges, 2);
+        assert_eq!(r.follow_up(code, "root", true, || None).unwrap().exchanges, 3);
+        let unknown = Uuid::new_v4();
+        assert_eq!(r.follow_up(unknown, "alice", false, || None), Err(NotYours));
+        let stored = r.follow_up(unknown, "alice", false, || Some(("alice".into(), "acme".into(), 99, 4)));
+        assert_eq!(stored.unwrap().exchanges, 5);
+    }
+
+    #[test]
+    fn redaction_replaces_only_the_named_values() {
+        let body = bytes::Bytes::from_static(br#"{"auth":{"key":"s3cret"},"locations":[1,2]}"#);
+        let out = redact(&body, &["/auth/key".into(), "/missing".into()]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["auth"]["key"], REDACTED);
+        assert_eq!(v["locations"], serde_json::json!([1, 2]));
+        assert_eq!(redact(&bytes::Bytes::from_static(b"not json"), &["/a".into()]), bytes::Bytes::from_static(b"not json"));
+    }
+}
