@@ -55,14 +55,14 @@ impl AccountResponse {
             status: 200,
             content_type: content_type.into(),
             headers: filename
-                .map(|f| vec![("content-disposition", format!("attachment; filename=\"{f}\""))])
+                .map(|f| vec![("Content-Disposition", format!("attachment; filename=\"{f}\""))])
                 .unwrap_or_default(),
             body,
         }
     }
 }
 
-/// A request in progress: who asked (once known) and which operation, for tracedata.
+/// A request in progress; operations are named as the official client names its methods: who asked (once known) and which operation, for tracedata.
 struct Call<'a> {
     app: &'a App,
     req: AccountRequest<'a>,
@@ -163,7 +163,7 @@ pub async fn handle(app: &App, req: AccountRequest<'_>) -> AccountResponse {
             let body = error.body(&call.tracedata());
             let mut headers = Vec::new();
             if let Some(s) = error.retry_after_seconds {
-                headers.push(("retry-after", s.to_string()));
+                headers.push(("Retry-After", s.to_string()));
             }
             AccountResponse { status: error.status, content_type: "application/json".into(), headers, body: Bytes::from(body) }
         }
@@ -176,55 +176,55 @@ async fn route(call: &mut Call<'_>, method: &http::Method, path: &str) -> Result
     let endpoint = |op: &'static str, call: &mut Call<'_>| call.operation = op;
     match (method, rest) {
         (&M::POST, "token/generation") => {
-            endpoint("token_generation", call);
+            endpoint("run_token_generation", call);
             identity::token_generation(call).await
         }
         (&M::POST, "token/validation") => {
-            endpoint("token_validation", call);
+            endpoint("run_token_validation", call);
             identity::token_validation(call)
         }
         (&M::POST, "password") => {
-            endpoint("password_change", call);
+            endpoint("change_password", call);
             identity::password_change(call).await
         }
         (&M::GET, "info") => {
-            endpoint("get_account_info", call);
+            endpoint("read_info", call);
             identity::info_get(call)
         }
         (&M::PUT, "info") => {
-            endpoint("update_account_info", call);
+            endpoint("update_info", call);
             identity::info_put(call)
         }
         (&M::GET, "quota") => {
-            endpoint("get_quota", call);
+            endpoint("read_quota", call);
             usage::quota(call)
         }
         (&M::GET, "statistics") => {
-            endpoint("get_statistics", call);
+            endpoint("generate_statistics", call);
             usage::statistics(call).await
         }
         (&M::GET, "report") => {
-            endpoint("get_report", call);
+            endpoint("read_report", call);
             usage::report(call).await
         }
         (&M::GET, "audit") => {
-            endpoint("get_audit", call);
+            endpoint("read_audit", call);
             usage::audit(call).await
         }
         (&M::GET, r) if r.starts_with("data/") => {
-            endpoint("get_data", call);
+            endpoint("read_data", call);
             usage::data(call, &r["data/".len()..]).await
         }
         (&M::GET, "system/version") => {
-            endpoint("get_version", call);
+            endpoint("version", call);
             Ok(system::version())
         }
         (&M::GET, "system/check") => {
-            endpoint("get_check", call);
+            endpoint("check", call);
             Ok(system::check(call.app).await)
         }
         (&M::GET, r) if r.starts_with("file/") => {
-            endpoint("get_file", call);
+            endpoint("file", call);
             system::file(call.app, &r["file/".len()..])
         }
         _ => {

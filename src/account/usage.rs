@@ -156,10 +156,20 @@ pub fn parse_time(value: &str, tz: FixedOffset) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// ISO 8601 duration with milliseconds, short enough for the API's 16 characters.
+/// ISO 8601 duration, to the microsecond where that fits the API's 16 characters.
 pub fn iso_duration(duration_us: u64) -> String {
-    let ms = duration_us / 1000;
-    format!("PT{}.{:03}S", ms / 1000, ms % 1000)
+    let seconds = duration_us / 1_000_000;
+    let fraction = format!("{:06}", duration_us % 1_000_000);
+    let mut fraction = fraction.trim_end_matches('0');
+    let room = 16usize.saturating_sub(format!("PT{seconds}.S").len());
+    if fraction.len() > room {
+        fraction = &fraction[..room.min(fraction.len())];
+    }
+    if fraction.is_empty() {
+        format!("PT{seconds}S")
+    } else {
+        format!("PT{seconds}.{fraction}S")
+    }
 }
 
 fn int_param(query: &[(String, String)], field: &str, default: u64, min: u64, max: u64) -> Result<u64, ApiError> {
@@ -322,7 +332,7 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
             }
         }
     };
-    response.headers.push(("x-capture-truncated", payload.truncated.to_string()));
+    response.headers.push(("X-Capture-Truncated", payload.truncated.to_string()));
     Ok(response)
 }
 
@@ -350,8 +360,11 @@ mod tests {
 
     #[test]
     fn durations_fit_sixteen_characters() {
-        assert_eq!(iso_duration(153_400), "PT0.153S");
-        assert_eq!(iso_duration(0), "PT0.000S");
-        assert!(iso_duration(86_400_000_000 * 100).len() <= 16);
+        assert_eq!(iso_duration(153_000), "PT0.153S");
+        assert_eq!(iso_duration(366), "PT0.000366S");
+        assert_eq!(iso_duration(0), "PT0S");
+        assert_eq!(iso_duration(2_000_000), "PT2S");
+        assert_eq!(iso_duration(12_345_678_901_234), "PT12345678.9012S");
+        assert!(iso_duration(86_400_000_000 * 365 + 123_456).len() <= 16);
     }
 }

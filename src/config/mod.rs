@@ -39,26 +39,105 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
 
 /// Parses config text; relative paths in it are taken from `base` (the file's folder).
 pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
-    let deserializer = ::toml::Deserializer::new(text);
-    let file: toml::File = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.into_inner();
-        let message = inner.message().to_string();
-        let at = inner
-            .span()
-            .map(|span| {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!(" (line {line})")
-            })
-            .unwrap_or_default();
-        vec![Problem { key: if key == "." { "(file)".into() } else { key }, message: message + &at }]
-    })?;
-    let mut v = Validator { problems: Vec::new(), base: base.to_path_buf() };
+    let mut problems = Vec::new();
+    let file = match read_file(::toml::Deserializer::new(text), text) {
+        Ok(file) => file,
+        Err((problem, unknown)) => {
+            let key = problem.key.clone();
+            problems.push(problem);
+            // An unknown key must not hide the file's other problems: drop it and read on
+            // (from the parsed tree, so later problems have no line number).
+            let mut value: ::toml::Value = match unknown.then(|| ::toml::from_str(text).ok()).flatten() {
+                Some(v) => v,
+                None => return Err(problems),
+            };
+            if !remove_key(&mut value, &key) {
+                return Err(problems);
+            }
+            let mut found = None;
+            for _ in 0..1000 {
+                match read_file(value.clone(), "") {
+                    Ok(file) => {
+                        found = Some(file);
+                        break;
+                    }
+                    Err((problem, unknown)) => {
+                        let key = problem.key.clone();
+                        problems.push(problem);
+                        if !unknown || !remove_key(&mut value, &key) {
+                            return Err(problems);
+                        }
+                    }
+                }
+            }
+            match found {
+                Some(file) => file,
+                None => return Err(problems),
+            }
+        }
+    };
+    let mut v = Validator { problems, base: base.to_path_buf() };
     let config = v.config(file);
     if v.problems.is_empty() {
         Ok(config)
     } else {
         Err(v.problems)
+    }
+}
+
+/// Deserializes the file model; on failure, the problem and whether it is an unknown key.
+fn read_file<'de, D>(deserializer: D, text: &str) -> Result<toml::File, (Problem, bool)>
+where
+    D: serde::Deserializer<'de, Error = ::toml::de::Error>,
+{
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().to_string();
+        let unknown = message.starts_with("unknown field");
+        let at = inner
+            .span()
+            .filter(|_| !text.is_empty())
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        (Problem { key: if key == "." { "(file)".into() } else { key }, message: message + &at }, unknown)
+    })
+}
+
+/// Removes the key at a path such as `routes[2].pointz`; false when there is none.
+fn remove_key(value: &mut ::toml::Value, path: &str) -> bool {
+    let mut steps: Vec<Result<&str, usize>> = Vec::new();
+    for part in path.split('.') {
+        let (name, mut rest) = part.split_once('[').map_or((part, ""), |(n, r)| (n, r));
+        if !name.is_empty() {
+            steps.push(Ok(name));
+        }
+        while !rest.is_empty() {
+            let Some((index, after)) = rest.split_once(']') else { return false };
+            let Ok(index) = index.parse() else { return false };
+            steps.push(Err(index));
+            rest = after.strip_prefix('[').unwrap_or(after);
+        }
+    }
+    let Some((Ok(last), parents)) = steps.split_last() else { return false };
+    let mut at = value;
+    for step in parents {
+        let next = match (step, at) {
+            (Ok(name), ::toml::Value::Table(t)) => t.get_mut(*name),
+            (Err(index), ::toml::Value::Array(a)) => a.get_mut(*index),
+            _ => None,
+        };
+        match next {
+            Some(n) => at = n,
+            None => return false,
+        }
+    }
+    match at {
+        ::toml::Value::Table(t) => t.remove(*last).is_some(),
+        _ => false,
     }
 }
 
@@ -387,6 +466,18 @@ mod tests {
         assert!(p[0].message.contains("lisen"), "{p:?}");
         let p = problems("[[routes]]\nmethod=\"GET\"\npath=\"/a\"\nupstream=\"u\"\nservice=\"UNIVERSAL\"\nmethod_group=\"PLAN\"\noperation=\"abc\"\npointz=[]\n");
         assert!(p[0].key.starts_with("routes[0]") && p[0].message.contains("pointz"), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_keys_do_not_hide_other_problems() {
+        let p = problems(
+            "[server]\ncolour = 1\n[[upstreams]]\nname = \"u\"\naddress = \"127.0.0.1:9\"\nkeepalive_x = 2\n[[routes]]\nmethod = \"get\"\npath = \"/a\"\nupstream = \"u\"\nservice = \"NOPE\"\nmethod_group = \"PLAN\"\noperation = \"abc\"\npointz = []\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for k in ["server.colour", "upstreams[0].keepalive_x", "routes[0].pointz", "routes[0].method", "routes[0].service"] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert!(p[0].message.contains("(line 2)"), "{p:?}");
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Tollgate {
     app: Arc<App>,
     connector: Connector,
     peers: Vec<HttpPeer>,
+    /// Per route that sets `requests_per_second`: one rate limiter keyed by user.
+    rate_limits: Vec<Option<governor::DefaultKeyedRateLimiter<Arc<str>>>>,
 }
 
 /// The in-flight gauge, decremented however the call ends.
@@ -96,7 +98,16 @@ impl Tollgate {
                 peer
             })
             .collect();
-        Tollgate { app, connector, peers }
+        let rate_limits = app
+            .config
+            .routes
+            .iter()
+            .map(|r| {
+                let per_second = std::num::NonZeroU32::new(r.requests_per_second?)?;
+                Some(governor::RateLimiter::keyed(governor::Quota::per_second(per_second)))
+            })
+            .collect();
+        Tollgate { app, connector, peers, rate_limits }
     }
 
     fn route(&self, req: &RequestHeader) -> Option<(usize, Option<Result<Uuid, ()>>)> {
@@ -136,7 +147,7 @@ impl Tollgate {
         let body = error.body(&self.tracedata(ctx, service, &operation));
         let mut headers: Vec<(&str, String)> = extra.to_vec();
         if let Some(s) = error.retry_after_seconds {
-            headers.push(("retry-after", s.to_string()));
+            headers.push(("Retry-After", s.to_string()));
         }
         ctx.status = error.status;
         let _ = respond(session, error.status, "application/json", &ctx.code, &headers, Bytes::from(body)).await;
@@ -199,6 +210,17 @@ impl Tollgate {
         } else {
             None
         };
+        if let (Some(limiter), Some(user)) = (&self.rate_limits[route_index], &user) {
+            if let Err(not_until) = limiter.check_key(&Arc::from(user.username.as_str())) {
+                use governor::clock::Clock;
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                app.metrics.rejections.with_label_values(&["requests_per_second"]).inc();
+                return Err(plain(ApiError::too_many(
+                    format!("requests_per_second: at most {} calls per second", route.requests_per_second.unwrap_or(0)),
+                    wait.as_secs_f64().ceil() as u64,
+                )));
+            }
+        }
         let now_utc = Utc::now();
         let tz = user.as_ref().map(|u| u.timezone).unwrap_or(0);
         let today = Today::at(now_utc.timestamp(), tz);
@@ -296,10 +318,10 @@ impl Tollgate {
         };
         let started = ctx.started;
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
-            let _ = head.insert_header(TRACECODE_HEADER, &code);
+            let _ = head.insert_header("X-Tracecode", &code);
             let proxy_time = started.elapsed().saturating_sub(upstream_time);
             let _ = head.insert_header(
-                "server-timing",
+                "Server-Timing",
                 format!("proxy;dur={:.3}, upstream;dur={:.3}", ms(proxy_time), ms(upstream_time)),
             );
             for (k, v) in &rate_headers {
@@ -439,8 +461,8 @@ fn rejection_error(r: &Rejection) -> ApiError {
 fn rate_limit_headers(remaining: Option<crate::quota::ledger::Remaining>) -> Vec<(&'static str, String)> {
     match remaining {
         Some(r) => vec![
-            ("ratelimit-policy", format!("\"points\";q={}", r.limit)),
-            ("ratelimit", format!("\"points\";r={};t={}", r.remaining, r.reset_seconds)),
+            ("RateLimit-Policy", format!("\"points\";q={}", r.limit)),
+            ("RateLimit", format!("\"points\";r={};t={}", r.remaining, r.reset_seconds)),
         ],
         None => Vec::new(),
     }
@@ -509,9 +531,9 @@ async fn respond(
     body: Bytes,
 ) -> pingora::Result<()> {
     let mut head = ResponseHeader::build(status, Some(4 + headers.len()))?;
-    head.insert_header("content-type", content_type)?;
-    head.insert_header("content-length", body.len().to_string())?;
-    head.insert_header(TRACECODE_HEADER, code.to_string())?;
+    head.insert_header("Content-Type", content_type)?;
+    head.insert_header("Content-Length", body.len().to_string())?;
+    head.insert_header("X-Tracecode", code.to_string())?;
     for (k, v) in headers {
         head.insert_header(k.to_string(), v.as_str())?;
     }

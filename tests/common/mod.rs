@@ -1,0 +1,548 @@
+//! The black-box harness: starts the real `tollgate` binary on free loopback ports with a
+//! fresh store on disk and its demo upstream in-process, and gives tests a blocking HTTP
+//! client. Everything it starts stops when the handle drops.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// Users every test config has (password = username + "-password-1").
+pub const USERS: &str = r#"
+[[users]]
+username = "alice"
+password = "alice-password-1"
+company_key = "acme"
+roles = ["USER"]
+timezone = 3
+
+[[users]]
+username = "bob"
+password = "bob-password-1"
+company_key = "acme"
+roles = ["USER"]
+
+[[users]]
+username = "paula"
+password = "paula-password-1"
+company_key = "acme"
+roles = ["PARTNER"]
+
+[[users]]
+username = "mallory"
+password = "mallory-password-1"
+company_key = "evil_corp"
+roles = ["USER"]
+
+[[users]]
+username = "root_admin"
+password = "root_admin-password-1"
+company_key = "acme"
+roles = ["ADMIN"]
+"#;
+
+/// Routes to the demo upstream every test config has.
+pub const ROUTES: &str = r#"
+[[routes]]
+method = "POST"
+path = "/universal/plan/calculation"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "run_plan_calculation"
+points = ["/locations"]
+unique_key = "/key"
+
+[[routes]]
+method = "POST"
+path = "/universal/plan/calculation_async"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "run_plan_calculation_async"
+points = ["/locations"]
+unique_key = "/key"
+
+[[routes]]
+method = "*"
+path = "/universal/plan/calculation_async/{id}"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "read_plan_calculation_state"
+process_id = "id"
+
+[[routes]]
+method = "GET"
+path = "/universal/plan/result/{id}"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "read_plan_result"
+process_id = "id"
+
+[[routes]]
+method = "POST"
+path = "/routing/matrix/calculation"
+upstream = "demo"
+service = "ROUTING"
+method_group = "MATRIX"
+operation = "run_matrix_calculation"
+points = ["/waypoints"]
+
+[[routes]]
+method = "POST"
+path = "/demo/echo"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "CONVERT"
+operation = "echo_payload"
+
+[[routes]]
+method = "GET"
+path = "/universal/system/version"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "NOTRACE"
+operation = "get_version"
+auth = false
+"#;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Tollgate {
+    child: Option<Child>,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub demo_port: u16,
+    pub base: String,
+    pub demo: String,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// What a test puts in the config beyond the base: `@DEMO@` stands for the demo upstream's
+/// address, so extra upstreams and routes can be written before the ports are known.
+pub struct Setup {
+    pub extra: String,
+    pub with_default_routes: bool,
+    pub with_users: bool,
+    pub compute_time_ms: u64,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            extra: String::new(),
+            with_default_routes: true,
+            with_users: true,
+            compute_time_ms: 300,
+        }
+    }
+}
+
+impl Tollgate {
+    pub fn start() -> Tollgate {
+        Self::start_with(Setup::default())
+    }
+
+    pub fn start_extra(extra: &str) -> Tollgate {
+        Self::start_with(Setup {
+            extra: extra.to_string(),
+            ..Setup::default()
+        })
+    }
+
+    pub fn start_with(setup: Setup) -> Tollgate {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, metrics_port, demo_port) = (free_port(), free_port(), free_port());
+        let demo_addr = format!("127.0.0.1:{demo_port}");
+        let mut config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+name = "tollgate-test"
+threads = 2
+grace_period_seconds = 0
+shutdown_timeout_seconds = 5
+
+[store]
+path = "store"
+flush_interval_ms = 20
+
+[auth]
+login_failures_per_account_per_minute = 1000
+login_failures_per_address_per_minute = 1000
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[demo_upstream]
+listen = "{demo_addr}"
+compute_time_ms = {compute}
+
+[docs]
+dir = "{docs}"
+
+[[upstreams]]
+name = "demo"
+address = "{demo_addr}"
+connect_timeout_ms = 500
+total_timeout_ms = 5000
+"#,
+            compute = setup.compute_time_ms,
+            docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").display(),
+        );
+        if setup.with_default_routes {
+            config.push_str(ROUTES);
+        }
+        if setup.with_users {
+            config.push_str(USERS);
+        }
+        config.push_str(&setup.extra.replace("@DEMO@", &demo_addr));
+        let config_path = dir.path().join("tollgate.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.path().join("tollgate.log");
+        let mut t = Tollgate {
+            child: None,
+            port,
+            metrics_port,
+            demo_port,
+            base: format!("http://127.0.0.1:{port}"),
+            demo: format!("http://{demo_addr}"),
+            dir,
+            config_path,
+            log_path,
+        };
+        t.spawn();
+        t
+    }
+
+    /// Starts (or restarts) the binary on the same config and store.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("TOLLGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting tollgate");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("tollgate exited at start ({status}):\n{}", self.log());
+            }
+            let ok = client()
+                .get(format!("{}/account/system/version", self.base))
+                .send()
+                .map(|r| r.status() == 200)
+                .unwrap_or(false);
+            let demo_ok = TcpStream::connect(("127.0.0.1", self.demo_port)).is_ok();
+            if ok && demo_ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate did not become ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, no goodbye: what a crash looks like to the store.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("tollgate did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn token(&self, username: &str) -> String {
+        self.token_for(username, &format!("{username}-password-1"))
+    }
+
+    pub fn token_for(&self, username: &str, password: &str) -> String {
+        let r = client()
+            .post(self.url("/account/token/generation"))
+            .json(&json!({"username": username, "password": password, "ttl_seconds": 3600}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "login of {username} failed");
+        r.json::<String>().unwrap()
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> reqwest::blocking::Response {
+        client()
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+    }
+
+    pub fn post_json(&self, path: &str, token: &str, body: &Value) -> reqwest::blocking::Response {
+        client()
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .unwrap()
+    }
+
+    pub fn demo_stats(&self) -> Value {
+        client()
+            .get(format!("{}/demo/stats", self.demo))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    pub fn demo_reset(&self) {
+        client()
+            .post(format!("{}/demo/stats/reset", self.demo))
+            .send()
+            .unwrap();
+    }
+
+    pub fn metrics(&self) -> String {
+        client()
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    /// Runs a `tollgate user ...` command on this store (the server must be stopped).
+    pub fn user_cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        let mut child = Command::new(BIN)
+            .arg("user")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A JSON error body in the API's shape with complete tracedata.
+pub fn assert_error_shape(body: &Value, service: &str) {
+    let t = if body.get("resource_id").is_some() {
+        &body["detail"]["tracedata"]
+    } else {
+        &body["tracedata"]
+    };
+    for field in ["code", "client", "server", "service", "operation", "time"] {
+        assert!(t[field].is_string(), "tracedata.{field} missing in {body}");
+    }
+    assert!(
+        uuid::Uuid::parse_str(t["code"].as_str().unwrap()).is_ok(),
+        "{body}"
+    );
+    assert!(t["client"].as_str().unwrap().len() >= 2, "{body}");
+    assert!(t["operation"].as_str().unwrap().len() >= 3, "{body}");
+    assert_eq!(t["service"], service, "{body}");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(t["time"].as_str().unwrap()).is_ok(),
+        "{body}"
+    );
+    if body.get("resource_id").is_none() {
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+}
+
+/// How a fault upstream behaves with each connection it accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Accepts and never answers.
+    Hang,
+    /// Reads the request, starts an answer, then resets the connection.
+    ResetMidResponse,
+    /// Reads the request and closes without a word.
+    CloseSilently,
+}
+
+/// A raw TCP upstream that misbehaves on purpose; stops when dropped.
+pub struct FaultUpstream {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultUpstream {
+    pub fn start(fault: Fault) -> FaultUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_millis(500)))
+                            .unwrap();
+                        let mut buf = [0u8; 65536];
+                        let _ = s.read(&mut buf);
+                        match fault {
+                            Fault::Hang => held.push(s),
+                            Fault::ResetMidResponse => {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: application/json\r\n\r\n{\"partial\":");
+                                let _ = socket_linger_zero(&s);
+                                drop(s);
+                            }
+                            Fault::CloseSilently => drop(s),
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FaultUpstream { port, stop }
+    }
+}
+
+impl Drop for FaultUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// SO_LINGER 0: closing sends RST instead of FIN.
+fn socket_linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until close or timeout.
+pub fn raw_exchange(port: u16, request: &[u8], read_timeout: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+/// Starts Tollgate with its generated config text rewritten by `edit` (for example to change a
+/// value of the base config): starts once, stops, rewrites the file, starts again on the same
+/// (now seeded) store.
+pub fn start_with_config_edit(setup: Setup, edit: impl FnOnce(&str) -> String) -> Tollgate {
+    let mut t = Tollgate::start_with(setup);
+    t.terminate();
+    let text = std::fs::read_to_string(&t.config_path).unwrap();
+    let edited = edit(&text);
+    assert_ne!(edited, text, "the edit changed nothing");
+    std::fs::write(&t.config_path, edited).unwrap();
+    t.spawn();
+    t
+}

@@ -1,0 +1,765 @@
+//! The proxy core against the real binary: routing, tracecodes and identity headers, timing,
+//! bodies (large, chunked, 100-continue, too large), upstream failures, the system endpoints,
+//! metrics, graceful shutdown and `check-config`.
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Response;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn header(r: &Response, name: &str) -> Option<String> {
+    r.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+}
+
+/// The X-Tracecode of an answer, checked to be a UUID v4.
+fn tracecode(r: &Response) -> String {
+    let code = header(r, "x-tracecode").unwrap_or_else(|| panic!("no X-Tracecode on {} {}", r.status(), r.url()));
+    let uuid = uuid::Uuid::parse_str(&code).unwrap_or_else(|_| panic!("X-Tracecode {code} is not a UUID"));
+    assert_eq!(uuid.get_version_num(), 4, "X-Tracecode {code} is not a v4 UUID");
+    code
+}
+
+/// (proxy ms, upstream ms) from `Server-Timing: proxy;dur=X, upstream;dur=Y`.
+fn server_timing(r: &Response) -> (f64, f64) {
+    let v = header(r, "server-timing").unwrap_or_else(|| panic!("no Server-Timing on {}", r.url()));
+    let dur = |name: &str| -> f64 {
+        v.split(',')
+            .map(str::trim)
+            .find_map(|part| part.strip_prefix(name)?.strip_prefix(";dur="))
+            .unwrap_or_else(|| panic!("Server-Timing {v:?} has no {name};dur="))
+            .parse()
+            .unwrap_or_else(|_| panic!("Server-Timing {v:?}: {name} duration is not a number"))
+    };
+    let (p, u) = (dur("proxy"), dur("upstream"));
+    assert!(p >= 0.0 && u >= 0.0, "{v}");
+    (p, u)
+}
+
+/// The request headers the demo upstream saw, from /demo/echo's answer.
+fn seen_headers(r: &Response) -> Value {
+    serde_json::from_str(&header(r, "x-demo-seen-headers").expect("echo answers carry x-demo-seen-headers")).unwrap()
+}
+
+fn json_body(r: Response) -> Value {
+    let text = r.text().unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("body is not JSON: {text:?}"))
+}
+
+fn assert_404_shape(r: Response, resource: &str, service: &str) {
+    assert_eq!(r.status(), 404);
+    tracecode(&r);
+    let body = json_body(r);
+    assert_eq!(body["resource_id"], resource, "{body}");
+    assert!(body["detail"]["tracedata"].is_object(), "{body}");
+    assert_error_shape(&body, service);
+}
+
+/// Deterministic pseudo-random bytes (so a byte shift cannot go unnoticed).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn demo_count(t: &Tollgate, path: &str) -> u64 {
+    t.demo_stats()["requests"][path].as_u64().unwrap_or(0)
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A minimal HTTP/1.1 keep-alive client over one socket, for what reqwest hides
+/// (100 Continue) and for latency figures without client overhead.
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+struct RawResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 65536];
+        match self.s.read(&mut chunk) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// One response head (1xx included); None on close or timeout.
+    fn read_head(&mut self) -> Option<(u16, Vec<(String, String)>)> {
+        let end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            if !self.fill() {
+                return None;
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+        self.buf.drain(..end + 4);
+        let mut lines = head.split("\r\n");
+        let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Some((status, headers))
+    }
+
+    /// The next final response with its whole body; None on close or timeout.
+    fn read_response(&mut self) -> Option<RawResponse> {
+        let (status, headers) = loop {
+            let (status, headers) = self.read_head()?;
+            if status >= 200 {
+                break (status, headers);
+            }
+        };
+        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let body = if let Some(len) = get("content-length") {
+            let len: usize = len.parse().ok()?;
+            while self.buf.len() < len {
+                if !self.fill() {
+                    return None;
+                }
+            }
+            self.buf.drain(..len).collect()
+        } else if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            let mut body = Vec::new();
+            loop {
+                let line_end = loop {
+                    if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    if !self.fill() {
+                        return None;
+                    }
+                };
+                let size = usize::from_str_radix(String::from_utf8_lossy(&self.buf[..line_end]).split(';').next()?.trim(), 16).ok()?;
+                self.buf.drain(..line_end + 2);
+                while self.buf.len() < size + 2 {
+                    if !self.fill() {
+                        return None;
+                    }
+                }
+                body.extend(self.buf.drain(..size));
+                self.buf.drain(..2);
+                if size == 0 {
+                    break body;
+                }
+            }
+        } else {
+            while self.fill() {}
+            std::mem::take(&mut self.buf)
+        };
+        Some(RawResponse { status, headers, body })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing
+
+#[test]
+fn every_route_answers_through_the_demo_upstream() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+
+    let plan = t.post_json("/universal/plan/calculation", &alice, &json!({"locations": [{"key": 1}, {"key": 2}], "orders": [{}]}));
+    assert_eq!(plan.status(), 200);
+    let code = tracecode(&plan);
+    server_timing(&plan);
+    let body = json_body(plan);
+    assert_eq!(body["result"]["locations"], 2, "{body}");
+    assert_eq!(body["result"]["orders"], 1, "{body}");
+    assert_eq!(body["tracedata"]["code"], code, "the upstream worked under the same tracecode: {body}");
+
+    let matrix = t.post_json("/routing/matrix/calculation", &alice, &json!({"waypoints": [1, 2, 3]}));
+    assert_eq!(matrix.status(), 200);
+    tracecode(&matrix);
+    server_timing(&matrix);
+    let body = json_body(matrix);
+    assert_eq!(body["matrix"]["distances"].as_array().unwrap().len(), 3, "{body}");
+    assert_eq!(body["matrix"]["distances"][0][2], 2000, "{body}");
+
+    let echo = client().post(t.url("/demo/echo")).bearer_auth(&alice).body("ping").send().unwrap();
+    assert_eq!(echo.status(), 200);
+    tracecode(&echo);
+    server_timing(&echo);
+    assert_eq!(echo.text().unwrap(), "ping");
+
+    // An open route: no token needed.
+    let version = client().get(t.url("/universal/system/version")).send().unwrap();
+    assert_eq!(version.status(), 200);
+    tracecode(&version);
+    server_timing(&version);
+    assert_eq!(json_body(version), json!({"major": 6, "minor": 20, "build": "demo"}));
+
+    for path in ["/universal/plan/calculation", "/routing/matrix/calculation", "/demo/echo", "/universal/system/version"] {
+        assert_eq!(demo_count(&t, path), 1, "{path} should have reached the upstream once: {}", t.demo_stats());
+    }
+
+    // No route: 404 in the API's 404 shape, nothing reaches the upstream.
+    assert_404_shape(t.get("/universal/nothing/here", &alice), "/universal/nothing/here", "UNIVERSAL");
+    assert_404_shape(client().get(t.url("/routing/nowhere")).send().unwrap(), "/routing/nowhere", "ROUTING");
+    let r = client().post(t.url("/universal/plan/calculation/extra")).bearer_auth(&alice).json(&json!({})).send().unwrap();
+    assert_404_shape(r, "/universal/plan/calculation/extra", "UNIVERSAL");
+    // A known path with a method no route takes: 404 as well.
+    assert_404_shape(t.get("/universal/plan/calculation", &alice), "/universal/plan/calculation", "UNIVERSAL");
+    let r = client().delete(t.url("/universal/system/version")).send().unwrap();
+    assert_404_shape(r, "/universal/system/version", "UNIVERSAL");
+    let r = client().put(t.url("/routing/matrix/calculation")).bearer_auth(&alice).json(&json!({"waypoints": []})).send().unwrap();
+    assert_404_shape(r, "/routing/matrix/calculation", "ROUTING");
+
+    let stats = t.demo_stats();
+    assert_eq!(stats["requests"].as_object().unwrap().len(), 4, "no 404 may reach the upstream: {stats}");
+    for path in ["/universal/plan/calculation", "/routing/matrix/calculation", "/universal/system/version"] {
+        assert_eq!(demo_count(&t, path), 1, "{path}: {stats}");
+    }
+}
+
+#[test]
+fn an_async_process_keeps_one_tracecode_from_start_to_result() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let started = t.post_json("/universal/plan/calculation_async", &alice, &json!({"locations": [{"key": "a"}]}));
+    assert_eq!(started.status(), 202);
+    let code = tracecode(&started);
+    let body = json_body(started);
+    assert_eq!(body["tracedata"]["code"], code, "the upstream started the process under Tollgate's code: {body}");
+
+    let state = t.get(&format!("/universal/plan/calculation_async/{code}"), &alice);
+    assert_eq!(state.status(), 200);
+    assert_eq!(tracecode(&state), code);
+    server_timing(&state);
+    assert_eq!(json_body(state)["tracedata"]["code"], code);
+
+    // The result: 202 while computing (300 ms), then 200 with the result.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let result = loop {
+        let r = t.get(&format!("/universal/plan/result/{code}"), &alice);
+        assert_eq!(tracecode(&r), code);
+        assert!(r.status() == 200 || r.status() == 202, "{}", r.status());
+        if r.status() == 200 {
+            break json_body(r);
+        }
+        assert!(Instant::now() < deadline, "the process never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(result["result"]["locations"], 1, "{result}");
+    assert_eq!(result["tracedata"]["code"], code, "{result}");
+
+    // Another user may not touch it, and the upstream never hears of the attempt.
+    let before = demo_count(&t, &format!("/universal/plan/calculation_async/{code}"));
+    let bob = t.token("bob");
+    assert_404_shape(t.get(&format!("/universal/plan/calculation_async/{code}"), &bob), &code, "UNIVERSAL");
+    assert_eq!(demo_count(&t, &format!("/universal/plan/calculation_async/{code}")), before);
+
+    let cancelled = client().delete(t.url(&format!("/universal/plan/calculation_async/{code}"))).bearer_auth(&alice).send().unwrap();
+    assert_eq!(cancelled.status(), 204);
+    assert_eq!(tracecode(&cancelled), code);
+    assert_eq!(demo_count(&t, &format!("/universal/plan/calculation_async/{code}")), before + 1);
+
+    // A process id that is not a tracecode is a 404 before the upstream.
+    assert_eq!(t.get("/universal/plan/result/not-a-uuid", &alice).status(), 404);
+    assert_eq!(demo_count(&t, "/universal/plan/result/not-a-uuid"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tracecode and identity headers
+
+#[test]
+fn the_upstream_sees_tollgates_identity_headers_never_the_callers() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let forged = "00000000-0000-4000-8000-000000000000";
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .header("X-Tracecode", forged)
+        .header("X-Client", "evil_corp_|_mallory")
+        .header("X-Points", "999999")
+        .header("X-Unique-Points", "999999")
+        .header("X-Custom", "kept")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let code = tracecode(&r);
+    assert_ne!(code, forged, "a caller may not choose its tracecode");
+    let seen = seen_headers(&r);
+    assert_eq!(seen["x-tracecode"], code.as_str(), "{seen}");
+    assert_eq!(seen["x-client"], "acme_|_alice", "{seen}");
+    assert_eq!(seen["x-points"], "0", "{seen}");
+    assert_eq!(seen["x-unique-points"], "0", "{seen}");
+    assert_eq!(seen["x-custom"], "kept", "other headers pass: {seen}");
+    assert!(seen.get("authorization").is_none(), "the caller's token reached the upstream: {seen}");
+    assert!(!seen.to_string().contains(&alice), "{seen}");
+    assert!(!seen.to_string().contains(forged) && !seen.to_string().contains("mallory") && !seen.to_string().contains("999999"), "{seen}");
+
+    // Each call gets its own tracecode.
+    let again = client().post(t.url("/demo/echo")).bearer_auth(&alice).body("{}").send().unwrap();
+    let code2 = tracecode(&again);
+    assert_ne!(code2, code);
+    assert_eq!(seen_headers(&again)["x-tracecode"], code2.as_str());
+
+    // An open route's call is anonymous to the upstream, still with a tracecode, no token passed.
+    let r = client().get(t.url("/universal/system/version")).bearer_auth(&alice).header("X-Client", "acme_|_bob").send().unwrap();
+    assert_eq!(r.status(), 200);
+    tracecode(&r);
+}
+
+#[test]
+fn server_timing_splits_proxy_and_upstream_time() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body("x").send().unwrap();
+    let (proxy, upstream) = server_timing(&r);
+    assert!(proxy < 100.0 && upstream < 100.0, "an instant echo: proxy {proxy} ms, upstream {upstream} ms");
+
+    let started = Instant::now();
+    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).header("x-demo-delay-ms", "200").body("x").send().unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(r.status(), 200);
+    let (proxy, upstream) = server_timing(&r);
+    assert!(upstream >= 200.0, "upstream;dur={upstream} for a 200 ms upstream");
+    assert!(upstream <= elapsed.as_secs_f64() * 1000.0 + 1.0, "upstream;dur={upstream} is longer than the call ({elapsed:?})");
+    assert!(proxy < 50.0, "proxy;dur={proxy} ms should not include the upstream's 200 ms");
+
+    // Open routes and follow-ups carry it too.
+    let r = client().get(t.url("/universal/system/version")).send().unwrap();
+    server_timing(&r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+
+#[test]
+fn five_megabyte_bodies_pass_byte_exact_with_length_or_chunked() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let data = noise(5 << 20);
+
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(seen_headers(&r)["content-length"], (5 << 20).to_string());
+    let back = r.bytes().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back[..] == data[..], "the Content-Length body came back altered");
+
+    let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(data.clone()));
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .header("content-type", "application/octet-stream")
+        .body(chunked)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = seen_headers(&r);
+    assert_eq!(seen["content-length"], (5 << 20).to_string(), "the buffered body goes upstream with its length: {seen}");
+    assert!(seen.get("transfer-encoding").is_none(), "{seen}");
+    let back = r.bytes().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back[..] == data[..], "the chunked body came back altered");
+
+    assert_eq!(t.demo_stats()["bodies_bytes"], 2 * (5 << 20));
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let body = noise(200_000);
+    let mut c = Raw::connect(t.port);
+    c.send(
+        format!(
+            "POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let (status, _) = c.read_head().expect("no interim answer within 5 s of a request with Expect: 100-continue");
+    assert_eq!(status, 100, "expected 100 Continue before the body");
+    c.send(&body);
+    let r = c.read_response().expect("no answer after the body");
+    assert_eq!(r.status, 200);
+    assert!(r.body == body, "the body came back altered ({} bytes)", r.body.len());
+    let seen: Value = serde_json::from_str(r.header("x-demo-seen-headers").unwrap()).unwrap();
+    assert!(seen.get("expect").is_none(), "Expect is hop-by-hop: {seen}");
+
+    // The connection stays usable.
+    c.send(format!("POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\nok").as_bytes());
+    let r = c.read_response().expect("the connection broke after 100-continue");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+}
+
+#[test]
+fn bodies_over_max_body_bytes_get_413_and_never_reach_the_upstream() {
+    let t = Tollgate::start_extra("\n[limits]\nmax_body_bytes = 1000\n");
+    let alice = t.token("alice");
+
+    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body(vec![b'a'; 5000]).send().unwrap();
+    assert_eq!(r.status(), 413);
+    tracecode(&r);
+    let body = json_body(r);
+    assert_error_shape(&body, "UNIVERSAL");
+    assert!(body["message"].as_str().unwrap().contains("1000"), "{body}");
+
+    let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(vec![b'b'; 5000]));
+    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body(chunked).send().unwrap();
+    assert_eq!(r.status(), 413);
+    assert_error_shape(&json_body(r), "UNIVERSAL");
+
+    // Over the limit by one byte, chunked in small pieces.
+    let mut c = Raw::connect(t.port);
+    c.send(format!("POST /demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nTransfer-Encoding: chunked\r\n\r\n").as_bytes());
+    for _ in 0..7 {
+        c.send(format!("{:x}\r\n{}\r\n", 143, "c".repeat(143)).as_bytes());
+    }
+    c.send(b"0\r\n\r\n");
+    let r = c.read_response().expect("no answer to a 1001-byte chunked body");
+    assert_eq!(r.status, 413);
+
+    assert_eq!(demo_count(&t, "/demo/echo"), 0, "a refused body reached the upstream");
+
+    // At the limit: served.
+    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body(vec![b'd'; 1000]).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().len(), 1000);
+    assert_eq!(demo_count(&t, "/demo/echo"), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream failures
+
+fn fault_route(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "{name}"
+address = "127.0.0.1:{port}"
+connect_timeout_ms = 500
+
+[[routes]]
+method = "POST"
+path = "/universal/{name}/calculation"
+upstream = "{name}"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "{name}_calculation"
+{extra}
+"#
+    )
+}
+
+/// A JSON error in the API shape (never pingora's default HTML page).
+fn assert_upstream_error(r: Response, status: u16) {
+    assert_eq!(r.status(), status);
+    tracecode(&r);
+    assert!(header(&r, "content-type").is_some_and(|c| c.starts_with("application/json")), "{:?}", r.headers());
+    let body = json_body(r);
+    assert_error_shape(&body, "UNIVERSAL");
+}
+
+#[test]
+fn a_refused_upstream_is_a_502_in_the_api_shape() {
+    let dead = free_port();
+    let t = Tollgate::start_extra(&fault_route("dead", dead, ""));
+    let alice = t.token("alice");
+    let started = Instant::now();
+    let r = t.post_json("/universal/dead/calculation", &alice, &json!({}));
+    assert!(started.elapsed() < Duration::from_secs(2), "refused should fail fast: {:?}", started.elapsed());
+    assert_upstream_error(r, 502);
+    // Still serving.
+    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
+}
+
+#[test]
+fn a_hanging_upstream_is_a_504_after_the_route_timeout() {
+    let hang = FaultUpstream::start(Fault::Hang);
+    let t = Tollgate::start_extra(&fault_route("hang", hang.port, "total_timeout_ms = 500"));
+    let alice = t.token("alice");
+    let started = Instant::now();
+    let r = t.post_json("/universal/hang/calculation", &alice, &json!({}));
+    let elapsed = started.elapsed();
+    assert_upstream_error(r, 504);
+    assert!(elapsed >= Duration::from_millis(450) && elapsed <= Duration::from_secs(2), "504 after {elapsed:?}, expected ~500 ms");
+    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
+}
+
+#[test]
+fn an_upstream_closing_before_its_answer_is_a_502() {
+    let close = FaultUpstream::start(Fault::CloseSilently);
+    let t = Tollgate::start_extra(&fault_route("close", close.port, ""));
+    let alice = t.token("alice");
+    for _ in 0..2 {
+        assert_upstream_error(t.post_json("/universal/close/calculation", &alice, &json!({})), 502);
+    }
+    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
+}
+
+#[test]
+fn an_upstream_reset_mid_answer_cuts_the_callers_answer_short() {
+    let reset = FaultUpstream::start(Fault::ResetMidResponse);
+    let t = Tollgate::start_extra(&fault_route("reset", reset.port, ""));
+    let alice = t.token("alice");
+    let quick = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = quick.post(t.url("/universal/reset/calculation")).bearer_auth(&alice).json(&json!({})).send();
+        match r {
+            // The head was relayed before the reset; the body must not look complete.
+            Ok(r) => {
+                assert_eq!(r.status(), 200);
+                tracecode(&r);
+                match r.bytes() {
+                    Ok(b) => panic!("a cut answer came back as complete ({} bytes: {:?})", b.len(), String::from_utf8_lossy(&b)),
+                    Err(_) => {}
+                }
+            }
+            Err(e) => assert!(!e.is_timeout(), "the caller hung instead of seeing the cut: {e}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "the cut took {:?} to reach the caller", started.elapsed());
+    }
+    // Raw view: the answer ends early and the connection closes.
+    let mut c = Raw::connect(t.port);
+    c.send(format!("POST /universal/reset/calculation HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes());
+    let (status, headers) = c.read_head().expect("the head was sent before the reset");
+    assert_eq!(status, 200);
+    assert!(headers.iter().any(|(k, v)| k == "content-length" && v == "1000"), "{headers:?}");
+    while c.fill() {}
+    assert!(c.buf.len() < 1000, "got {} of 1000 bytes", c.buf.len());
+
+    // Tollgate keeps serving.
+    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
+    assert_eq!(client().get(t.url("/universal/system/version")).send().unwrap().status(), 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// System endpoints
+
+#[test]
+fn system_version_and_health_check() {
+    let t = Tollgate::start();
+    let r = client().get(t.url("/account/system/version")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let v = json_body(r);
+    let major = v["major"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let minor = v["minor"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let build = v["build"].as_str().unwrap_or_else(|| panic!("{v}"));
+    assert!((1..=100).contains(&major), "{v}");
+    assert!(minor <= 111, "{v}");
+    assert!((1..=64).contains(&build.len()), "{v}");
+
+    let r = client().get(t.url("/account/system/check")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_body(r)["health"].as_f64(), Some(1.0));
+    drop(t);
+
+    let t = Tollgate::start_extra(&fault_route("dead", free_port(), ""));
+    let started = Instant::now();
+    let r = client().get(t.url("/account/system/check")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let health = json_body(r)["health"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&health), "health {health} with an upstream down");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_count_calls_by_label_without_user_names() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    for _ in 0..3 {
+        assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({"locations": [1]})).status(), 200);
+    }
+    let failed = client().post(t.url("/universal/plan/calculation")).bearer_auth(&alice).header("x-demo-status", "503").json(&json!({})).send().unwrap();
+    assert_eq!(failed.status(), 503);
+    assert_eq!(client().post(t.url("/universal/plan/calculation")).json(&json!({})).send().unwrap().status(), 401);
+    assert_eq!(t.post_json("/routing/matrix/calculation", &alice, &json!({"waypoints": [1]})).status(), 200);
+
+    let plan = |class: &str| format!("tollgate_requests_total{{method_group=\"PLAN\",service=\"UNIVERSAL\",status_class=\"{class}\"}}");
+    let mut text = String::new();
+    let counted = eventually(Duration::from_secs(5), || {
+        text = t.metrics();
+        metric(&text, &plan("2xx")) == Some(3.0)
+            && metric(&text, &plan("5xx")) == Some(1.0)
+            && metric(&text, &plan("4xx")) == Some(1.0)
+            && metric(&text, "tollgate_requests_total{method_group=\"MATRIX\",service=\"ROUTING\",status_class=\"2xx\"}") == Some(1.0)
+    });
+    assert!(counted, "requests_total does not count the calls:\n{text}");
+    assert_eq!(metric(&text, "tollgate_request_duration_seconds_count{method_group=\"PLAN\",service=\"UNIVERSAL\"}"), Some(5.0), "{text}");
+    assert_eq!(metric(&text, "tollgate_upstream_duration_seconds_count{method_group=\"PLAN\",service=\"UNIVERSAL\"}"), Some(4.0), "the 401 never reached the upstream:\n{text}");
+    assert!(text.contains("tollgate_request_duration_seconds_bucket{method_group=\"PLAN\",service=\"UNIVERSAL\",le=\"+Inf\"} 5"), "{text}");
+    assert!(metric(&text, "tollgate_request_duration_seconds_sum{method_group=\"PLAN\",service=\"UNIVERSAL\"}").is_some_and(|s| s > 0.0), "{text}");
+    for secret in ["alice", "acme", &alice[..], &alice[alice.len() - 20..]] {
+        assert!(!text.contains(secret), "metrics show {secret:?}:\n{text}");
+    }
+
+    // The in-flight gauge follows a slow call.
+    assert!(eventually(Duration::from_secs(5), || metric(&t.metrics(), "tollgate_in_flight_requests") == Some(0.0)), "{}", t.metrics());
+    let url = t.url("/universal/plan/calculation");
+    let token = alice.clone();
+    let slow = std::thread::spawn(move || {
+        client().post(url).bearer_auth(token).header("x-demo-delay-ms", "1000").json(&json!({})).send().unwrap().status()
+    });
+    assert!(eventually(Duration::from_secs(5), || metric(&t.metrics(), "tollgate_in_flight_requests") == Some(1.0)), "{}", t.metrics());
+    assert_eq!(slow.join().unwrap(), 200);
+    assert!(eventually(Duration::from_secs(5), || metric(&t.metrics(), "tollgate_in_flight_requests") == Some(0.0)), "{}", t.metrics());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+#[test]
+fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
+    let mut t = Tollgate::start();
+    let alice = t.token("alice");
+    let url = t.url("/universal/plan/calculation");
+    let call = std::thread::spawn(move || {
+        let r = client().post(url).bearer_auth(alice).header("x-demo-delay-ms", "1500").json(&json!({"locations": [1]})).send();
+        r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())).map_err(|e| e.to_string())
+    });
+    assert!(eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1), "the slow call never reached the upstream");
+    let code = t.terminate();
+    let answer = call.join().unwrap();
+    let (status, body) = answer.unwrap_or_else(|e| panic!("the call in flight was dropped at SIGTERM: {e}\n{}", t.log()));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(code, Some(0), "{}", t.log());
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI
+
+#[test]
+fn check_config_lists_every_problem_with_its_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "127.0.0.1:8080"
+colour = "blue"
+
+[[upstreams]]
+name = "demo"
+address = "127.0.0.1:8090"
+
+[[routes]]
+method = "get"
+path = "/universal/plan/calculation"
+upstream = "demo"
+service = "NOPE"
+method_group = "PLAN"
+operation = "run_plan_calculation"
+"#,
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad config passed:\n{text}");
+    for (key, word) in [("server.colour", "colour"), ("routes[0].service", "NOPE"), ("routes[0].method", "get")] {
+        assert!(text.lines().any(|l| l.contains(key) && l.contains(word)), "{key} ({word}) is not reported:\n{text}");
+    }
+
+    let default = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+    let out = Command::new(BIN).arg("check-config").arg(&default).output().unwrap();
+    assert!(out.status.success(), "config/default.toml: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A figure, not an assertion
+
+fn p50_p99(port: u16, path: &str, n: usize) -> (Duration, Duration) {
+    let mut c = Raw::connect(port);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    for _ in 0..100 {
+        c.send(request.as_bytes());
+        assert_eq!(c.read_response().unwrap().status, 200);
+    }
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        c.send(request.as_bytes());
+        let r = c.read_response().expect("keep-alive connection broke");
+        times.push(started.elapsed());
+        assert_eq!(r.status, 200);
+    }
+    times.sort();
+    (times[n / 2], times[n * 99 / 100])
+}
+
+#[test]
+fn latency_through_tollgate_vs_direct() {
+    let t = Tollgate::start();
+    let (direct50, direct99) = p50_p99(t.demo_port, "/universal/system/version", 2000);
+    let (proxied50, proxied99) = p50_p99(t.port, "/universal/system/version", 2000);
+    let (direct50b, _) = p50_p99(t.demo_port, "/universal/system/version", 2000);
+    eprintln!(
+        "LATENCY GET /universal/system/version, 2000 sequential keep-alive requests: direct p50 {direct50:?} (again {direct50b:?}) p99 {direct99:?}; through Tollgate p50 {proxied50:?} p99 {proxied99:?}; overhead p50 {:?}",
+        proxied50.saturating_sub(direct50.min(direct50b))
+    );
+}
