@@ -9,6 +9,7 @@
 //! upstream), `server` (wiring), `cli` (commands).
 
 pub mod account;
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;

@@ -28,9 +28,15 @@ use crate::trace::ProcessRegistry;
 /// Builds the shared state from a validated config (opens the store, seeds users).
 pub fn build_app(config: Config) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
     let config = Arc::new(config);
-    let store = Store::open(&config.store.path).map_err(|e| format!("{}: {e}", config.store.path.display()))?;
+    let store = Store::open(&config.store.path)
+        .map_err(|e| format!("{}: {e}", config.store.path.display()))?;
     let secret = auth::load_secret(&config.auth)?;
-    let previous: Vec<Vec<u8>> = config.auth.previous_secrets.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let previous: Vec<Vec<u8>> = config
+        .auth
+        .previous_secrets
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
     auth::seed_users(&store, &config.users)?;
     let authority = Authority::new(Keys::new(&secret, &previous), store.clone(), &config.auth)?;
     let (writer, writer_thread) = StoreWriter::start(
@@ -63,7 +69,10 @@ impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let app = &self.0;
         if session.req_header().uri.path() != "/metrics" {
-            return http::Response::builder().status(404).body(b"see /metrics\n".to_vec()).expect("static response");
+            return http::Response::builder()
+                .status(404)
+                .body(b"see /metrics\n".to_vec())
+                .expect("static response");
         }
         app.metrics.store_queue.set(app.writer.queued() as i64);
         let body = app.metrics.render();
@@ -116,12 +125,45 @@ impl BackgroundService for Upkeep {
     }
 }
 
+/// The admin socket: `tollgate user ...` reaches a running server through it.
+struct AdminSocket(Arc<App>);
+
+#[async_trait]
+impl BackgroundService for AdminSocket {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let app = self.0.clone();
+        let refresh = {
+            let app = app.clone();
+            Arc::new(move || {
+                if let Err(e) = app.authority.reload() {
+                    tracing::error!(error = %e, "reloading users after an admin command failed");
+                }
+            })
+        };
+        crate::admin::serve_socket(
+            app.store.clone(),
+            app.config.store.path.clone(),
+            refresh,
+            shutdown,
+        )
+        .await;
+    }
+}
+
 /// Runs Tollgate until SIGTERM (graceful) or SIGINT.
 pub fn serve(config: Config) -> Result<(), String> {
     // Bind failures must stop the start with a clear message, not leave a silent process.
-    for (what, addr) in [("server.listen", Some(config.server.listen)), ("metrics.listen", config.metrics_listen), ("demo_upstream.listen", config.demo_upstream.as_ref().map(|d| d.listen))] {
+    for (what, addr) in [
+        ("server.listen", Some(config.server.listen)),
+        ("metrics.listen", config.metrics_listen),
+        (
+            "demo_upstream.listen",
+            config.demo_upstream.as_ref().map(|d| d.listen),
+        ),
+    ] {
         if let Some(addr) = addr {
-            std::net::TcpListener::bind(addr).map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))?;
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))?;
         }
     }
     let server_cfg = config.server.clone();
@@ -136,13 +178,17 @@ pub fn serve(config: Config) -> Result<(), String> {
     server.bootstrap();
     let conf = server.configuration.clone();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&conf, Tollgate::new(app.clone()), "tollgate");
+    let mut proxy =
+        pingora::proxy::http_proxy_service_with_name(&conf, Tollgate::new(app.clone()), "tollgate");
     proxy.add_tcp(&server_cfg.listen.to_string());
     proxy.threads = Some(server_cfg.threads);
     server.add_service(proxy);
 
     if let Some(addr) = app.config.metrics_listen {
-        let mut metrics = ListeningService::new("metrics".into(), HttpServer::new_app(MetricsApp(app.clone())));
+        let mut metrics = ListeningService::new(
+            "metrics".into(),
+            HttpServer::new_app(MetricsApp(app.clone())),
+        );
         metrics.add_tcp(&addr.to_string());
         metrics.threads = Some(1);
         server.add_service(metrics);
@@ -150,11 +196,14 @@ pub fn serve(config: Config) -> Result<(), String> {
     if let Some(demo) = &app.config.demo_upstream {
         server.add_service(crate::demo::demo_service(
             &demo.listen.to_string(),
-            crate::demo::DemoConfig { compute_time: demo.compute_time },
+            crate::demo::DemoConfig {
+                compute_time: demo.compute_time,
+            },
             1,
         ));
     }
     server.add_service(background_service("upkeep", Upkeep(app.clone())));
+    server.add_service(background_service("admin-socket", AdminSocket(app.clone())));
     tracing::info!(listen = %server_cfg.listen, server = %server_cfg.name, "tollgate serving");
     server.run(RunArgs::default());
 
