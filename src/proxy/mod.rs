@@ -52,6 +52,9 @@ pub struct Tollgate {
     peers: Vec<HttpPeer>,
     /// Per route that sets `requests_per_second`: one rate limiter keyed by user.
     rate_limits: Vec<Option<governor::DefaultKeyedRateLimiter<Arc<str>>>>,
+    /// Some route names a process id, so a process may be followed up and new ones must be
+    /// registered; without one the registry would only grow.
+    follow_ups: bool,
 }
 
 /// The in-flight gauge, decremented however the call ends.
@@ -84,8 +87,16 @@ pub struct Ctx {
 
 impl Tollgate {
     pub fn new(app: Arc<App>) -> Tollgate {
-        let keepalive = app.config.upstreams.iter().map(|u| u.keepalive).max().unwrap_or(128);
-        let connector = Connector::new(Some(pingora::connectors::ConnectorOptions::new(keepalive.max(1))));
+        let keepalive = app
+            .config
+            .upstreams
+            .iter()
+            .map(|u| u.keepalive)
+            .max()
+            .unwrap_or(128);
+        let connector = Connector::new(Some(pingora::connectors::ConnectorOptions::new(
+            keepalive.max(1),
+        )));
         let peers = app
             .config
             .upstreams
@@ -104,23 +115,37 @@ impl Tollgate {
             .iter()
             .map(|r| {
                 let per_second = std::num::NonZeroU32::new(r.requests_per_second?)?;
-                Some(governor::RateLimiter::keyed(governor::Quota::per_second(per_second)))
+                Some(governor::RateLimiter::keyed(governor::Quota::per_second(
+                    per_second,
+                )))
             })
             .collect();
-        Tollgate { app, connector, peers, rate_limits }
+        let follow_ups = app.config.routes.iter().any(|r| r.process_id.is_some());
+        Tollgate {
+            app,
+            connector,
+            peers,
+            rate_limits,
+            follow_ups,
+        }
     }
 
     fn route(&self, req: &RequestHeader) -> Option<(usize, Option<Result<Uuid, ()>>)> {
         let path = req.uri.path();
-        self.app.config.routes.iter().enumerate().find_map(|(i, r)| {
-            if let MethodMatch::One(m) = &r.method {
-                if *m != req.method {
-                    return None;
+        self.app
+            .config
+            .routes
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| {
+                if let MethodMatch::One(m) = &r.method {
+                    if *m != req.method {
+                        return None;
+                    }
                 }
-            }
-            let id = r.pattern.matches(path, r.process_id.as_deref())?;
-            Some((i, id.map(|id| Uuid::parse_str(id).map_err(|_| ()))))
-        })
+                let id = r.pattern.matches(path, r.process_id.as_deref())?;
+                Some((i, id.map(|id| Uuid::parse_str(id).map_err(|_| ()))))
+            })
     }
 
     fn tracedata(&self, ctx: &Ctx, service: ServiceName, operation: &str) -> Tracedata {
@@ -139,10 +164,19 @@ impl Tollgate {
     }
 
     /// Answers a proxied route's error in the API shape.
-    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, error: ApiError, extra: &[(&str, String)]) {
+    async fn reject(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        error: ApiError,
+        extra: &[(&str, String)],
+    ) {
         let (service, operation) = match ctx.route.map(|i| &self.app.config.routes[i]) {
             Some(r) => (r.service, r.operation.to_string()),
-            None => (guess_service(session.req_header().uri.path()), "route_lookup".to_string()),
+            None => (
+                guess_service(session.req_header().uri.path()),
+                "route_lookup".to_string(),
+            ),
         };
         let body = error.body(&self.tracedata(ctx, service, &operation));
         let mut headers: Vec<(&str, String)> = extra.to_vec();
@@ -150,18 +184,27 @@ impl Tollgate {
             headers.push(("Retry-After", s.to_string()));
         }
         ctx.status = error.status;
-        let _ = respond(session, error.status, "application/json", &ctx.code, &headers, Bytes::from(body)).await;
+        let _ = respond(
+            session,
+            error.status,
+            "application/json",
+            &ctx.code,
+            &headers,
+            Bytes::from(body),
+        )
+        .await;
     }
 
     async fn serve_account(&self, session: &mut Session, ctx: &mut Ctx) {
-        let body = match read_body(session, self.app.config.limits.max_body_bytes.min(1 << 20)).await {
-            Ok(b) => b,
-            Err(BodyError::TooLarge) => {
-                session.set_keepalive(None);
-                Bytes::from_static(b"\0too-large")
-            }
-            Err(BodyError::Gone) => return,
-        };
+        let body =
+            match read_body(session, self.app.config.limits.max_body_bytes.min(1 << 20)).await {
+                Ok(b) => b,
+                Err(BodyError::TooLarge) => {
+                    session.set_keepalive(None);
+                    Bytes::from_static(b"\0too-large")
+                }
+                Err(BodyError::Gone) => return,
+            };
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
         let request = AccountRequest {
@@ -176,17 +219,39 @@ impl Tollgate {
         };
         let response = account::handle(&self.app, request).await;
         ctx.status = response.status;
-        self.app.metrics.account_requests.with_label_values(&[status_class(response.status)]).inc();
-        let headers: Vec<(&str, String)> = response.headers.iter().map(|(k, v)| (*k, v.clone())).collect();
-        let _ = respond(session, response.status, &response.content_type, &ctx.code, &headers, response.body).await;
+        self.app
+            .metrics
+            .account_requests
+            .with_label_values(&[status_class(response.status)])
+            .inc();
+        let headers: Vec<(&str, String)> = response
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        let _ = respond(
+            session,
+            response.status,
+            &response.content_type,
+            &ctx.code,
+            &headers,
+            response.body,
+        )
+        .await;
     }
 
     /// Steps 1-8 of a proxied call; errors are answered by the caller.
-    async fn proxy_call(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), (ApiError, Vec<(&'static str, String)>)> {
+    async fn proxy_call(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> Result<(), (ApiError, Vec<(&'static str, String)>)> {
         let app = &self.app;
         let plain = |e: ApiError| (e, Vec::new());
         let (route_index, process_id) = self.route(session.req_header()).ok_or_else(|| {
-            plain(ApiError::not_found(session.req_header().uri.path().to_string()))
+            plain(ApiError::not_found(
+                session.req_header().uri.path().to_string(),
+            ))
         })?;
         ctx.route = Some(route_index);
         let route = &app.config.routes[route_index];
@@ -200,11 +265,19 @@ impl Tollgate {
         let user = if route.auth {
             let user = app
                 .authority
-                .authenticate(session.req_header().headers.get("authorization").map(|v| v.as_bytes()))
+                .authenticate(
+                    session
+                        .req_header()
+                        .headers
+                        .get("authorization")
+                        .map(|v| v.as_bytes()),
+                )
                 .map_err(plain)?;
             ctx.user = Some(user.clone());
             if !route.roles.is_empty() && !user.roles.iter().any(|r| route.roles.contains(r)) {
-                return Err(plain(ApiError::forbidden("this route is not open to your role")));
+                return Err(plain(ApiError::forbidden(
+                    "this route is not open to your role",
+                )));
             }
             Some(user)
         } else {
@@ -214,9 +287,15 @@ impl Tollgate {
             if let Err(not_until) = limiter.check_key(&Arc::from(user.username.as_str())) {
                 use governor::clock::Clock;
                 let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-                app.metrics.rejections.with_label_values(&["requests_per_second"]).inc();
+                app.metrics
+                    .rejections
+                    .with_label_values(&["requests_per_second"])
+                    .inc();
                 return Err(plain(ApiError::too_many(
-                    format!("requests_per_second: at most {} calls per second", route.requests_per_second.unwrap_or(0)),
+                    format!(
+                        "requests_per_second: at most {} calls per second",
+                        route.requests_per_second.unwrap_or(0)
+                    ),
                     wait.as_secs_f64().ceil() as u64,
                 )));
             }
@@ -227,29 +306,61 @@ impl Tollgate {
         ctx.local_day = today.day;
 
         // Which process: a follow-up reuses (and must own) its tracecode.
-        let owner = user.as_ref().map(|u| u.username.as_str()).unwrap_or(trace::ANONYMOUS);
-        let company = user.as_ref().map(|u| u.company_key.as_str()).unwrap_or(trace::ANONYMOUS);
+        let owner = user
+            .as_ref()
+            .map(|u| u.username.as_str())
+            .unwrap_or(trace::ANONYMOUS);
+        let company = user
+            .as_ref()
+            .map(|u| u.company_key.as_str())
+            .unwrap_or(trace::ANONYMOUS);
         let utc_day = crate::store::day_of_ms(now_utc.timestamp_millis());
         let entry = match process_id {
             Some(Ok(code)) => {
                 ctx.code = code;
-                let admin = user.as_ref().is_some_and(|u| u.roles.contains(&Role::ADMIN));
+                let admin = user
+                    .as_ref()
+                    .is_some_and(|u| u.roles.contains(&Role::ADMIN));
                 let store = &app.store;
                 app.processes
                     .follow_up(code, owner, admin, || {
-                        store.process(&code).ok().flatten().map(|p| (p.owner, p.company_key, p.day, p.exchanges))
+                        store
+                            .process(&code)
+                            .ok()
+                            .flatten()
+                            .map(|p| (p.owner, p.company_key, p.day, p.exchanges))
                     })
-                    .map_err(|_| plain(ApiError::not_found(code.to_string())))?
+                    .map_err(|_| plain(ApiError::not_found(code.to_string())))
+                    .map(Some)?
             }
-            Some(Err(())) => return Err(plain(ApiError::not_found(session.req_header().uri.path().to_string()))),
-            None => app.processes.start(ctx.code, owner, company, utc_day),
+            Some(Err(())) => {
+                return Err(plain(ApiError::not_found(
+                    session.req_header().uri.path().to_string(),
+                )))
+            }
+            None if self.follow_ups => Some(app.processes.start(ctx.code, owner, company, utc_day)),
+            // No route can follow this process up: the first exchange, not registered.
+            None => None,
         };
-        ctx.stage = trace::stage_of(entry.exchanges - 1);
-        ctx.process = Some(ProcessRecord {
-            owner: entry.owner.to_string(),
-            company_key: entry.company_key.to_string(),
-            day: entry.day,
-            exchanges: entry.exchanges,
+        ctx.process = Some(match entry {
+            Some(entry) => {
+                ctx.stage = trace::stage_of(entry.exchanges - 1);
+                ProcessRecord {
+                    owner: entry.owner.to_string(),
+                    company_key: entry.company_key.to_string(),
+                    day: entry.day,
+                    exchanges: entry.exchanges,
+                }
+            }
+            None => {
+                ctx.stage = trace::stage_of(0);
+                ProcessRecord {
+                    owner: owner.to_string(),
+                    company_key: company.to_string(),
+                    day: utc_day,
+                    exchanges: 1,
+                }
+            }
         });
 
         // The whole body, before anything reaches the upstream.
@@ -257,32 +368,61 @@ impl Tollgate {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 session.set_keepalive(None);
-                app.metrics.rejections.with_label_values(&["body_too_large"]).inc();
-                return Err(plain(ApiError::new(413, format!("body: larger than max_body_bytes ({})", app.config.limits.max_body_bytes))));
+                app.metrics
+                    .rejections
+                    .with_label_values(&["body_too_large"])
+                    .inc();
+                return Err(plain(ApiError::new(
+                    413,
+                    format!(
+                        "body: larger than max_body_bytes ({})",
+                        app.config.limits.max_body_bytes
+                    ),
+                )));
             }
-            Err(BodyError::Gone) => return Err(plain(ApiError::bad_request("body: the client stopped sending"))),
+            Err(BodyError::Gone) => {
+                return Err(plain(ApiError::bad_request(
+                    "body: the client stopped sending",
+                )))
+            }
         };
 
         // Points, then the one atomic admission.
         ctx.points = count_points(&body, &route.points).map_err(|e| {
-            app.metrics.rejections.with_label_values(&["invalid_json"]).inc();
+            app.metrics
+                .rejections
+                .with_label_values(&["invalid_json"])
+                .inc();
             plain(ApiError::bad_request(format!("body: {e}")))
         })?;
         let mut rate_headers = Vec::new();
         if let Some(user) = &user {
-            let key: LedgerKey = (Arc::from(user.username.as_str()), route.service, route.method_group);
+            let key: LedgerKey = (
+                Arc::from(user.username.as_str()),
+                route.service,
+                route.method_group,
+            );
             let limits = app.quotas.limits(user, route.service, route.method_group);
             if !app.writer.has_room() {
-                app.metrics.rejections.with_label_values(&["store_backlog"]).inc();
+                app.metrics
+                    .rejections
+                    .with_label_values(&["store_backlog"])
+                    .inc();
                 let mut e = ApiError::new(503, "the audit store is behind; try again shortly");
                 e.retry_after_seconds = Some(1);
                 return Err(plain(e));
             }
-            match app.ledger.admit(&key, &limits, ctx.points.points, today, Instant::now()) {
+            match app
+                .ledger
+                .admit(&key, &limits, ctx.points.points, today, Instant::now())
+            {
                 Ok(lease) => ctx.lease = Some(lease),
                 Err(rejection) => {
                     let headers = rate_limit_headers(app.ledger.remaining(&key, &limits, today));
-                    app.metrics.rejections.with_label_values(&[rejection_reason(&rejection)]).inc();
+                    app.metrics
+                        .rejections
+                        .with_label_values(&[rejection_reason(&rejection)])
+                        .inc();
                     return Err((rejection_error(&rejection), headers));
                 }
             }
@@ -293,18 +433,34 @@ impl Tollgate {
         if route.capture {
             let cap = app.config.limits.max_capture_bytes;
             ctx.input = Some(Payload {
-                content_type: session.req_header().headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string),
+                content_type: session
+                    .req_header()
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
                 truncated: body.len() > cap,
                 body: body.slice(..body.len().min(cap)),
             });
         }
-        let client = user.as_ref().map(|u| trace::client_label(&u.company_key, &u.username)).unwrap_or_else(|| trace::ANONYMOUS.into());
+        let client = user
+            .as_ref()
+            .map(|u| trace::client_label(&u.company_key, &u.username))
+            .unwrap_or_else(|| trace::ANONYMOUS.into());
         let code = ctx.code.to_string();
-        let (points, unique) = (ctx.points.points.to_string(), ctx.points.unique_points.to_string());
+        let (points, unique) = (
+            ctx.points.points.to_string(),
+            ctx.points.unique_points.to_string(),
+        );
         let req = upstream::upstream_request(
             session.req_header(),
             body.len(),
-            &[(TRACECODE_HEADER, &code), (CLIENT_HEADER, &client), (POINTS_HEADER, &points), (UNIQUE_POINTS_HEADER, &unique)],
+            &[
+                (TRACECODE_HEADER, &code),
+                (CLIENT_HEADER, &client),
+                (POINTS_HEADER, &points),
+                (UNIQUE_POINTS_HEADER, &unique),
+            ],
             &["authorization", POINTS_HEADER, UNIQUE_POINTS_HEADER],
         )
         .map_err(|_| plain(ApiError::bad_request("request head cannot be forwarded")))?;
@@ -314,7 +470,12 @@ impl Tollgate {
             peer: &self.peers[route.upstream],
             idle_timeout: upstream_cfg.idle_timeout,
             total_timeout: route.total_timeout.unwrap_or(upstream_cfg.total_timeout),
-            max_capture_bytes: if route.capture { app.config.limits.max_capture_bytes } else { 0 },
+            hold_end: app.config.store.durability == crate::config::Durability::Strict,
+            max_capture_bytes: if route.capture {
+                app.config.limits.max_capture_bytes
+            } else {
+                0
+            },
         };
         let started = ctx.started;
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
@@ -322,7 +483,11 @@ impl Tollgate {
             let proxy_time = started.elapsed().saturating_sub(upstream_time);
             let _ = head.insert_header(
                 "Server-Timing",
-                format!("proxy;dur={:.3}, upstream;dur={:.3}", ms(proxy_time), ms(upstream_time)),
+                format!(
+                    "proxy;dur={:.3}, upstream;dur={:.3}",
+                    ms(proxy_time),
+                    ms(upstream_time)
+                ),
             );
             for (k, v) in &rate_headers {
                 let _ = head.insert_header(*k, v);
@@ -330,20 +495,42 @@ impl Tollgate {
         })
         .await;
         match result {
-            Ok(ex) => {
-                metrics.upstream_seconds.observe(ex.upstream_time.as_secs_f64());
+            Ok(mut ex) => {
+                metrics
+                    .upstream_seconds
+                    .observe(ex.upstream_time.as_secs_f64());
                 ctx.status = ex.status;
                 ctx.upstream_status = Some(ex.status);
                 if route.capture {
-                    ctx.output = Some(Payload { content_type: ex.content_type, truncated: ex.capture_truncated, body: ex.captured.freeze() });
+                    ctx.output = Some(Payload {
+                        content_type: ex.content_type,
+                        truncated: ex.capture_truncated,
+                        body: ex.captured.freeze(),
+                    });
+                }
+                if let Some(held) = ex.held_end.take() {
+                    // Strict durability: the charge and the record are on disk before the
+                    // caller sees the end of the answer.
+                    if let Some(record) = self.settle_and_take_record(ctx) {
+                        if let Err(e) = app.writer.record_durable(record).await {
+                            tracing::error!(error = %e, "strict record failed");
+                        }
+                    }
+                    upstream::end_response(session, held).await;
                 }
                 if !ex.complete {
-                    app.metrics.upstream_errors.with_label_values(&["aborted"]).inc();
+                    app.metrics
+                        .upstream_errors
+                        .with_label_values(&["aborted"])
+                        .inc();
                 }
                 Ok(())
             }
             Err(failure) => {
-                app.metrics.upstream_errors.with_label_values(&[failure.kind()]).inc();
+                app.metrics
+                    .upstream_errors
+                    .with_label_values(&[failure.kind()])
+                    .inc();
                 let message = match failure {
                     upstream::UpstreamFailure::Timeout => "the upstream did not answer in time",
                     upstream::UpstreamFailure::Connect => "the upstream is unreachable",
@@ -358,17 +545,37 @@ impl Tollgate {
     fn finish(&self, ctx: &mut Ctx) {
         let app = &self.app;
         let Some(route_index) = ctx.route else { return };
-        let route: &Route = &app.config.routes[route_index];
         let metrics = &app.metrics.routes[route_index];
         metrics.count(ctx.status);
-        metrics.total_seconds.observe(ctx.started.elapsed().as_secs_f64());
+        metrics
+            .total_seconds
+            .observe(ctx.started.elapsed().as_secs_f64());
+        let Some(record) = self.settle_and_take_record(ctx) else { return };
+        if let Err(full) = app.writer.try_record(record) {
+            // Never drop audit: wait for room off the async workers.
+            let writer = app.writer.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = writer.record_blocking(full.0) {
+                    tracing::error!(error = %e, "audit record could not be stored");
+                }
+            });
+        }
+    }
+
+    /// Settles the lease (commit on an upstream 2xx, else refund) and builds the call's record;
+    /// `None` once done, or when the call never reached the upstream (nothing to record).
+    fn settle_and_take_record(&self, ctx: &mut Ctx) -> Option<CallRecord> {
+        let app = &self.app;
+        let route: &Route = &app.config.routes[ctx.route?];
         let charged = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
         let charged_day = ctx.lease.as_ref().map(|l| l.day());
         if let Some(lease) = ctx.lease.take() {
             lease.settle(charged);
         }
         // Only calls that reached the upstream are on record.
-        let (Some(status), Some(process)) = (ctx.upstream_status, ctx.process.take()) else { return };
+        let (Some(status), Some(process)) = (ctx.upstream_status, ctx.process.take()) else {
+            return None;
+        };
         let user = ctx.user.as_ref();
         let mut input = ctx.input.take();
         let mut output = ctx.output.take();
@@ -377,11 +584,15 @@ impl Tollgate {
                 p.body = trace::redact(&p.body, &route.redact);
             }
         }
-        let record = CallRecord {
+        Some(CallRecord {
             audit: AuditRecord {
                 code: ctx.code,
-                username: user.map(|u| u.username.clone()).unwrap_or_else(|| trace::ANONYMOUS.into()),
-                company_key: user.map(|u| u.company_key.clone()).unwrap_or_else(|| trace::ANONYMOUS.into()),
+                username: user
+                    .map(|u| u.username.clone())
+                    .unwrap_or_else(|| trace::ANONYMOUS.into()),
+                company_key: user
+                    .map(|u| u.company_key.clone())
+                    .unwrap_or_else(|| trace::ANONYMOUS.into()),
                 service: route.service,
                 operation: route.operation.to_string(),
                 method_group: route.method_group,
@@ -396,17 +607,12 @@ impl Tollgate {
             stage: ctx.stage,
             input,
             output,
-            charged_day: if charged { charged_day.or(Some(ctx.local_day)) } else { None },
-        };
-        if let Err(full) = app.writer.try_record(record) {
-            // Never drop audit: wait for room off the async workers.
-            let writer = app.writer.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = writer.record_blocking(full.0) {
-                    tracing::error!(error = %e, "audit record could not be stored");
-                }
-            });
-        }
+            charged_day: if charged {
+                charged_day.or(Some(ctx.local_day))
+            } else {
+                None
+            },
+        })
     }
 }
 
@@ -427,7 +633,10 @@ fn guess_service(path: &str) -> ServiceName {
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
-    session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 fn rejection_reason(r: &Rejection) -> &'static str {
@@ -458,11 +667,16 @@ fn rejection_error(r: &Rejection) -> ApiError {
 }
 
 /// The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11) for the tightest points quota.
-fn rate_limit_headers(remaining: Option<crate::quota::ledger::Remaining>) -> Vec<(&'static str, String)> {
+fn rate_limit_headers(
+    remaining: Option<crate::quota::ledger::Remaining>,
+) -> Vec<(&'static str, String)> {
     match remaining {
         Some(r) => vec![
             ("RateLimit-Policy", format!("\"points\";q={}", r.limit)),
-            ("RateLimit", format!("\"points\";r={};t={}", r.remaining, r.reset_seconds)),
+            (
+                "RateLimit",
+                format!("\"points\";r={};t={}", r.remaining, r.reset_seconds),
+            ),
         ],
         None => Vec::new(),
     }
@@ -492,12 +706,19 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, BodyErr
         return Ok(Bytes::new());
     }
     if expects_continue {
-        session.write_continue_response().await.map_err(|_| BodyError::Gone)?;
+        session
+            .write_continue_response()
+            .await
+            .map_err(|_| BodyError::Gone)?;
     }
     let mut first: Option<Bytes> = None;
     let mut buf: Option<BytesMut> = None;
     let mut total = 0usize;
-    while let Some(chunk) = session.read_request_body().await.map_err(|_| BodyError::Gone)? {
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|_| BodyError::Gone)?
+    {
         total += chunk.len();
         if total > limit {
             return Err(BodyError::TooLarge);
@@ -537,7 +758,9 @@ async fn respond(
     for (k, v) in headers {
         head.insert_header(k.to_string(), v.as_str())?;
     }
-    session.write_response_header(Box::new(head), body.is_empty()).await?;
+    session
+        .write_response_header(Box::new(head), body.is_empty())
+        .await?;
     if !body.is_empty() {
         session.write_response_body(Some(body), true).await?;
     }
@@ -579,21 +802,42 @@ impl ProxyHttp for Tollgate {
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         // Every call is answered in request_filter; reaching here is a bug, reported as such.
-        pingora::Error::e_explain(pingora::ErrorType::InternalError, "request_filter answers every call")
+        pingora::Error::e_explain(
+            pingora::ErrorType::InternalError,
+            "request_filter answers every call",
+        )
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        ctx: &mut Ctx,
+    ) -> FailToProxy {
         let status = match e.etype() {
             pingora::ErrorType::HTTPStatus(code) => *code,
             _ if e.esource() == &pingora::ErrorSource::Downstream => 0,
             _ => 500,
         };
         if status > 0 {
-            self.reject(session, ctx, ApiError::new(status, "the request could not be served"), &[]).await;
+            self.reject(
+                session,
+                ctx,
+                ApiError::new(status, "the request could not be served"),
+                &[],
+            )
+            .await;
         }
-        FailToProxy { error_code: status, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {

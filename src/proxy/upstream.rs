@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
 use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
 
 /// How the upstream leg failed, for the caller's status and the metrics' `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,8 @@ pub struct Exchange {
     pub upstream_time: Duration,
     /// The response body reached the caller completely.
     pub complete: bool,
+    /// With `hold_end`: the response's last piece, not yet written.
+    pub held_end: Option<Option<Bytes>>,
 }
 
 /// Headers that belong to one connection, never forwarded either way.
@@ -79,7 +81,9 @@ pub fn upstream_request(
     for (name, value) in added {
         req.insert_header(*name, *value)?;
     }
-    let has_body = body_len > 0 || caller.headers.contains_key(http::header::CONTENT_LENGTH) || caller.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let has_body = body_len > 0
+        || caller.headers.contains_key(http::header::CONTENT_LENGTH)
+        || caller.headers.contains_key(http::header::TRANSFER_ENCODING);
     if has_body {
         req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
     }
@@ -93,6 +97,9 @@ pub struct Leg<'a> {
     pub idle_timeout: Duration,
     pub total_timeout: Duration,
     pub max_capture_bytes: usize,
+    /// Keep the end of the response back (strict durability): the caller settles and makes
+    /// the call durable first, then ends the response with [`end_response`].
+    pub hold_end: bool,
 }
 
 /// Sends `req` + `body` upstream and relays the answer to `session`. `on_head` may add headers
@@ -129,18 +136,29 @@ pub async fn exchange(
         capture_truncated: false,
         upstream_time,
         complete: false,
+        held_end: None,
     };
     let body_expected = !http.response_done();
-    if session.write_response_header(Box::new(out), !body_expected).await.is_err() {
+    if session
+        .write_response_header(Box::new(out), !body_expected && !leg.hold_end)
+        .await
+        .is_err()
+    {
         return Ok(ex);
     }
     if !body_expected {
         ex.complete = true;
-        leg.connector.release_http_session(http, leg.peer, Some(leg.idle_timeout)).await;
+        if leg.hold_end {
+            ex.held_end = Some(None);
+        }
+        leg.connector
+            .release_http_session(http, leg.peer, Some(leg.idle_timeout))
+            .await;
         return Ok(ex);
     }
     loop {
-        let chunk = match tokio::time::timeout_at(deadline.into(), http.read_response_body()).await {
+        let chunk = match tokio::time::timeout_at(deadline.into(), http.read_response_body()).await
+        {
             Ok(Ok(chunk)) => chunk,
             // The head is already sent: all that is left is to end the caller's response early.
             Ok(Err(_)) | Err(_) => return Ok(ex),
@@ -148,6 +166,10 @@ pub async fn exchange(
         let done = http.response_done();
         if let Some(data) = &chunk {
             capture(&mut ex, data, leg.max_capture_bytes);
+        }
+        if done && leg.hold_end {
+            ex.held_end = Some(chunk);
+            break;
         }
         if session.write_response_body(chunk, done).await.is_err() {
             return Ok(ex);
@@ -157,8 +179,15 @@ pub async fn exchange(
         }
     }
     ex.complete = true;
-    leg.connector.release_http_session(http, leg.peer, Some(leg.idle_timeout)).await;
+    leg.connector
+        .release_http_session(http, leg.peer, Some(leg.idle_timeout))
+        .await;
     Ok(ex)
+}
+
+/// Writes the held end of a response (see `Leg::hold_end`).
+pub async fn end_response(session: &mut Session, held: Option<Bytes>) -> bool {
+    session.write_response_body(held, true).await.is_ok()
 }
 
 fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
@@ -169,8 +198,16 @@ fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
     ex.captured.extend_from_slice(&data[..data.len().min(room)]);
 }
 
-async fn send(leg: &Leg<'_>, req: RequestHeader, body: Bytes) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
-    let (mut http, reused) = leg.connector.get_http_session(leg.peer).await.map_err(|_| UpstreamFailure::Connect)?;
+async fn send(
+    leg: &Leg<'_>,
+    req: RequestHeader,
+    body: Bytes,
+) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
+    let (mut http, reused) = leg
+        .connector
+        .get_http_session(leg.peer)
+        .await
+        .map_err(|_| UpstreamFailure::Connect)?;
     let sent = Instant::now();
     let result = write_and_read_head(&mut http, req.clone(), body.clone()).await;
     let head = match result {
@@ -178,8 +215,14 @@ async fn send(leg: &Leg<'_>, req: RequestHeader, body: Bytes) -> Result<(HttpSes
         // A pooled connection the upstream closed while idle: retry once on a fresh one,
         // which is safe because nothing of this request reached the upstream's application.
         Err(_) if reused => {
-            let (mut fresh, _) = leg.connector.get_http_session(leg.peer).await.map_err(|_| UpstreamFailure::Connect)?;
-            let head = write_and_read_head(&mut fresh, req, body).await.map_err(|_| UpstreamFailure::Protocol)?;
+            let (mut fresh, _) = leg
+                .connector
+                .get_http_session(leg.peer)
+                .await
+                .map_err(|_| UpstreamFailure::Connect)?;
+            let head = write_and_read_head(&mut fresh, req, body)
+                .await
+                .map_err(|_| UpstreamFailure::Protocol)?;
             http = fresh;
             head
         }
@@ -188,7 +231,11 @@ async fn send(leg: &Leg<'_>, req: RequestHeader, body: Bytes) -> Result<(HttpSes
     Ok((http, head, sent.elapsed()))
 }
 
-async fn write_and_read_head(http: &mut HttpSession, req: RequestHeader, body: Bytes) -> pingora::Result<ResponseHeader> {
+async fn write_and_read_head(
+    http: &mut HttpSession,
+    req: RequestHeader,
+    body: Bytes,
+) -> pingora::Result<ResponseHeader> {
     http.write_request_header(Box::new(req)).await?;
     if !body.is_empty() {
         http.write_request_body(body, true).await?;
@@ -196,7 +243,9 @@ async fn write_and_read_head(http: &mut HttpSession, req: RequestHeader, body: B
     http.finish_request_body().await?;
     loop {
         http.read_response_header().await?;
-        let head = http.response_header().ok_or_else(|| pingora::Error::new(pingora::ErrorType::InvalidHTTPHeader))?;
+        let head = http
+            .response_header()
+            .ok_or_else(|| pingora::Error::new(pingora::ErrorType::InvalidHTTPHeader))?;
         // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
         if !head.status.is_informational() {
             return Ok(head.clone());

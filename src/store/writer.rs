@@ -29,6 +29,8 @@ pub struct CallRecord {
 
 enum Op {
     Call(Box<CallRecord>),
+    /// A call whose record must be on disk (fsynced) before its answer completes.
+    Durable(Box<CallRecord>, tokio::sync::oneshot::Sender<()>),
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -46,7 +48,12 @@ const MAX_BATCH_OPS: usize = 4096;
 impl StoreWriter {
     /// Starts the writer thread; it stops when every `StoreWriter` clone is dropped, after
     /// writing what it holds.
-    pub fn start(store: Arc<Store>, flush_interval: Duration, capacity: usize, strict: bool) -> (StoreWriter, std::thread::JoinHandle<()>) {
+    pub fn start(
+        store: Arc<Store>,
+        flush_interval: Duration,
+        capacity: usize,
+        strict: bool,
+    ) -> (StoreWriter, std::thread::JoinHandle<()>) {
         let (tx, rx) = bounded(capacity);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -59,19 +66,43 @@ impl StoreWriter {
     pub fn try_record(&self, record: CallRecord) -> std::result::Result<(), Full> {
         match self.tx.try_send(Op::Call(Box::new(record))) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(Op::Call(r))) | Err(TrySendError::Disconnected(Op::Call(r))) => Err(Full(r)),
+            Err(TrySendError::Full(Op::Call(r))) | Err(TrySendError::Disconnected(Op::Call(r))) => {
+                Err(Full(r))
+            }
             Err(_) => unreachable!("only calls are sent here"),
         }
     }
 
+    /// Hands a record over and waits until it is fsynced (`durability = "strict"`). Calls
+    /// waiting at once share one batch and one fsync.
+    pub async fn record_durable(&self, record: CallRecord) -> Result<()> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        match self.tx.try_send(Op::Durable(Box::new(record), ack)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(op)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(op))
+                    .await
+                    .map_err(|_| StoreError::WriterGone)?
+                    .map_err(|_| StoreError::WriterGone)?;
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(StoreError::WriterGone),
+        }
+        done.await.map_err(|_| StoreError::WriterGone)
+    }
+
     /// Hands a record over, waiting for room (off the async workers).
     pub fn record_blocking(&self, record: Box<CallRecord>) -> Result<()> {
-        self.tx.send(Op::Call(record)).map_err(|_| StoreError::WriterGone)
+        self.tx
+            .send(Op::Call(record))
+            .map_err(|_| StoreError::WriterGone)
     }
 
     /// Whether a new call could be recorded now (admission refuses calls when it could not).
     pub fn has_room(&self) -> bool {
-        self.tx.capacity().is_none_or(|cap| self.tx.len() + 64 < cap)
+        self.tx
+            .capacity()
+            .is_none_or(|cap| self.tx.len() + 64 < cap)
     }
 
     pub fn queued(&self) -> usize {
@@ -95,7 +126,9 @@ impl StoreWriter {
     /// As [`StoreWriter::flush`], from a thread outside any runtime (shutdown).
     pub fn flush_blocking(&self) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.tx.send(Op::Flush(ack)).map_err(|_| StoreError::WriterGone)?;
+        self.tx
+            .send(Op::Flush(ack))
+            .map_err(|_| StoreError::WriterGone)?;
         done.blocking_recv().map_err(|_| StoreError::WriterGone)
     }
 }
@@ -115,6 +148,11 @@ fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bo
                 acks.push(ack);
                 false
             }
+            Ok(Op::Durable(c, ack)) => {
+                calls.push(c);
+                acks.push(ack);
+                false
+            }
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => true,
         };
@@ -125,6 +163,10 @@ fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bo
                 match rx.try_recv() {
                     Ok(Op::Call(c)) => calls.push(c),
                     Ok(Op::Flush(ack)) => acks.push(ack),
+                    Ok(Op::Durable(c, ack)) => {
+                        calls.push(c);
+                        acks.push(ack);
+                    }
                     Err(_) => break,
                 }
             }
@@ -155,9 +197,18 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
     for call in calls {
         let a = &call.audit;
         let audit = store.day_keyspace("audit", day_of_ms(a.time_ms))?;
-        batch.insert(&audit, record_key(a.time_ms, &a.code), encode(a));
-        batch.insert(&audit, index_key(b'u', &a.username, a.time_ms, &a.code), b"".as_slice());
-        batch.insert(&audit, index_key(b'c', &a.company_key, a.time_ms, &a.code), b"".as_slice());
+        let exchange = call.process.exchanges;
+        batch.insert(&audit, record_key(a.time_ms, &a.code, exchange), encode(a));
+        batch.insert(
+            &audit,
+            index_key(b'u', &a.username, a.time_ms, &a.code, exchange),
+            b"".as_slice(),
+        );
+        batch.insert(
+            &audit,
+            index_key(b'c', &a.company_key, a.time_ms, &a.code, exchange),
+            b"".as_slice(),
+        );
 
         let payloads = store.day_keyspace("payload", call.process.day)?;
         if call.process.exchanges <= 1 {
@@ -166,24 +217,45 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
         batch.insert(&payloads, process_key(&a.code), encode(&call.process));
         for (flow, payload) in [(Flow::Input, &call.input), (Flow::Output, &call.output)] {
             if let Some(p) = payload {
-                batch.insert(&payloads, payload_key(&a.code, flow, call.stage), encode_payload(p));
+                batch.insert(
+                    &payloads,
+                    payload_key(&a.code, flow, call.stage),
+                    encode_payload(p),
+                );
             }
         }
         if let Some(day) = call.charged_day {
-            let entry = stats.entry(stats_key(&a.username, day, a.service, a.method_group)).or_default();
+            let entry = stats
+                .entry(stats_key(&a.username, day, a.service, a.method_group))
+                .or_default();
             entry.points += a.points;
             entry.unique_points += a.unique_points;
         }
     }
     for (code, day) in new_processes {
-        batch.insert(&store.processes, code.as_bytes().as_slice(), day_key(day).as_slice());
+        batch.insert(
+            &store.processes,
+            code.as_bytes().as_slice(),
+            day_key(day).as_slice(),
+        );
     }
     for (key, add) in stats {
-        let current = store.stats.get(&key)?.map(|v| counts_from(&v)).unwrap_or_default();
-        let total = DayCounts { points: current.points + add.points, unique_points: current.unique_points + add.unique_points };
+        let current = store
+            .stats
+            .get(&key)?
+            .map(|v| counts_from(&v))
+            .unwrap_or_default();
+        let total = DayCounts {
+            points: current.points + add.points,
+            unique_points: current.unique_points + add.unique_points,
+        };
         batch.insert(&store.stats, key, counts_value(total).as_slice());
     }
     batch.commit()?;
-    store.db.persist(if strict { PersistMode::SyncAll } else { PersistMode::Buffer })?;
+    store.db.persist(if strict {
+        PersistMode::SyncAll
+    } else {
+        PersistMode::Buffer
+    })?;
     Ok(())
 }
