@@ -55,7 +55,12 @@ impl AccountResponse {
             status: 200,
             content_type: content_type.into(),
             headers: filename
-                .map(|f| vec![("Content-Disposition", format!("attachment; filename=\"{f}\""))])
+                .map(|f| {
+                    vec![(
+                        "Content-Disposition",
+                        format!("attachment; filename=\"{f}\""),
+                    )]
+                })
                 .unwrap_or_default(),
             body,
         }
@@ -90,7 +95,9 @@ impl Call<'_> {
     fn tracedata(&self) -> Tracedata {
         let (client, tz) = match (&self.user, &self.tried) {
             (Some(u), _) => (trace::client_label(&u.company_key, &u.username), u.timezone),
-            (None, Some(name)) if name.chars().count() >= 2 && name.len() <= 256 => (name.clone(), 0),
+            (None, Some(name)) if name.chars().count() >= 2 && name.len() <= 256 => {
+                (name.clone(), 0)
+            }
             _ => (trace::ANONYMOUS.to_string(), 0),
         };
         Tracedata {
@@ -107,13 +114,20 @@ impl Call<'_> {
 /// Parses JSON into `T`, naming the field and the rule when it does not fit.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body == b"\0too-large" {
-        return Err(ApiError::new(413, "body: larger than the account API accepts (1 MiB)"));
+        return Err(ApiError::new(
+            413,
+            "body: larger than the account API accepts (1 MiB)",
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = if path == "." || path.is_empty() { "body".to_string() } else { path };
+        let field = if path == "." || path == "?" || path.is_empty() {
+            "body".to_string()
+        } else {
+            path
+        };
         let rule = inner.to_string();
         // serde_json appends " at line L column C"; the field name says more to a caller.
         let rule = rule.split(" at line ").next().unwrap_or(&rule).to_string();
@@ -128,7 +142,11 @@ pub fn parse_query(query: &str) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let decode = |s: &str| percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
             (decode(k), decode(v))
         })
         .collect()
@@ -138,7 +156,10 @@ pub fn parse_query(query: &str) -> Vec<(String, String)> {
 fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
     let n = value.chars().count();
     if n < min || n > max {
-        return Err(ApiError::invalid(field, format!("must be {min}..{max} characters, got {n}")));
+        return Err(ApiError::invalid(
+            field,
+            format!("must be {min}..{max} characters, got {n}"),
+        ));
     }
     Ok(())
 }
@@ -146,7 +167,10 @@ fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), Api
 fn check_word(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
     check_len(field, value, min, max)?;
     if !crate::model::is_word(value) {
-        return Err(ApiError::invalid(field, "must match \\w+ (letters, digits, underscore)"));
+        return Err(ApiError::invalid(
+            field,
+            "must match \\w+ (letters, digits, underscore)",
+        ));
     }
     Ok(())
 }
@@ -155,7 +179,13 @@ fn check_word(field: &str, value: &str, min: usize, max: usize) -> Result<(), Ap
 pub async fn handle(app: &App, req: AccountRequest<'_>) -> AccountResponse {
     let method = req.method.clone();
     let path = req.path.to_string();
-    let mut call = Call { app, req, operation: "account", user: None, tried: None };
+    let mut call = Call {
+        app,
+        req,
+        operation: "account",
+        user: None,
+        tried: None,
+    };
     let result = route(&mut call, &method, &path).await;
     match result {
         Ok(response) => response,
@@ -165,12 +195,21 @@ pub async fn handle(app: &App, req: AccountRequest<'_>) -> AccountResponse {
             if let Some(s) = error.retry_after_seconds {
                 headers.push(("Retry-After", s.to_string()));
             }
-            AccountResponse { status: error.status, content_type: "application/json".into(), headers, body: Bytes::from(body) }
+            AccountResponse {
+                status: error.status,
+                content_type: "application/json".into(),
+                headers,
+                body: Bytes::from(body),
+            }
         }
     }
 }
 
-async fn route(call: &mut Call<'_>, method: &http::Method, path: &str) -> Result<AccountResponse, ApiError> {
+async fn route(
+    call: &mut Call<'_>,
+    method: &http::Method,
+    path: &str,
+) -> Result<AccountResponse, ApiError> {
     use http::Method as M;
     let rest = path.strip_prefix("/account/").unwrap_or("");
     let endpoint = |op: &'static str, call: &mut Call<'_>| call.operation = op;
@@ -249,11 +288,23 @@ mod tests {
     fn json_errors_name_the_field_and_rule() {
         let e = parse_json::<Req>(br#"{"username": 5}"#).unwrap_err();
         assert_eq!(e.status, 400);
-        assert!(e.message.starts_with("username: invalid type"), "{}", e.message);
+        assert!(
+            e.message.starts_with("username: invalid type"),
+            "{}",
+            e.message
+        );
         let e = parse_json::<Req>(br#"{"ttl_seconds": 5}"#).unwrap_err();
-        assert!(e.message.contains("missing field `username`"), "{}", e.message);
+        assert!(
+            e.message.contains("missing field `username`"),
+            "{}",
+            e.message
+        );
         let e = parse_json::<Req>(br#""just a string""#).unwrap_err();
-        assert!(e.message.starts_with("body: invalid type: string"), "{}", e.message);
+        assert!(
+            e.message.starts_with("body: invalid type: string"),
+            "{}",
+            e.message
+        );
         let e = parse_json::<Req>(b"{not json").unwrap_err();
         assert!(e.message.starts_with("body: "), "{}", e.message);
     }
@@ -262,7 +313,11 @@ mod tests {
     fn query_pairs_are_decoded() {
         assert_eq!(
             parse_query("from=2025-01-02T03%3A04%3A05%2B0300&limit=10&x"),
-            vec![("from".into(), "2025-01-02T03:04:05+0300".into()), ("limit".into(), "10".into()), ("x".into(), "".into())]
+            vec![
+                ("from".into(), "2025-01-02T03:04:05+0300".into()),
+                ("limit".into(), "10".into()),
+                ("x".into(), "".into())
+            ]
         );
     }
 }

