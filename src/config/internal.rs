@@ -108,10 +108,12 @@ pub struct PathPattern {
 
 impl PathPattern {
     pub fn parse(pattern: &str) -> Result<Self, String> {
-        let rest = pattern
-            .strip_prefix('/')
-            .ok_or("must start with '/'")?;
-        let parts: Vec<&str> = if rest.is_empty() { vec![] } else { rest.split('/').collect() };
+        let rest = pattern.strip_prefix('/').ok_or("must start with '/'")?;
+        let parts: Vec<&str> = if rest.is_empty() {
+            vec![]
+        } else {
+            rest.split('/').collect()
+        };
         let mut segments = Vec::with_capacity(parts.len());
         for (i, part) in parts.iter().enumerate() {
             let segment = if *part == "*" {
@@ -127,7 +129,9 @@ impl PathPattern {
             } else if part.is_empty() {
                 return Err("empty segment ('//')".into());
             } else if part.contains(['{', '}', '*', '?', '#']) {
-                return Err(format!("segment '{part}' mixes literal text and pattern characters"));
+                return Err(format!(
+                    "segment '{part}' mixes literal text and pattern characters"
+                ));
             } else {
                 Segment::Literal(part.to_string())
             };
@@ -266,7 +270,10 @@ mod tests {
     #[test]
     fn params_capture_one_segment() {
         let p = PathPattern::parse("/universal/plan/result/{id}").unwrap();
-        assert_eq!(p.matches("/universal/plan/result/abc", Some("id")), Some(Some("abc")));
+        assert_eq!(
+            p.matches("/universal/plan/result/abc", Some("id")),
+            Some(Some("abc"))
+        );
         assert_eq!(p.matches("/universal/plan/result/abc", None), Some(None));
         assert_eq!(p.matches("/universal/plan/result/", Some("id")), None);
         assert_eq!(p.matches("/universal/plan/result/a/b", Some("id")), None);
@@ -300,7 +307,10 @@ mod tests {
             max_concurrent_execution: Some(5),
             ..Default::default()
         };
-        let user = QuotaValues { points_per_day: Some(10), ..Default::default() };
+        let user = QuotaValues {
+            points_per_day: Some(10),
+            ..Default::default()
+        };
         let merged = user.over(base);
         assert_eq!(merged.points_per_day, Some(10));
         assert_eq!(merged.max_concurrent_execution, Some(5));

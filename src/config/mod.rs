@@ -31,7 +31,10 @@ impl std::fmt::Display for Problem {
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![Problem { key: path.display().to_string(), message: format!("cannot read: {e}") }]
+        vec![Problem {
+            key: path.display().to_string(),
+            message: format!("cannot read: {e}"),
+        }]
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     parse(&text, &base)
@@ -47,10 +50,11 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             problems.push(problem);
             // An unknown key must not hide the file's other problems: drop it and read on
             // (from the parsed tree, so later problems have no line number).
-            let mut value: ::toml::Value = match unknown.then(|| ::toml::from_str(text).ok()).flatten() {
-                Some(v) => v,
-                None => return Err(problems),
-            };
+            let mut value: ::toml::Value =
+                match unknown.then(|| ::toml::from_str(text).ok()).flatten() {
+                    Some(v) => v,
+                    None => return Err(problems),
+                };
             if !remove_key(&mut value, &key) {
                 return Err(problems);
             }
@@ -76,7 +80,10 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             }
         }
     };
-    let mut v = Validator { problems, base: base.to_path_buf() };
+    let mut v = Validator {
+        problems,
+        base: base.to_path_buf(),
+    };
     let config = v.config(file);
     if v.problems.is_empty() {
         Ok(config)
@@ -103,7 +110,13 @@ where
                 format!(" (line {line})")
             })
             .unwrap_or_default();
-        (Problem { key: if key == "." { "(file)".into() } else { key }, message: message + &at }, unknown)
+        (
+            Problem {
+                key: if key == "." { "(file)".into() } else { key },
+                message: message + &at,
+            },
+            unknown,
+        )
     })
 }
 
@@ -116,13 +129,19 @@ fn remove_key(value: &mut ::toml::Value, path: &str) -> bool {
             steps.push(Ok(name));
         }
         while !rest.is_empty() {
-            let Some((index, after)) = rest.split_once(']') else { return false };
-            let Ok(index) = index.parse() else { return false };
+            let Some((index, after)) = rest.split_once(']') else {
+                return false;
+            };
+            let Ok(index) = index.parse() else {
+                return false;
+            };
             steps.push(Err(index));
             rest = after.strip_prefix('[').unwrap_or(after);
         }
     }
-    let Some((Ok(last), parents)) = steps.split_last() else { return false };
+    let Some((Ok(last), parents)) = steps.split_last() else {
+        return false;
+    };
     let mut at = value;
     for step in parents {
         let next = match (step, at) {
@@ -148,12 +167,18 @@ struct Validator {
 
 impl Validator {
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { key: key.into(), message: message.into() });
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
     }
 
     fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
         value.parse().unwrap_or_else(|_| {
-            self.problem(key, format!("'{value}' is not an address such as 127.0.0.1:8080"));
+            self.problem(
+                key,
+                format!("'{value}' is not an address such as 127.0.0.1:8080"),
+            );
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }
@@ -181,16 +206,25 @@ impl Validator {
     }
 
     fn parsed<T: std::str::FromStr<Err = String>>(&mut self, key: &str, value: &str) -> Option<T> {
-        value.parse().map_err(|e| self.problem(key, format!("'{value}' {e}"))).ok()
+        value
+            .parse()
+            .map_err(|e| self.problem(key, format!("'{value}' {e}")))
+            .ok()
     }
 
     fn config(&mut self, f: toml::File) -> Config {
         let server = Server {
-            listen: self.addr("server.listen", f.server.listen.as_deref().unwrap_or("127.0.0.1:8080")),
+            listen: self.addr(
+                "server.listen",
+                f.server.listen.as_deref().unwrap_or("127.0.0.1:8080"),
+            ),
             name: {
                 let name = f.server.name.unwrap_or_else(|| "tollgate".into());
                 if !(2..=256).contains(&name.chars().count()) {
-                    self.problem("server.name", "must be 2..256 characters (it is tracedata.server)");
+                    self.problem(
+                        "server.name",
+                        "must be 2..256 characters (it is tracedata.server)",
+                    );
                 }
                 Arc::from(name)
             },
@@ -199,16 +233,43 @@ impl Validator {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
                 other => {
-                    self.problem("server.log_format", format!("'{other}' must be \"text\" or \"json\""));
+                    self.problem(
+                        "server.log_format",
+                        format!("'{other}' must be \"text\" or \"json\""),
+                    );
                     LogFormat::Text
                 }
             },
-            grace_period_seconds: self.range("server.grace_period_seconds", f.server.grace_period_seconds, 1, 0, 3600) as u64,
-            shutdown_timeout_seconds: self.range("server.shutdown_timeout_seconds", f.server.shutdown_timeout_seconds, 30, 1, 3600) as u64,
+            grace_period_seconds: self.range(
+                "server.grace_period_seconds",
+                f.server.grace_period_seconds,
+                1,
+                0,
+                3600,
+            ) as u64,
+            shutdown_timeout_seconds: self.range(
+                "server.shutdown_timeout_seconds",
+                f.server.shutdown_timeout_seconds,
+                30,
+                1,
+                3600,
+            ) as u64,
         };
         let limits = Limits {
-            max_body_bytes: self.range("limits.max_body_bytes", f.limits.max_body_bytes, 32 << 20, 1, 1 << 32) as usize,
-            max_capture_bytes: self.range("limits.max_capture_bytes", f.limits.max_capture_bytes, 1 << 20, 0, 1 << 32) as usize,
+            max_body_bytes: self.range(
+                "limits.max_body_bytes",
+                f.limits.max_body_bytes,
+                32 << 20,
+                1,
+                1 << 32,
+            ) as usize,
+            max_capture_bytes: self.range(
+                "limits.max_capture_bytes",
+                f.limits.max_capture_bytes,
+                1 << 20,
+                0,
+                1 << 32,
+            ) as usize,
         };
         let upstreams: Vec<Upstream> = f
             .upstreams
@@ -218,22 +279,67 @@ impl Validator {
             .collect();
         let store = Store {
             path: self.path(f.store.path.as_deref().unwrap_or("data")),
-            flush_interval: Duration::from_millis(self.range("store.flush_interval_ms", f.store.flush_interval_ms, 100, 1, 60_000) as u64),
+            flush_interval: Duration::from_millis(self.range(
+                "store.flush_interval_ms",
+                f.store.flush_interval_ms,
+                100,
+                1,
+                60_000,
+            ) as u64),
             durability: match f.store.durability.as_deref().unwrap_or("buffered") {
                 "buffered" => Durability::Buffered,
                 "strict" => Durability::Strict,
                 other => {
-                    self.problem("store.durability", format!("'{other}' must be \"buffered\" or \"strict\""));
+                    self.problem(
+                        "store.durability",
+                        format!("'{other}' must be \"buffered\" or \"strict\""),
+                    );
                     Durability::Buffered
                 }
             },
-            payload_retention_days: self.range("store.payload_retention_days", f.store.payload_retention_days, 30, 1, 3653) as u32,
-            audit_retention_days: self.range("store.audit_retention_days", f.store.audit_retention_days, 90, 1, 3653) as u32,
-            queue_capacity: self.range("store.queue_capacity", f.store.queue_capacity, 65_536, 16, 16 << 20) as usize,
+            payload_retention_days: self.range(
+                "store.payload_retention_days",
+                f.store.payload_retention_days,
+                30,
+                1,
+                3653,
+            ) as u32,
+            audit_retention_days: self.range(
+                "store.audit_retention_days",
+                f.store.audit_retention_days,
+                90,
+                1,
+                3653,
+            ) as u32,
+            queue_capacity: self.range(
+                "store.queue_capacity",
+                f.store.queue_capacity,
+                65_536,
+                16,
+                16 << 20,
+            ) as usize,
             lease_ttl: {
-                let longest = upstreams.iter().map(|u| u.total_timeout.as_secs()).max().unwrap_or(0);
+                // A route may wait longer than its upstream's default: its lease must outlive it.
+                let longest = upstreams
+                    .iter()
+                    .map(|u| u.total_timeout.as_secs())
+                    .chain(
+                        f.routes
+                            .iter()
+                            .filter_map(|r| r.total_timeout_ms)
+                            .map(|ms| ms.clamp(0, 3_600_000) as u64 / 1000),
+                    )
+                    .max()
+                    .unwrap_or(0);
                 let default = (longest + 60) as i64;
-                Duration::from_secs(self.range("store.lease_ttl_seconds", f.store.lease_ttl_seconds, default, 1, 86_400) as u64)
+                // Shorter than the longest call, a slot could be handed on while its call runs.
+                Duration::from_secs(self.range(
+                    "store.lease_ttl_seconds",
+                    f.store.lease_ttl_seconds,
+                    default,
+                    longest as i64 + 1,
+                    86_400,
+                ) as u64)
             },
         };
         let auth = Auth {
@@ -256,7 +362,13 @@ impl Validator {
         let metrics_listen = f.metrics.map(|m| self.addr("metrics.listen", &m.listen));
         let demo_upstream = f.demo_upstream.map(|d| DemoUpstream {
             listen: self.addr("demo_upstream.listen", &d.listen),
-            compute_time: Duration::from_millis(self.range("demo_upstream.compute_time_ms", d.compute_time_ms, 2000, 0, 3_600_000) as u64),
+            compute_time: Duration::from_millis(self.range(
+                "demo_upstream.compute_time_ms",
+                d.compute_time_ms,
+                2000,
+                0,
+                3_600_000,
+            ) as u64),
         });
         let docs_dir = self.path(f.docs.dir.as_deref().unwrap_or("docs"));
         let routes = f
@@ -275,21 +387,54 @@ impl Validator {
         for (i, u) in f.users.into_iter().enumerate() {
             if let Some(seed) = self.user(i, u) {
                 if users.iter().any(|o| o.username == seed.username) {
-                    self.problem(format!("users[{i}].username"), format!("'{}' is listed twice", seed.username));
+                    self.problem(
+                        format!("users[{i}].username"),
+                        format!("'{}' is listed twice", seed.username),
+                    );
                 }
                 users.push(seed);
             }
         }
-        Config { server, limits, store, auth, metrics_listen, demo_upstream, docs_dir, upstreams, routes, quotas, users }
+        Config {
+            server,
+            limits,
+            store,
+            auth,
+            metrics_listen,
+            demo_upstream,
+            docs_dir,
+            upstreams,
+            routes,
+            quotas,
+            users,
+        }
     }
 
     fn upstream(&mut self, i: usize, u: toml::Upstream) -> Upstream {
         let key = |k: &str| format!("upstreams[{i}].{k}");
         Upstream {
             address: self.addr(&key("address"), &u.address),
-            connect_timeout: Duration::from_millis(self.range(&key("connect_timeout_ms"), u.connect_timeout_ms, 1_000, 1, 600_000) as u64),
-            total_timeout: Duration::from_millis(self.range(&key("total_timeout_ms"), u.total_timeout_ms, 60_000, 1, 3_600_000) as u64),
-            idle_timeout: Duration::from_secs(self.range(&key("idle_timeout_seconds"), u.idle_timeout_seconds, 60, 1, 3600) as u64),
+            connect_timeout: Duration::from_millis(self.range(
+                &key("connect_timeout_ms"),
+                u.connect_timeout_ms,
+                1_000,
+                1,
+                600_000,
+            ) as u64),
+            total_timeout: Duration::from_millis(self.range(
+                &key("total_timeout_ms"),
+                u.total_timeout_ms,
+                60_000,
+                1,
+                3_600_000,
+            ) as u64),
+            idle_timeout: Duration::from_secs(self.range(
+                &key("idle_timeout_seconds"),
+                u.idle_timeout_seconds,
+                60,
+                1,
+                3600,
+            ) as u64),
             keepalive: self.range(&key("keepalive"), u.keepalive, 128, 0, 65_536) as usize,
             name: u.name,
         }
@@ -302,28 +447,42 @@ impl Validator {
             m => match http::Method::from_bytes(m.as_bytes()) {
                 Ok(m) if m.as_str().bytes().all(|b| b.is_ascii_uppercase()) => MethodMatch::One(m),
                 _ => {
-                    self.problem(key("method"), format!("'{m}' must be an upper-case HTTP method or \"*\""));
+                    self.problem(
+                        key("method"),
+                        format!("'{m}' must be an upper-case HTTP method or \"*\""),
+                    );
                     MethodMatch::Any
                 }
             },
         };
-        let pattern = PathPattern::parse(&r.path).map_err(|e| self.problem(key("path"), format!("'{}' {e}", r.path))).ok();
+        let pattern = PathPattern::parse(&r.path)
+            .map_err(|e| self.problem(key("path"), format!("'{}' {e}", r.path)))
+            .ok();
         let upstream = upstreams.iter().position(|u| u.name == r.upstream);
         if upstream.is_none() {
-            self.problem(key("upstream"), format!("'{}' names no [[upstreams]] entry", r.upstream));
+            self.problem(
+                key("upstream"),
+                format!("'{}' names no [[upstreams]] entry", r.upstream),
+            );
         }
         let service = self.parsed::<ServiceName>(&key("service"), &r.service);
         let method_group = self.parsed::<MethodGroup>(&key("method_group"), &r.method_group);
         if !(3..=256).contains(&r.operation.chars().count()) {
             self.problem(key("operation"), "must be 3..256 characters");
         }
-        let points = PointsRule { array_pointers: r.points.unwrap_or_default(), unique_key_pointer: r.unique_key };
+        let points = PointsRule {
+            array_pointers: r.points.unwrap_or_default(),
+            unique_key_pointer: r.unique_key,
+        };
         if let Err(e) = points.validate() {
             self.problem(key("points"), e);
         }
         if let (Some(name), Some(p)) = (&r.process_id, &pattern) {
             if !p.segments.contains(&Segment::Param(name.clone())) {
-                self.problem(key("process_id"), format!("'{name}' is not a {{{name}}} segment of the path"));
+                self.problem(
+                    key("process_id"),
+                    format!("'{name}' is not a {{{name}}} segment of the path"),
+                );
             }
         }
         let roles = r
@@ -335,13 +494,23 @@ impl Validator {
             .collect();
         for (j, pointer) in r.redact.iter().flatten().enumerate() {
             if !(pointer.is_empty() || pointer.starts_with('/')) {
-                self.problem(format!("routes[{i}].redact[{j}]"), "a JSON pointer must be empty or start with '/'");
+                self.problem(
+                    format!("routes[{i}].redact[{j}]"),
+                    "a JSON pointer must be empty or start with '/'",
+                );
             }
         }
         let total_timeout = self
             .opt_range(&key("total_timeout_ms"), r.total_timeout_ms, 1, 3_600_000)
             .map(|ms| Duration::from_millis(ms as u64));
-        let requests_per_second = self.opt_range(&key("requests_per_second"), r.requests_per_second, 1, 1_000_000).map(|v| v as u32);
+        let requests_per_second = self
+            .opt_range(
+                &key("requests_per_second"),
+                r.requests_per_second,
+                1,
+                1_000_000,
+            )
+            .map(|v| v as u32);
         Some(Route {
             method,
             pattern: pattern?,
@@ -374,16 +543,52 @@ impl Validator {
             }
         };
         let values = QuotaValues {
-            points_per_request: self.opt_range(&key("points_per_request"), q.points_per_request, 0, 1_000_000).map(|v| v as u64),
-            points_per_day: self.opt_range(&key("points_per_day"), q.points_per_day, 0, 100_000_000).map(|v| v as u64),
-            points_per_date_window: self.opt_range(&key("points_per_date_window"), q.points_per_date_window, 0, 100_000_000).map(|v| v as u64),
-            date_window_days: self.opt_range(&key("date_window_days"), q.date_window_days, 2, 366).map(|v| v as u32),
-            max_concurrent_execution: self.opt_range(&key("max_concurrent_execution"), q.max_concurrent_execution, 0, 1000).map(|v| v as u32),
+            points_per_request: self
+                .opt_range(
+                    &key("points_per_request"),
+                    q.points_per_request,
+                    0,
+                    1_000_000,
+                )
+                .map(|v| v as u64),
+            points_per_day: self
+                .opt_range(&key("points_per_day"), q.points_per_day, 0, 100_000_000)
+                .map(|v| v as u64),
+            points_per_date_window: self
+                .opt_range(
+                    &key("points_per_date_window"),
+                    q.points_per_date_window,
+                    0,
+                    100_000_000,
+                )
+                .map(|v| v as u64),
+            date_window_days: self
+                .opt_range(&key("date_window_days"), q.date_window_days, 2, 366)
+                .map(|v| v as u32),
+            max_concurrent_execution: self
+                .opt_range(
+                    &key("max_concurrent_execution"),
+                    q.max_concurrent_execution,
+                    0,
+                    1000,
+                )
+                .map(|v| v as u32),
         };
-        if values.points_per_date_window.is_some() && values.date_window_days.is_none() && scope == QuotaScope::Default {
-            self.problem(key("date_window_days"), "is required with points_per_date_window (N >= 2)");
+        if values.points_per_date_window.is_some()
+            && values.date_window_days.is_none()
+            && scope == QuotaScope::Default
+        {
+            self.problem(
+                key("date_window_days"),
+                "is required with points_per_date_window (N >= 2)",
+            );
         }
-        Some(Quota { service: service?, method_group: method_group?, scope, values })
+        Some(Quota {
+            service: service?,
+            method_group: method_group?,
+            scope,
+            values,
+        })
     }
 
     fn user(&mut self, i: usize, u: toml::User) -> Option<UserSeed> {
@@ -395,18 +600,26 @@ impl Validator {
             self.problem(key("company_key"), "must be 3..256 word characters (\\w+)");
         }
         let password = match (u.password, u.password_hash) {
-            (Some(p), None) if (1..=1000).contains(&p.chars().count()) => Some(PasswordSeed::Plain(p)),
+            (Some(p), None) if (1..=1000).contains(&p.chars().count()) => {
+                Some(PasswordSeed::Plain(p))
+            }
             (Some(_), None) => {
                 self.problem(key("password"), "must be 1..1000 characters");
                 None
             }
             (None, Some(h)) if h.starts_with("$argon2") => Some(PasswordSeed::Hash(h)),
             (None, Some(_)) => {
-                self.problem(key("password_hash"), "must be an argon2 PHC string ($argon2id$...)");
+                self.problem(
+                    key("password_hash"),
+                    "must be an argon2 PHC string ($argon2id$...)",
+                );
                 None
             }
             _ => {
-                self.problem(key("password"), "give exactly one of password and password_hash");
+                self.problem(
+                    key("password"),
+                    "give exactly one of password and password_hash",
+                );
                 None
             }
         };
@@ -420,7 +633,11 @@ impl Validator {
         if roles.is_empty() || roles.len() > 2 {
             self.problem(key("roles"), "must list 1 or 2 roles");
         }
-        for (field, value, min, max) in [("name", &u.name, 2, 256), ("email", &u.email, 5, 256), ("phone", &u.phone, 5, 32)] {
+        for (field, value, min, max) in [
+            ("name", &u.name, 2, 256),
+            ("email", &u.email, 5, 256),
+            ("phone", &u.phone, 5, 32),
+        ] {
             if let Some(v) = value {
                 if !(min..=max).contains(&v.chars().count()) {
                     self.problem(key(field), format!("must be {min}..{max} characters"));
@@ -455,7 +672,10 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.limits.max_body_bytes, 32 << 20);
         assert_eq!(c.store.path, PathBuf::from("/etc/tollgate/data"));
-        assert_eq!(c.auth.secret_file, PathBuf::from("/etc/tollgate/data/jwt-secret"));
+        assert_eq!(
+            c.auth.secret_file,
+            PathBuf::from("/etc/tollgate/data/jwt-secret")
+        );
     }
 
     #[test]
@@ -465,7 +685,24 @@ mod tests {
         assert!(p[0].key.contains("server"), "{p:?}");
         assert!(p[0].message.contains("lisen"), "{p:?}");
         let p = problems("[[routes]]\nmethod=\"GET\"\npath=\"/a\"\nupstream=\"u\"\nservice=\"UNIVERSAL\"\nmethod_group=\"PLAN\"\noperation=\"abc\"\npointz=[]\n");
-        assert!(p[0].key.starts_with("routes[0]") && p[0].message.contains("pointz"), "{p:?}");
+        assert!(
+            p[0].key.starts_with("routes[0]") && p[0].message.contains("pointz"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn leases_outlive_the_longest_route_timeout() {
+        let c = parse(
+            "[[upstreams]]\nname = \"u\"\naddress = \"127.0.0.1:9\"\ntotal_timeout_ms = 5000\n[[routes]]\nmethod = \"POST\"\npath = \"/a\"\nupstream = \"u\"\nservice = \"UNIVERSAL\"\nmethod_group = \"PLAN\"\noperation = \"abc\"\ntotal_timeout_ms = 600000\n",
+            Path::new("/etc/tollgate"),
+        )
+        .unwrap();
+        assert!(
+            c.store.lease_ttl > Duration::from_secs(600),
+            "{:?}",
+            c.store.lease_ttl
+        );
     }
 
     #[test]
@@ -474,7 +711,13 @@ mod tests {
             "[server]\ncolour = 1\n[[upstreams]]\nname = \"u\"\naddress = \"127.0.0.1:9\"\nkeepalive_x = 2\n[[routes]]\nmethod = \"get\"\npath = \"/a\"\nupstream = \"u\"\nservice = \"NOPE\"\nmethod_group = \"PLAN\"\noperation = \"abc\"\npointz = []\n",
         );
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
-        for k in ["server.colour", "upstreams[0].keepalive_x", "routes[0].pointz", "routes[0].method", "routes[0].service"] {
+        for k in [
+            "server.colour",
+            "upstreams[0].keepalive_x",
+            "routes[0].pointz",
+            "routes[0].method",
+            "routes[0].service",
+        ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
         assert!(p[0].message.contains("(line 2)"), "{p:?}");
@@ -501,7 +744,15 @@ mod tests {
             "#,
         );
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
-        for k in ["server.listen", "server.threads", "routes[0].method", "routes[0].upstream", "routes[0].service", "routes[0].operation", "routes[0].process_id"] {
+        for k in [
+            "server.listen",
+            "server.threads",
+            "routes[0].method",
+            "routes[0].upstream",
+            "routes[0].service",
+            "routes[0].operation",
+            "routes[0].process_id",
+        ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
     }
@@ -510,7 +761,10 @@ mod tests {
     fn users_need_exactly_one_password_form_and_valid_names() {
         let p = problems("[[users]]\nusername = \"a\"\ncompany_key = \"acme\"\n");
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
-        assert!(keys.contains(&"users[0].username") && keys.contains(&"users[0].password"), "{keys:?}");
+        assert!(
+            keys.contains(&"users[0].username") && keys.contains(&"users[0].password"),
+            "{keys:?}"
+        );
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct Ctx {
     input: Option<Payload>,
     output: Option<Payload>,
     upstream_status: Option<u16>,
+    /// The upstream's answer broke off after its head: not charged whatever its status.
+    upstream_failed: bool,
     /// The status this call answered with (0: none was written).
     status: u16,
     local_day: i32,
@@ -501,6 +503,7 @@ impl Tollgate {
                     .observe(ex.upstream_time.as_secs_f64());
                 ctx.status = ex.status;
                 ctx.upstream_status = Some(ex.status);
+                ctx.upstream_failed = ex.upstream_failed;
                 if route.capture {
                     ctx.output = Some(Payload {
                         content_type: ex.content_type,
@@ -567,7 +570,8 @@ impl Tollgate {
     fn settle_and_take_record(&self, ctx: &mut Ctx) -> Option<CallRecord> {
         let app = &self.app;
         let route: &Route = &app.config.routes[ctx.route?];
-        let charged = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        let charged =
+            !ctx.upstream_failed && ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
         let charged_day = ctx.lease.as_ref().map(|l| l.day());
         if let Some(lease) = ctx.lease.take() {
             lease.settle(charged);
@@ -784,6 +788,7 @@ impl ProxyHttp for Tollgate {
             input: None,
             output: None,
             upstream_status: None,
+            upstream_failed: false,
             status: 0,
             local_day: 0,
             _in_flight: None,

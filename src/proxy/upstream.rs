@@ -50,6 +50,8 @@ pub struct Exchange {
     pub upstream_time: Duration,
     /// The response body reached the caller completely.
     pub complete: bool,
+    /// The upstream broke off or stalled after its head: the answer is incomplete by its fault.
+    pub upstream_failed: bool,
     /// With `hold_end`: the response's last piece, not yet written.
     pub held_end: Option<Option<Bytes>>,
 }
@@ -136,6 +138,7 @@ pub async fn exchange(
         capture_truncated: false,
         upstream_time,
         complete: false,
+        upstream_failed: false,
         held_end: None,
     };
     let body_expected = !http.response_done();
@@ -161,7 +164,10 @@ pub async fn exchange(
         {
             Ok(Ok(chunk)) => chunk,
             // The head is already sent: all that is left is to end the caller's response early.
-            Ok(Err(_)) | Err(_) => return Ok(ex),
+            Ok(Err(_)) | Err(_) => {
+                ex.upstream_failed = true;
+                return Ok(ex);
+            }
         };
         let done = http.response_done();
         if let Some(data) = &chunk {
@@ -209,12 +215,22 @@ async fn send(
         .await
         .map_err(|_| UpstreamFailure::Connect)?;
     let sent = Instant::now();
+    // Re-sending a whole request is safe only when the upstream cannot have acted on it: the
+    // request did not get through whole, or the method is idempotent. A POST the upstream
+    // read before closing (a crash, its own timeout) must not be computed twice.
+    let replayable = matches!(
+        req.method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::OPTIONS
+    );
     let result = write_and_read_head(&mut http, req.clone(), body.clone()).await;
     let head = match result {
         Ok(head) => head,
-        // A pooled connection the upstream closed while idle: retry once on a fresh one,
-        // which is safe because nothing of this request reached the upstream's application.
-        Err(_) if reused => {
+        // A pooled connection the upstream closed while idle: retry once on a fresh one.
+        Err(written) if reused && (replayable || !written) => {
             let (mut fresh, _) = leg
                 .connector
                 .get_http_session(leg.peer)
@@ -231,21 +247,25 @@ async fn send(
     Ok((http, head, sent.elapsed()))
 }
 
+/// Writes the request and reads the final response head; on failure, whether the whole
+/// request had been written.
 async fn write_and_read_head(
     http: &mut HttpSession,
     req: RequestHeader,
     body: Bytes,
-) -> pingora::Result<ResponseHeader> {
-    http.write_request_header(Box::new(req)).await?;
+) -> Result<ResponseHeader, bool> {
+    http.write_request_header(Box::new(req))
+        .await
+        .map_err(|_| false)?;
     if !body.is_empty() {
-        http.write_request_body(body, true).await?;
+        http.write_request_body(body, true)
+            .await
+            .map_err(|_| false)?;
     }
-    http.finish_request_body().await?;
+    http.finish_request_body().await.map_err(|_| false)?;
     loop {
-        http.read_response_header().await?;
-        let head = http
-            .response_header()
-            .ok_or_else(|| pingora::Error::new(pingora::ErrorType::InvalidHTTPHeader))?;
+        http.read_response_header().await.map_err(|_| true)?;
+        let head = http.response_header().ok_or(true)?;
         // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
         if !head.status.is_informational() {
             return Ok(head.clone());
