@@ -218,12 +218,14 @@ pub fn send(store_path: &Path, command: &UserCommand) -> Result<String, String> 
     }
 }
 
-/// Serves the admin socket until `shutdown` changes; `after` runs after each applied command
-/// (the server refreshes its user snapshot there).
+/// A command runner: applies a command and returns what to print.
+pub type Runner = Arc<dyn Fn(UserCommand) -> Result<String, String> + Send + Sync>;
+
+/// Serves the admin socket until `shutdown` changes; `run` applies each command (the server
+/// runs it under its user-write lock and refreshes its snapshot).
 pub async fn serve_socket(
-    store: Arc<Store>,
+    run: Runner,
     store_path: PathBuf,
-    after: Arc<dyn Fn() + Send + Sync>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let path = socket_path(&store_path);
@@ -241,7 +243,7 @@ pub async fn serve_socket(
             _ = shutdown.changed() => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let (store, after) = (store.clone(), after.clone());
+                let run = run.clone();
                 tokio::spawn(async move {
                     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
                     let (read, mut write) = stream.into_split();
@@ -252,9 +254,7 @@ pub async fn serve_socket(
                     }
                     let reply = match serde_json::from_str::<UserCommand>(&line) {
                         Ok(command) => {
-                            let result = tokio::task::spawn_blocking(move || apply(&store, &command)).await;
-                            after();
-                            match result {
+                            match tokio::task::spawn_blocking(move || run(command)).await {
                                 Ok(Ok(text)) => Reply { ok: true, text },
                                 Ok(Err(text)) => Reply { ok: false, text },
                                 Err(_) => Reply { ok: false, text: "the command failed".into() },

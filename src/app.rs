@@ -30,11 +30,16 @@ impl App {
     /// Loads committed points of the recent days into the ledger, so a restart (or a crash)
     /// does not hand out a fresh budget.
     pub fn restore_ledger(&self) -> Result<usize, String> {
-        let since = crate::store::Store::now_day() - crate::quota::ledger::MIN_RETAINED_DAYS as i32 - 1;
+        let since =
+            crate::store::Store::now_day() - crate::quota::ledger::MIN_RETAINED_DAYS as i32 - 1;
         let rows = self.store.stats_since(since).map_err(|e| e.to_string())?;
         let n = rows.len();
         for (user, day, service, group, counts) in rows {
-            self.ledger.restore((Arc::from(user.as_str()), service, group), day, counts.points);
+            self.ledger.restore(
+                (Arc::from(user.as_str()), service, group),
+                day,
+                counts.points,
+            );
         }
         Ok(n)
     }

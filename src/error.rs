@@ -105,9 +105,10 @@ mod tests {
 
     #[test]
     fn general_errors_carry_message_and_tracedata() {
-        let body: serde_json::Value =
-            serde_json::from_slice(&ApiError::invalid("ttl_seconds", "must be >= 60").body(&trace()))
-                .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(
+            &ApiError::invalid("ttl_seconds", "must be >= 60").body(&trace()),
+        )
+        .unwrap();
         assert_eq!(body["message"], "ttl_seconds: must be >= 60");
         assert_eq!(body["tracedata"]["service"], "ACCOUNT");
         assert_eq!(body["tracedata"]["client"], "anonymous");

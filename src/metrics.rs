@@ -2,14 +2,17 @@
 //! status class, error kind): never user names or tokens. Per-route handles are resolved once
 //! at start, so the hot path only bumps atomics.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
 
 use crate::config::Route;
 
 /// Fine at the low end (proxy overhead is tens of microseconds), coarse up to a minute.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 /// Handles for one route: requests by status class, and its latency histograms.
@@ -40,40 +43,61 @@ impl Metrics {
     pub fn new(routes: &[Route]) -> Metrics {
         let registry = Registry::new_custom(Some("tollgate".into()), None).expect("valid prefix");
         let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Proxied requests by service, method group and status class"),
+            Opts::new(
+                "requests_total",
+                "Proxied requests by service, method group and status class",
+            ),
             &["service", "method_group", "status_class"],
         )
         .expect("valid metric");
         let total = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Time from request head to response end, per service")
-                .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from request head to response end, per service",
+            )
+            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
             &["service", "method_group"],
         )
         .expect("valid metric");
         let upstream = HistogramVec::new(
-            HistogramOpts::new("upstream_duration_seconds", "Time the upstream took to answer (request sent to response head)")
-                .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            HistogramOpts::new(
+                "upstream_duration_seconds",
+                "Time the upstream took to answer (request sent to response head)",
+            )
+            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
             &["service", "method_group"],
         )
         .expect("valid metric");
-        let in_flight = IntGauge::new("in_flight_requests", "Proxied requests being served now").expect("valid metric");
+        let in_flight = IntGauge::new("in_flight_requests", "Proxied requests being served now")
+            .expect("valid metric");
         let upstream_errors = IntCounterVec::new(
             Opts::new("upstream_errors_total", "Upstream failures by kind"),
             &["kind"],
         )
         .expect("valid metric");
         let rejections = IntCounterVec::new(
-            Opts::new("rejections_total", "Calls refused before the upstream, by reason"),
+            Opts::new(
+                "rejections_total",
+                "Calls refused before the upstream, by reason",
+            ),
             &["reason"],
         )
         .expect("valid metric");
         let account_requests = IntCounterVec::new(
-            Opts::new("account_requests_total", "Account API requests by status class"),
+            Opts::new(
+                "account_requests_total",
+                "Account API requests by status class",
+            ),
             &["status_class"],
         )
         .expect("valid metric");
-        let store_queue = IntGauge::new("store_queue_records", "Records waiting for the store writer").expect("valid metric");
-        let store_bytes = IntGauge::new("store_disk_bytes", "Bytes the store uses on disk").expect("valid metric");
+        let store_queue = IntGauge::new(
+            "store_queue_records",
+            "Records waiting for the store writer",
+        )
+        .expect("valid metric");
+        let store_bytes = IntGauge::new("store_disk_bytes", "Bytes the store uses on disk")
+            .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(total.clone()),
@@ -99,13 +123,24 @@ impl Metrics {
                 }
             })
             .collect();
-        Metrics { registry, routes, in_flight, upstream_errors, rejections, account_requests, store_queue, store_bytes }
+        Metrics {
+            registry,
+            routes,
+            in_flight,
+            upstream_errors,
+            rejections,
+            account_requests,
+            store_queue,
+            store_bytes,
+        }
     }
 
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding to a Vec cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
         out
     }
 }
@@ -120,7 +155,10 @@ mod tests {
         m.upstream_errors.with_label_values(&["timeout"]).inc();
         m.in_flight.set(2);
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("tollgate_upstream_errors_total{kind=\"timeout\"} 1"), "{text}");
+        assert!(
+            text.contains("tollgate_upstream_errors_total{kind=\"timeout\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("tollgate_in_flight_requests 2"), "{text}");
     }
 }

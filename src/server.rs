@@ -132,21 +132,44 @@ struct AdminSocket(Arc<App>);
 impl BackgroundService for AdminSocket {
     async fn start(&self, shutdown: ShutdownWatch) {
         let app = self.0.clone();
-        let refresh = {
-            let app = app.clone();
-            Arc::new(move || {
-                if let Err(e) = app.authority.reload() {
-                    tracing::error!(error = %e, "reloading users after an admin command failed");
-                }
-            })
+        let run: crate::admin::Runner = Arc::new(move |command| {
+            app.authority
+                .write_directly(|store| crate::admin::apply(store, &command))
+                .and_then(|result| result)
+        });
+        crate::admin::serve_socket(run, self.0.config.store.path.clone(), shutdown).await;
+    }
+}
+
+/// SIGTERM waits for the calls in flight (up to `shutdown_timeout_seconds`) before pingora
+/// shuts its runtimes down, which would cancel them. SIGINT stops at once; SIGQUIT upgrades.
+struct DrainThenStop {
+    app: Arc<App>,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl pingora::server::ShutdownSignalWatch for DrainThenStop {
+    async fn recv(&self) -> pingora::server::ShutdownSignal {
+        use pingora::server::ShutdownSignal;
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::quit()))
+        else {
+            return std::future::pending().await;
         };
-        crate::admin::serve_socket(
-            app.store.clone(),
-            app.config.store.path.clone(),
-            refresh,
-            shutdown,
-        )
-        .await;
+        tokio::select! {
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => {
+                let deadline = Instant::now() + self.timeout;
+                tracing::info!(in_flight = self.app.metrics.in_flight.get(), "SIGTERM: draining calls in flight");
+                while self.app.metrics.in_flight.get() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                ShutdownSignal::GracefulTerminate
+            }
+        }
     }
 }
 
@@ -172,6 +195,10 @@ pub fn serve(config: Config) -> Result<(), String> {
         threads: server_cfg.threads,
         grace_period_seconds: Some(server_cfg.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(server_cfg.shutdown_timeout_seconds),
+        // One single-threaded runtime per worker thread, connections spread over them: no
+        // work-stealing bookkeeping on every wake-up, about 15 % less CPU per proxied call
+        // (benches/load). A connection stays on its thread for its whole life.
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -205,7 +232,12 @@ pub fn serve(config: Config) -> Result<(), String> {
     server.add_service(background_service("upkeep", Upkeep(app.clone())));
     server.add_service(background_service("admin-socket", AdminSocket(app.clone())));
     tracing::info!(listen = %server_cfg.listen, server = %server_cfg.name, "tollgate serving");
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainThenStop {
+            app: app.clone(),
+            timeout: Duration::from_secs(server_cfg.shutdown_timeout_seconds),
+        }),
+    });
 
     // Calls have drained; write what the writer still holds before exiting.
     if let Err(e) = app.writer.flush_blocking() {

@@ -84,7 +84,9 @@ pub struct ProcessRegistry {
 
 impl Default for ProcessRegistry {
     fn default() -> Self {
-        ProcessRegistry { shards: (0..SHARDS).map(|_| Default::default()).collect() }
+        ProcessRegistry {
+            shards: (0..SHARDS).map(|_| Default::default()).collect(),
+        }
     }
 }
 
@@ -93,7 +95,10 @@ impl Default for ProcessRegistry {
 pub struct NotYours;
 
 impl ProcessRegistry {
-    fn shard(&self, code: &Uuid) -> &parking_lot::Mutex<std::collections::HashMap<Uuid, ProcessEntry>> {
+    fn shard(
+        &self,
+        code: &Uuid,
+    ) -> &parking_lot::Mutex<std::collections::HashMap<Uuid, ProcessEntry>> {
         &self.shards[code.as_bytes()[15] as usize % SHARDS]
     }
 
@@ -127,13 +132,16 @@ impl ProcessRegistry {
         let mut shard = self.shard(&code).lock();
         if !shard.contains_key(&code) {
             let (owner, company_key, day, exchanges) = load().ok_or(NotYours)?;
-            shard.insert(code, ProcessEntry {
-                owner: owner.into(),
-                company_key: company_key.into(),
-                day,
-                exchanges,
-                last_used: std::time::Instant::now(),
-            });
+            shard.insert(
+                code,
+                ProcessEntry {
+                    owner: owner.into(),
+                    company_key: company_key.into(),
+                    day,
+                    exchanges,
+                    last_used: std::time::Instant::now(),
+                },
+            );
         }
         let entry = shard.get_mut(&code).ok_or(NotYours)?;
         if !admin && &*entry.owner != caller {
@@ -150,9 +158,20 @@ pub const REDACTED: &str = "***";
 
 /// `body` with the values at `pointers` replaced by [`REDACTED`], for what is stored (never
 /// for what is forwarded). A body that is not JSON is stored as it is, since there is nothing
-/// to point into.
+/// to point into. A JSON body cut short (a capture truncated at `max_capture_bytes`) or broken
+/// part way is masked as far as it can be read and cut where it stops being JSON, so a
+/// redacted value never reaches the store whole.
 pub fn redact(body: &bytes::Bytes, pointers: &[String]) -> bytes::Bytes {
-    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else { return body.clone() };
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        let starts_like_json = body
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| matches!(b, b'{' | b'['));
+        if !starts_like_json || pointers.is_empty() {
+            return body.clone();
+        }
+        return bytes::Bytes::from(redact_partial(body, pointers));
+    };
     let mut changed = false;
     for pointer in pointers {
         if let Some(v) = value.pointer_mut(pointer) {
@@ -163,12 +182,285 @@ pub fn redact(body: &bytes::Bytes, pointers: &[String]) -> bytes::Bytes {
     if !changed {
         return body.clone();
     }
-    serde_json::to_vec(&value).map(bytes::Bytes::from).unwrap_or_else(|_| body.clone())
+    serde_json::to_vec(&value)
+        .map(bytes::Bytes::from)
+        .unwrap_or_else(|_| body.clone())
+}
+
+/// Deepest nesting [`redact_partial`] follows; deeper text is cut off.
+const MAX_REDACT_DEPTH: usize = 128;
+
+/// Masks the values at `pointers` in JSON text that may end (or break) anywhere: copies the
+/// text token by token, writes [`REDACTED`] (quoted) instead of each value a pointer names, and
+/// stops at the first byte that is not JSON, dropping the rest.
+fn redact_partial(body: &[u8], pointers: &[String]) -> Vec<u8> {
+    let mut p = PartialJson {
+        src: body,
+        pos: 0,
+        out: Vec::with_capacity(body.len()),
+        pointers,
+    };
+    let mut path = String::new();
+    // Err: the text ended or broke; `out` holds what was read up to there, masked.
+    if p.value(&mut path, 0).is_ok() {
+        p.copy_whitespace();
+    }
+    p.out
+}
+
+struct PartialJson<'a> {
+    src: &'a [u8],
+    pos: usize,
+    out: Vec<u8>,
+    pointers: &'a [String],
+}
+
+/// The text ended, or stopped being JSON.
+struct Stop;
+
+impl PartialJson<'_> {
+    fn peek(&self) -> Result<u8, Stop> {
+        self.src.get(self.pos).copied().ok_or(Stop)
+    }
+
+    fn copy_whitespace(&mut self) {
+        while let Some(b) = self.src.get(self.pos).filter(|b| b.is_ascii_whitespace()) {
+            self.out.push(*b);
+            self.pos += 1;
+        }
+    }
+
+    fn copy_byte(&mut self, want: u8) -> Result<(), Stop> {
+        if self.peek()? != want {
+            return Err(Stop);
+        }
+        self.out.push(want);
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn value(&mut self, path: &mut String, depth: usize) -> Result<(), Stop> {
+        self.copy_whitespace();
+        if self.pointers.iter().any(|p| p == path) {
+            self.out.push(b'"');
+            self.out.extend_from_slice(REDACTED.as_bytes());
+            self.out.push(b'"');
+            return self.skip_value();
+        }
+        if depth >= MAX_REDACT_DEPTH {
+            return Err(Stop);
+        }
+        match self.peek()? {
+            b'{' => self.object(path, depth),
+            b'[' => self.array(path, depth),
+            b'"' => self.copy_string().map(|_| ()),
+            _ => self.copy_scalar(),
+        }
+    }
+
+    fn object(&mut self, path: &mut String, depth: usize) -> Result<(), Stop> {
+        self.copy_byte(b'{')?;
+        self.copy_whitespace();
+        if self.peek()? == b'}' {
+            return self.copy_byte(b'}');
+        }
+        loop {
+            self.copy_whitespace();
+            let key_text = self.copy_string()?;
+            let key: String = serde_json::from_slice(key_text).map_err(|_| Stop)?;
+            self.copy_whitespace();
+            self.copy_byte(b':')?;
+            let len = path.len();
+            path.push('/');
+            path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+            self.value(path, depth + 1)?;
+            path.truncate(len);
+            self.copy_whitespace();
+            match self.peek()? {
+                b',' => self.copy_byte(b',')?,
+                b'}' => return self.copy_byte(b'}'),
+                _ => return Err(Stop),
+            }
+        }
+    }
+
+    fn array(&mut self, path: &mut String, depth: usize) -> Result<(), Stop> {
+        self.copy_byte(b'[')?;
+        self.copy_whitespace();
+        if self.peek()? == b']' {
+            return self.copy_byte(b']');
+        }
+        for index in 0usize.. {
+            let len = path.len();
+            path.push('/');
+            path.push_str(&index.to_string());
+            self.value(path, depth + 1)?;
+            path.truncate(len);
+            self.copy_whitespace();
+            match self.peek()? {
+                b',' => self.copy_byte(b',')?,
+                b']' => return self.copy_byte(b']'),
+                _ => return Err(Stop),
+            }
+        }
+        Err(Stop)
+    }
+
+    /// Copies a string token, quotes included; returns its text in the source.
+    fn copy_string(&mut self) -> Result<&[u8], Stop> {
+        let start = self.pos;
+        self.copy_byte(b'"')?;
+        loop {
+            let b = self.peek()?;
+            self.out.push(b);
+            self.pos += 1;
+            match b {
+                b'"' => return Ok(&self.src[start..self.pos]),
+                b'\\' => {
+                    let escaped = self.peek()?;
+                    self.out.push(escaped);
+                    self.pos += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Copies a number, `true`, `false` or `null`.
+    fn copy_scalar(&mut self) -> Result<(), Stop> {
+        if !matches!(self.peek()?, b'-' | b'0'..=b'9' | b't' | b'f' | b'n') {
+            return Err(Stop);
+        }
+        let start = self.pos;
+        while let Some(b) = self
+            .src
+            .get(self.pos)
+            .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        {
+            self.out.push(*b);
+            self.pos += 1;
+        }
+        if self.pos == start {
+            return Err(Stop);
+        }
+        Ok(())
+    }
+
+    /// Passes over one value without copying it.
+    fn skip_value(&mut self) -> Result<(), Stop> {
+        let mut depth = 0usize;
+        loop {
+            let b = self.peek()?;
+            match b {
+                b'"' => {
+                    self.pos += 1;
+                    loop {
+                        match self.peek()? {
+                            b'"' => break,
+                            b'\\' => self.pos += 2,
+                            _ => self.pos += 1,
+                        }
+                    }
+                    self.pos += 1;
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    self.pos += 1;
+                }
+                b'}' | b']' => {
+                    if depth == 0 {
+                        return Ok(());
+                    }
+                    depth -= 1;
+                    self.pos += 1;
+                }
+                b',' if depth == 0 => return Ok(()),
+                b if b.is_ascii_whitespace() && depth == 0 => return Ok(()),
+                _ => self.pos += 1,
+            }
+            if depth == 0 && matches!(self.src.get(self.pos - 1), Some(b'"' | b'}' | b']')) {
+                return Ok(());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_json_is_masked_as_far_as_it_goes_and_never_keeps_a_redacted_value() {
+        let masked = |body: &str, pointers: &[&str]| -> String {
+            let pointers: Vec<String> = pointers.iter().map(|p| p.to_string()).collect();
+            let out = redact(&bytes::Bytes::from(body.to_string()), &pointers);
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        assert_eq!(
+            masked(r#"{"secret": "hunter2", "pad":"xxxx"#, &["/secret"]),
+            r#"{"secret": "***", "pad":"xxxx"#
+        );
+        assert_eq!(
+            masked(r#"{"a":1,"secret":"hun"#, &["/secret"]),
+            r#"{"a":1,"secret":"***""#
+        );
+        assert_eq!(
+            masked(r#"{"a":1,"secret":"#, &["/secret"]),
+            r#"{"a":1,"secret":"***""#
+        );
+        assert_eq!(
+            masked(
+                r#"{"auth":{"key":"k1","x":[1,2]},"list":[{"key":"s"},{"key":"t"#,
+                &["/auth/key", "/list/1/key"]
+            ),
+            r#"{"auth":{"key":"***","x":[1,2]},"list":[{"key":"s"},{"key":"***""#
+        );
+        assert_eq!(
+            masked(r#"{"auth":{"key":"k1","o":{"p":[1]}},"z":tr"#, &["/auth"]),
+            r#"{"auth":"***","z":tr"#
+        );
+        // Keys are compared decoded, and escaped as RFC 6901 says.
+        assert_eq!(
+            masked(r#"{"se\u0063ret":"v","a/b":"w","c"#, &["/secret", "/a~1b"]),
+            r#"{"se\u0063ret":"***","a/b":"***","c"#
+        );
+        // Where the text stops being JSON, the rest is dropped: it cannot be pointed into.
+        assert_eq!(
+            masked(r#"{"a":1 "secret":"v"}"#, &["/secret"]),
+            r#"{"a":1 "#
+        );
+        assert_eq!(
+            masked(r#"[{"secret":"v"}, oops "secret""#, &["/0/secret"]),
+            r#"[{"secret":"***"}, "#
+        );
+        // Not JSON at all: stored as it is.
+        assert_eq!(masked("secret=abc&x=1", &["/secret"]), "secret=abc&x=1");
+    }
+
+    #[test]
+    fn a_capture_cut_at_any_byte_keeps_no_redacted_value() {
+        let body = r#" {"list":[{"key":"S3CRETa","n":-1.5e3},{"key":"S3CRETb","ok":true}],"auth":{"key":"S3CRETc","esc":"a\"b"},"tail":null} "#;
+        let pointers: Vec<String> = ["/list/0/key", "/list/1/key", "/auth"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let whole = redact(&bytes::Bytes::from(body), &pointers);
+        assert!(!String::from_utf8_lossy(&whole).contains("S3CRET"));
+        for cut in 0..body.len() {
+            let out = redact(
+                &bytes::Bytes::copy_from_slice(&body.as_bytes()[..cut]),
+                &pointers,
+            );
+            let text = String::from_utf8_lossy(&out);
+            // Not even a prefix of a secret longer than what its key already gives away.
+            assert!(!text.contains("S3C"), "cut at {cut}: {text}");
+            // A cut body is copied as it was up to the first mask (a whole one is re-written).
+            if serde_json::from_slice::<serde_json::Value>(&body.as_bytes()[..cut]).is_err() {
+                let before_mask = text.split("\"***\"").next().unwrap();
+                assert!(body.starts_with(before_mask), "cut at {cut}: {text}");
+            }
+        }
+    }
 
     #[test]
     fn stages_saturate_at_three() {
@@ -183,7 +475,10 @@ mod tests {
             .with_timezone(&Utc);
         assert_eq!(format_time(&in_timezone(t, 3)), "2024-02-21T09:30:00+03:00");
         assert_eq!(format_time(&in_timezone(t, 0)), "2024-02-21T06:30:00+00:00");
-        assert_eq!(format_time(&in_timezone(t, -12)), "2024-02-20T18:30:00-12:00");
+        assert_eq!(
+            format_time(&in_timezone(t, -12)),
+            "2024-02-20T18:30:00-12:00"
+        );
     }
 
     #[test]
@@ -192,11 +487,21 @@ mod tests {
         let code = Uuid::new_v4();
         r.start(code, "alice", "acme", 100);
         assert_eq!(r.follow_up(code, "bob", false, || None), Err(NotYours));
-        assert_eq!(r.follow_up(code, "alice", false, || None).unwrap().exchanges, 2);
-        assert_eq!(r.follow_up(code, "root", true, || None).unwrap().exchanges, 3);
+        assert_eq!(
+            r.follow_up(code, "alice", false, || None)
+                .unwrap()
+                .exchanges,
+            2
+        );
+        assert_eq!(
+            r.follow_up(code, "root", true, || None).unwrap().exchanges,
+            3
+        );
         let unknown = Uuid::new_v4();
         assert_eq!(r.follow_up(unknown, "alice", false, || None), Err(NotYours));
-        let stored = r.follow_up(unknown, "alice", false, || Some(("alice".into(), "acme".into(), 99, 4)));
+        let stored = r.follow_up(unknown, "alice", false, || {
+            Some(("alice".into(), "acme".into(), 99, 4))
+        });
         assert_eq!(stored.unwrap().exchanges, 5);
     }
 
@@ -207,6 +512,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["auth"]["key"], REDACTED);
         assert_eq!(v["locations"], serde_json::json!([1, 2]));
-        assert_eq!(redact(&bytes::Bytes::from_static(b"not json"), &["/a".into()]), bytes::Bytes::from_static(b"not json"));
+        assert_eq!(
+            redact(&bytes::Bytes::from_static(b"not json"), &["/a".into()]),
+            bytes::Bytes::from_static(b"not json")
+        );
     }
 }

@@ -16,14 +16,22 @@ use reqwest::blocking::Response;
 // Helpers
 
 fn header(r: &Response, name: &str) -> Option<String> {
-    r.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
 }
 
 /// The X-Tracecode of an answer, checked to be a UUID v4.
 fn tracecode(r: &Response) -> String {
-    let code = header(r, "x-tracecode").unwrap_or_else(|| panic!("no X-Tracecode on {} {}", r.status(), r.url()));
-    let uuid = uuid::Uuid::parse_str(&code).unwrap_or_else(|_| panic!("X-Tracecode {code} is not a UUID"));
-    assert_eq!(uuid.get_version_num(), 4, "X-Tracecode {code} is not a v4 UUID");
+    let code = header(r, "x-tracecode")
+        .unwrap_or_else(|| panic!("no X-Tracecode on {} {}", r.status(), r.url()));
+    let uuid =
+        uuid::Uuid::parse_str(&code).unwrap_or_else(|_| panic!("X-Tracecode {code} is not a UUID"));
+    assert_eq!(
+        uuid.get_version_num(),
+        4,
+        "X-Tracecode {code} is not a v4 UUID"
+    );
     code
 }
 
@@ -45,7 +53,10 @@ fn server_timing(r: &Response) -> (f64, f64) {
 
 /// The request headers the demo upstream saw, from /demo/echo's answer.
 fn seen_headers(r: &Response) -> Value {
-    serde_json::from_str(&header(r, "x-demo-seen-headers").expect("echo answers carry x-demo-seen-headers")).unwrap()
+    serde_json::from_str(
+        &header(r, "x-demo-seen-headers").expect("echo answers carry x-demo-seen-headers"),
+    )
+    .unwrap()
 }
 
 fn json_body(r: Response) -> Value {
@@ -108,7 +119,10 @@ struct RawResponse {
 
 impl RawResponse {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -164,7 +178,12 @@ impl Raw {
                 break (status, headers);
             }
         };
-        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
         let body = if let Some(len) = get("content-length") {
             let len: usize = len.parse().ok()?;
             while self.buf.len() < len {
@@ -184,7 +203,14 @@ impl Raw {
                         return None;
                     }
                 };
-                let size = usize::from_str_radix(String::from_utf8_lossy(&self.buf[..line_end]).split(';').next()?.trim(), 16).ok()?;
+                let size = usize::from_str_radix(
+                    String::from_utf8_lossy(&self.buf[..line_end])
+                        .split(';')
+                        .next()?
+                        .trim(),
+                    16,
+                )
+                .ok()?;
                 self.buf.drain(..line_end + 2);
                 while self.buf.len() < size + 2 {
                     if !self.fill() {
@@ -201,7 +227,11 @@ impl Raw {
             while self.fill() {}
             std::mem::take(&mut self.buf)
         };
-        Some(RawResponse { status, headers, body })
+        Some(RawResponse {
+            status,
+            headers,
+            body,
+        })
     }
 }
 
@@ -213,55 +243,124 @@ fn every_route_answers_through_the_demo_upstream() {
     let t = Tollgate::start();
     let alice = t.token("alice");
 
-    let plan = t.post_json("/universal/plan/calculation", &alice, &json!({"locations": [{"key": 1}, {"key": 2}], "orders": [{}]}));
+    let plan = t.post_json(
+        "/universal/plan/calculation",
+        &alice,
+        &json!({"locations": [{"key": 1}, {"key": 2}], "orders": [{}]}),
+    );
     assert_eq!(plan.status(), 200);
     let code = tracecode(&plan);
     server_timing(&plan);
     let body = json_body(plan);
     assert_eq!(body["result"]["locations"], 2, "{body}");
     assert_eq!(body["result"]["orders"], 1, "{body}");
-    assert_eq!(body["tracedata"]["code"], code, "the upstream worked under the same tracecode: {body}");
+    assert_eq!(
+        body["tracedata"]["code"], code,
+        "the upstream worked under the same tracecode: {body}"
+    );
 
-    let matrix = t.post_json("/routing/matrix/calculation", &alice, &json!({"waypoints": [1, 2, 3]}));
+    let matrix = t.post_json(
+        "/routing/matrix/calculation",
+        &alice,
+        &json!({"waypoints": [1, 2, 3]}),
+    );
     assert_eq!(matrix.status(), 200);
     tracecode(&matrix);
     server_timing(&matrix);
     let body = json_body(matrix);
-    assert_eq!(body["matrix"]["distances"].as_array().unwrap().len(), 3, "{body}");
+    assert_eq!(
+        body["matrix"]["distances"].as_array().unwrap().len(),
+        3,
+        "{body}"
+    );
     assert_eq!(body["matrix"]["distances"][0][2], 2000, "{body}");
 
-    let echo = client().post(t.url("/demo/echo")).bearer_auth(&alice).body("ping").send().unwrap();
+    let echo = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body("ping")
+        .send()
+        .unwrap();
     assert_eq!(echo.status(), 200);
     tracecode(&echo);
     server_timing(&echo);
     assert_eq!(echo.text().unwrap(), "ping");
 
     // An open route: no token needed.
-    let version = client().get(t.url("/universal/system/version")).send().unwrap();
+    let version = client()
+        .get(t.url("/universal/system/version"))
+        .send()
+        .unwrap();
     assert_eq!(version.status(), 200);
     tracecode(&version);
     server_timing(&version);
-    assert_eq!(json_body(version), json!({"major": 6, "minor": 20, "build": "demo"}));
+    assert_eq!(
+        json_body(version),
+        json!({"major": 6, "minor": 20, "build": "demo"})
+    );
 
-    for path in ["/universal/plan/calculation", "/routing/matrix/calculation", "/demo/echo", "/universal/system/version"] {
-        assert_eq!(demo_count(&t, path), 1, "{path} should have reached the upstream once: {}", t.demo_stats());
+    for path in [
+        "/universal/plan/calculation",
+        "/routing/matrix/calculation",
+        "/demo/echo",
+        "/universal/system/version",
+    ] {
+        assert_eq!(
+            demo_count(&t, path),
+            1,
+            "{path} should have reached the upstream once: {}",
+            t.demo_stats()
+        );
     }
 
     // No route: 404 in the API's 404 shape, nothing reaches the upstream.
-    assert_404_shape(t.get("/universal/nothing/here", &alice), "/universal/nothing/here", "UNIVERSAL");
-    assert_404_shape(client().get(t.url("/routing/nowhere")).send().unwrap(), "/routing/nowhere", "ROUTING");
-    let r = client().post(t.url("/universal/plan/calculation/extra")).bearer_auth(&alice).json(&json!({})).send().unwrap();
+    assert_404_shape(
+        t.get("/universal/nothing/here", &alice),
+        "/universal/nothing/here",
+        "UNIVERSAL",
+    );
+    assert_404_shape(
+        client().get(t.url("/routing/nowhere")).send().unwrap(),
+        "/routing/nowhere",
+        "ROUTING",
+    );
+    let r = client()
+        .post(t.url("/universal/plan/calculation/extra"))
+        .bearer_auth(&alice)
+        .json(&json!({}))
+        .send()
+        .unwrap();
     assert_404_shape(r, "/universal/plan/calculation/extra", "UNIVERSAL");
     // A known path with a method no route takes: 404 as well.
-    assert_404_shape(t.get("/universal/plan/calculation", &alice), "/universal/plan/calculation", "UNIVERSAL");
-    let r = client().delete(t.url("/universal/system/version")).send().unwrap();
+    assert_404_shape(
+        t.get("/universal/plan/calculation", &alice),
+        "/universal/plan/calculation",
+        "UNIVERSAL",
+    );
+    let r = client()
+        .delete(t.url("/universal/system/version"))
+        .send()
+        .unwrap();
     assert_404_shape(r, "/universal/system/version", "UNIVERSAL");
-    let r = client().put(t.url("/routing/matrix/calculation")).bearer_auth(&alice).json(&json!({"waypoints": []})).send().unwrap();
+    let r = client()
+        .put(t.url("/routing/matrix/calculation"))
+        .bearer_auth(&alice)
+        .json(&json!({"waypoints": []}))
+        .send()
+        .unwrap();
     assert_404_shape(r, "/routing/matrix/calculation", "ROUTING");
 
     let stats = t.demo_stats();
-    assert_eq!(stats["requests"].as_object().unwrap().len(), 4, "no 404 may reach the upstream: {stats}");
-    for path in ["/universal/plan/calculation", "/routing/matrix/calculation", "/universal/system/version"] {
+    assert_eq!(
+        stats["requests"].as_object().unwrap().len(),
+        4,
+        "no 404 may reach the upstream: {stats}"
+    );
+    for path in [
+        "/universal/plan/calculation",
+        "/routing/matrix/calculation",
+        "/universal/system/version",
+    ] {
         assert_eq!(demo_count(&t, path), 1, "{path}: {stats}");
     }
 }
@@ -270,11 +369,18 @@ fn every_route_answers_through_the_demo_upstream() {
 fn an_async_process_keeps_one_tracecode_from_start_to_result() {
     let t = Tollgate::start();
     let alice = t.token("alice");
-    let started = t.post_json("/universal/plan/calculation_async", &alice, &json!({"locations": [{"key": "a"}]}));
+    let started = t.post_json(
+        "/universal/plan/calculation_async",
+        &alice,
+        &json!({"locations": [{"key": "a"}]}),
+    );
     assert_eq!(started.status(), 202);
     let code = tracecode(&started);
     let body = json_body(started);
-    assert_eq!(body["tracedata"]["code"], code, "the upstream started the process under Tollgate's code: {body}");
+    assert_eq!(
+        body["tracedata"]["code"], code,
+        "the upstream started the process under Tollgate's code: {body}"
+    );
 
     let state = t.get(&format!("/universal/plan/calculation_async/{code}"), &alice);
     assert_eq!(state.status(), 200);
@@ -300,16 +406,33 @@ fn an_async_process_keeps_one_tracecode_from_start_to_result() {
     // Another user may not touch it, and the upstream never hears of the attempt.
     let before = demo_count(&t, &format!("/universal/plan/calculation_async/{code}"));
     let bob = t.token("bob");
-    assert_404_shape(t.get(&format!("/universal/plan/calculation_async/{code}"), &bob), &code, "UNIVERSAL");
-    assert_eq!(demo_count(&t, &format!("/universal/plan/calculation_async/{code}")), before);
+    assert_404_shape(
+        t.get(&format!("/universal/plan/calculation_async/{code}"), &bob),
+        &code,
+        "UNIVERSAL",
+    );
+    assert_eq!(
+        demo_count(&t, &format!("/universal/plan/calculation_async/{code}")),
+        before
+    );
 
-    let cancelled = client().delete(t.url(&format!("/universal/plan/calculation_async/{code}"))).bearer_auth(&alice).send().unwrap();
+    let cancelled = client()
+        .delete(t.url(&format!("/universal/plan/calculation_async/{code}")))
+        .bearer_auth(&alice)
+        .send()
+        .unwrap();
     assert_eq!(cancelled.status(), 204);
     assert_eq!(tracecode(&cancelled), code);
-    assert_eq!(demo_count(&t, &format!("/universal/plan/calculation_async/{code}")), before + 1);
+    assert_eq!(
+        demo_count(&t, &format!("/universal/plan/calculation_async/{code}")),
+        before + 1
+    );
 
     // A process id that is not a tracecode is a 404 before the upstream.
-    assert_eq!(t.get("/universal/plan/result/not-a-uuid", &alice).status(), 404);
+    assert_eq!(
+        t.get("/universal/plan/result/not-a-uuid", &alice).status(),
+        404
+    );
     assert_eq!(demo_count(&t, "/universal/plan/result/not-a-uuid"), 0);
 }
 
@@ -341,18 +464,36 @@ fn the_upstream_sees_tollgates_identity_headers_never_the_callers() {
     assert_eq!(seen["x-points"], "0", "{seen}");
     assert_eq!(seen["x-unique-points"], "0", "{seen}");
     assert_eq!(seen["x-custom"], "kept", "other headers pass: {seen}");
-    assert!(seen.get("authorization").is_none(), "the caller's token reached the upstream: {seen}");
+    assert!(
+        seen.get("authorization").is_none(),
+        "the caller's token reached the upstream: {seen}"
+    );
     assert!(!seen.to_string().contains(&alice), "{seen}");
-    assert!(!seen.to_string().contains(forged) && !seen.to_string().contains("mallory") && !seen.to_string().contains("999999"), "{seen}");
+    assert!(
+        !seen.to_string().contains(forged)
+            && !seen.to_string().contains("mallory")
+            && !seen.to_string().contains("999999"),
+        "{seen}"
+    );
 
     // Each call gets its own tracecode.
-    let again = client().post(t.url("/demo/echo")).bearer_auth(&alice).body("{}").send().unwrap();
+    let again = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body("{}")
+        .send()
+        .unwrap();
     let code2 = tracecode(&again);
     assert_ne!(code2, code);
     assert_eq!(seen_headers(&again)["x-tracecode"], code2.as_str());
 
     // An open route's call is anonymous to the upstream, still with a tracecode, no token passed.
-    let r = client().get(t.url("/universal/system/version")).bearer_auth(&alice).header("X-Client", "acme_|_bob").send().unwrap();
+    let r = client()
+        .get(t.url("/universal/system/version"))
+        .bearer_auth(&alice)
+        .header("X-Client", "acme_|_bob")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     tracecode(&r);
 }
@@ -361,21 +502,47 @@ fn the_upstream_sees_tollgates_identity_headers_never_the_callers() {
 fn server_timing_splits_proxy_and_upstream_time() {
     let t = Tollgate::start();
     let alice = t.token("alice");
-    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body("x").send().unwrap();
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body("x")
+        .send()
+        .unwrap();
     let (proxy, upstream) = server_timing(&r);
-    assert!(proxy < 100.0 && upstream < 100.0, "an instant echo: proxy {proxy} ms, upstream {upstream} ms");
+    assert!(
+        proxy < 100.0 && upstream < 100.0,
+        "an instant echo: proxy {proxy} ms, upstream {upstream} ms"
+    );
 
     let started = Instant::now();
-    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).header("x-demo-delay-ms", "200").body("x").send().unwrap();
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .header("x-demo-delay-ms", "200")
+        .body("x")
+        .send()
+        .unwrap();
     let elapsed = started.elapsed();
     assert_eq!(r.status(), 200);
     let (proxy, upstream) = server_timing(&r);
-    assert!(upstream >= 200.0, "upstream;dur={upstream} for a 200 ms upstream");
-    assert!(upstream <= elapsed.as_secs_f64() * 1000.0 + 1.0, "upstream;dur={upstream} is longer than the call ({elapsed:?})");
-    assert!(proxy < 50.0, "proxy;dur={proxy} ms should not include the upstream's 200 ms");
+    assert!(
+        upstream >= 200.0,
+        "upstream;dur={upstream} for a 200 ms upstream"
+    );
+    assert!(
+        upstream <= elapsed.as_secs_f64() * 1000.0 + 1.0,
+        "upstream;dur={upstream} is longer than the call ({elapsed:?})"
+    );
+    assert!(
+        proxy < 50.0,
+        "proxy;dur={proxy} ms should not include the upstream's 200 ms"
+    );
 
     // Open routes and follow-ups carry it too.
-    let r = client().get(t.url("/universal/system/version")).send().unwrap();
+    let r = client()
+        .get(t.url("/universal/system/version"))
+        .send()
+        .unwrap();
     server_timing(&r);
 }
 
@@ -399,7 +566,10 @@ fn five_megabyte_bodies_pass_byte_exact_with_length_or_chunked() {
     assert_eq!(seen_headers(&r)["content-length"], (5 << 20).to_string());
     let back = r.bytes().unwrap();
     assert_eq!(back.len(), data.len());
-    assert!(back[..] == data[..], "the Content-Length body came back altered");
+    assert!(
+        back[..] == data[..],
+        "the Content-Length body came back altered"
+    );
 
     let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(data.clone()));
     let r = client()
@@ -411,7 +581,11 @@ fn five_megabyte_bodies_pass_byte_exact_with_length_or_chunked() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let seen = seen_headers(&r);
-    assert_eq!(seen["content-length"], (5 << 20).to_string(), "the buffered body goes upstream with its length: {seen}");
+    assert_eq!(
+        seen["content-length"],
+        (5 << 20).to_string(),
+        "the buffered body goes upstream with its length: {seen}"
+    );
     assert!(seen.get("transfer-encoding").is_none(), "{seen}");
     let back = r.bytes().unwrap();
     assert_eq!(back.len(), data.len());
@@ -433,18 +607,45 @@ fn expect_100_continue_is_answered_before_the_body_is_sent() {
         )
         .as_bytes(),
     );
-    let (status, _) = c.read_head().expect("no interim answer within 5 s of a request with Expect: 100-continue");
+    let (status, _) = c
+        .read_head()
+        .expect("no interim answer within 5 s of a request with Expect: 100-continue");
     assert_eq!(status, 100, "expected 100 Continue before the body");
     c.send(&body);
     let r = c.read_response().expect("no answer after the body");
     assert_eq!(r.status, 200);
-    assert!(r.body == body, "the body came back altered ({} bytes)", r.body.len());
+    assert!(
+        r.body == body,
+        "the body came back altered ({} bytes)",
+        r.body.len()
+    );
     let seen: Value = serde_json::from_str(r.header("x-demo-seen-headers").unwrap()).unwrap();
     assert!(seen.get("expect").is_none(), "Expect is hop-by-hop: {seen}");
+    // A fresh exchange on a new connection still works.
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body("ok")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
 
-    // The connection stays usable.
+#[test]
+fn expect_100_continue_keeps_the_connection_alive() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let mut c = Raw::connect(t.port);
+    c.send(format!("POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n").as_bytes());
+    assert_eq!(c.read_head().map(|h| h.0), Some(100));
+    c.send(b"abc");
+    let r = c.read_response().expect("no answer after the body");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"abc"[..]));
+    assert_eq!(r.header("connection"), Some("keep-alive"));
     c.send(format!("POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\nok").as_bytes());
-    let r = c.read_response().expect("the connection broke after 100-continue");
+    let r = c
+        .read_response()
+        .expect("the connection broke after 100-continue");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
 }
 
@@ -453,7 +654,12 @@ fn bodies_over_max_body_bytes_get_413_and_never_reach_the_upstream() {
     let t = Tollgate::start_extra("\n[limits]\nmax_body_bytes = 1000\n");
     let alice = t.token("alice");
 
-    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body(vec![b'a'; 5000]).send().unwrap();
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body(vec![b'a'; 5000])
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 413);
     tracecode(&r);
     let body = json_body(r);
@@ -461,7 +667,12 @@ fn bodies_over_max_body_bytes_get_413_and_never_reach_the_upstream() {
     assert!(body["message"].as_str().unwrap().contains("1000"), "{body}");
 
     let chunked = reqwest::blocking::Body::new(std::io::Cursor::new(vec![b'b'; 5000]));
-    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body(chunked).send().unwrap();
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body(chunked)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 413);
     assert_error_shape(&json_body(r), "UNIVERSAL");
 
@@ -472,13 +683,24 @@ fn bodies_over_max_body_bytes_get_413_and_never_reach_the_upstream() {
         c.send(format!("{:x}\r\n{}\r\n", 143, "c".repeat(143)).as_bytes());
     }
     c.send(b"0\r\n\r\n");
-    let r = c.read_response().expect("no answer to a 1001-byte chunked body");
+    let r = c
+        .read_response()
+        .expect("no answer to a 1001-byte chunked body");
     assert_eq!(r.status, 413);
 
-    assert_eq!(demo_count(&t, "/demo/echo"), 0, "a refused body reached the upstream");
+    assert_eq!(
+        demo_count(&t, "/demo/echo"),
+        0,
+        "a refused body reached the upstream"
+    );
 
     // At the limit: served.
-    let r = client().post(t.url("/demo/echo")).bearer_auth(&alice).body(vec![b'd'; 1000]).send().unwrap();
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body(vec![b'd'; 1000])
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().unwrap().len(), 1000);
     assert_eq!(demo_count(&t, "/demo/echo"), 1);
@@ -511,7 +733,11 @@ operation = "{name}_calculation"
 fn assert_upstream_error(r: Response, status: u16) {
     assert_eq!(r.status(), status);
     tracecode(&r);
-    assert!(header(&r, "content-type").is_some_and(|c| c.starts_with("application/json")), "{:?}", r.headers());
+    assert!(
+        header(&r, "content-type").is_some_and(|c| c.starts_with("application/json")),
+        "{:?}",
+        r.headers()
+    );
     let body = json_body(r);
     assert_error_shape(&body, "UNIVERSAL");
 }
@@ -523,10 +749,18 @@ fn a_refused_upstream_is_a_502_in_the_api_shape() {
     let alice = t.token("alice");
     let started = Instant::now();
     let r = t.post_json("/universal/dead/calculation", &alice, &json!({}));
-    assert!(started.elapsed() < Duration::from_secs(2), "refused should fail fast: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused should fail fast: {:?}",
+        started.elapsed()
+    );
     assert_upstream_error(r, 502);
     // Still serving.
-    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
+    assert_eq!(
+        t.post_json("/universal/plan/calculation", &alice, &json!({}))
+            .status(),
+        200
+    );
 }
 
 #[test]
@@ -538,8 +772,15 @@ fn a_hanging_upstream_is_a_504_after_the_route_timeout() {
     let r = t.post_json("/universal/hang/calculation", &alice, &json!({}));
     let elapsed = started.elapsed();
     assert_upstream_error(r, 504);
-    assert!(elapsed >= Duration::from_millis(450) && elapsed <= Duration::from_secs(2), "504 after {elapsed:?}, expected ~500 ms");
-    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
+    assert!(
+        elapsed >= Duration::from_millis(450) && elapsed <= Duration::from_secs(2),
+        "504 after {elapsed:?}, expected ~500 ms"
+    );
+    assert_eq!(
+        t.post_json("/universal/plan/calculation", &alice, &json!({}))
+            .status(),
+        200
+    );
 }
 
 #[test]
@@ -548,9 +789,16 @@ fn an_upstream_closing_before_its_answer_is_a_502() {
     let t = Tollgate::start_extra(&fault_route("close", close.port, ""));
     let alice = t.token("alice");
     for _ in 0..2 {
-        assert_upstream_error(t.post_json("/universal/close/calculation", &alice, &json!({})), 502);
+        assert_upstream_error(
+            t.post_json("/universal/close/calculation", &alice, &json!({})),
+            502,
+        );
     }
-    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
+    assert_eq!(
+        t.post_json("/universal/plan/calculation", &alice, &json!({}))
+            .status(),
+        200
+    );
 }
 
 #[test]
@@ -558,36 +806,70 @@ fn an_upstream_reset_mid_answer_cuts_the_callers_answer_short() {
     let reset = FaultUpstream::start(Fault::ResetMidResponse);
     let t = Tollgate::start_extra(&fault_route("reset", reset.port, ""));
     let alice = t.token("alice");
-    let quick = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     for _ in 0..3 {
         let started = Instant::now();
-        let r = quick.post(t.url("/universal/reset/calculation")).bearer_auth(&alice).json(&json!({})).send();
+        let r = quick
+            .post(t.url("/universal/reset/calculation"))
+            .bearer_auth(&alice)
+            .json(&json!({}))
+            .send();
         match r {
             // The head was relayed before the reset; the body must not look complete.
             Ok(r) => {
                 assert_eq!(r.status(), 200);
                 tracecode(&r);
                 match r.bytes() {
-                    Ok(b) => panic!("a cut answer came back as complete ({} bytes: {:?})", b.len(), String::from_utf8_lossy(&b)),
+                    Ok(b) => panic!(
+                        "a cut answer came back as complete ({} bytes: {:?})",
+                        b.len(),
+                        String::from_utf8_lossy(&b)
+                    ),
                     Err(_) => {}
                 }
             }
-            Err(e) => assert!(!e.is_timeout(), "the caller hung instead of seeing the cut: {e}"),
+            Err(e) => assert!(
+                !e.is_timeout(),
+                "the caller hung instead of seeing the cut: {e}"
+            ),
         }
-        assert!(started.elapsed() < Duration::from_secs(3), "the cut took {:?} to reach the caller", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the cut took {:?} to reach the caller",
+            started.elapsed()
+        );
     }
     // Raw view: the answer ends early and the connection closes.
     let mut c = Raw::connect(t.port);
     c.send(format!("POST /universal/reset/calculation HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes());
     let (status, headers) = c.read_head().expect("the head was sent before the reset");
     assert_eq!(status, 200);
-    assert!(headers.iter().any(|(k, v)| k == "content-length" && v == "1000"), "{headers:?}");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "content-length" && v == "1000"),
+        "{headers:?}"
+    );
     while c.fill() {}
     assert!(c.buf.len() < 1000, "got {} of 1000 bytes", c.buf.len());
 
     // Tollgate keeps serving.
-    assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({})).status(), 200);
-    assert_eq!(client().get(t.url("/universal/system/version")).send().unwrap().status(), 200);
+    assert_eq!(
+        t.post_json("/universal/plan/calculation", &alice, &json!({}))
+            .status(),
+        200
+    );
+    assert_eq!(
+        client()
+            .get(t.url("/universal/system/version"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,7 +878,10 @@ fn an_upstream_reset_mid_answer_cuts_the_callers_answer_short() {
 #[test]
 fn system_version_and_health_check() {
     let t = Tollgate::start();
-    let r = client().get(t.url("/account/system/version")).send().unwrap();
+    let r = client()
+        .get(t.url("/account/system/version"))
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v = json_body(r);
     let major = v["major"].as_u64().unwrap_or_else(|| panic!("{v}"));
@@ -616,7 +901,10 @@ fn system_version_and_health_check() {
     let r = client().get(t.url("/account/system/check")).send().unwrap();
     assert_eq!(r.status(), 200);
     let health = json_body(r)["health"].as_f64().unwrap();
-    assert!((0.0..1.0).contains(&health), "health {health} with an upstream down");
+    assert!(
+        (0.0..1.0).contains(&health),
+        "health {health} with an upstream down"
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
@@ -624,7 +912,13 @@ fn system_version_and_health_check() {
 // Metrics
 
 fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[test]
@@ -632,14 +926,46 @@ fn metrics_count_calls_by_label_without_user_names() {
     let t = Tollgate::start();
     let alice = t.token("alice");
     for _ in 0..3 {
-        assert_eq!(t.post_json("/universal/plan/calculation", &alice, &json!({"locations": [1]})).status(), 200);
+        assert_eq!(
+            t.post_json(
+                "/universal/plan/calculation",
+                &alice,
+                &json!({"locations": [1]})
+            )
+            .status(),
+            200
+        );
     }
-    let failed = client().post(t.url("/universal/plan/calculation")).bearer_auth(&alice).header("x-demo-status", "503").json(&json!({})).send().unwrap();
+    let failed = client()
+        .post(t.url("/universal/plan/calculation"))
+        .bearer_auth(&alice)
+        .header("x-demo-status", "503")
+        .json(&json!({}))
+        .send()
+        .unwrap();
     assert_eq!(failed.status(), 503);
-    assert_eq!(client().post(t.url("/universal/plan/calculation")).json(&json!({})).send().unwrap().status(), 401);
-    assert_eq!(t.post_json("/routing/matrix/calculation", &alice, &json!({"waypoints": [1]})).status(), 200);
+    assert_eq!(
+        client()
+            .post(t.url("/universal/plan/calculation"))
+            .json(&json!({}))
+            .send()
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        t.post_json(
+            "/routing/matrix/calculation",
+            &alice,
+            &json!({"waypoints": [1]})
+        )
+        .status(),
+        200
+    );
 
-    let plan = |class: &str| format!("tollgate_requests_total{{method_group=\"PLAN\",service=\"UNIVERSAL\",status_class=\"{class}\"}}");
+    let plan = |class: &str| {
+        format!("tollgate_requests_total{{method_group=\"PLAN\",service=\"UNIVERSAL\",status_class=\"{class}\"}}")
+    };
     let mut text = String::new();
     let counted = eventually(Duration::from_secs(5), || {
         text = t.metrics();
@@ -649,24 +975,73 @@ fn metrics_count_calls_by_label_without_user_names() {
             && metric(&text, "tollgate_requests_total{method_group=\"MATRIX\",service=\"ROUTING\",status_class=\"2xx\"}") == Some(1.0)
     });
     assert!(counted, "requests_total does not count the calls:\n{text}");
-    assert_eq!(metric(&text, "tollgate_request_duration_seconds_count{method_group=\"PLAN\",service=\"UNIVERSAL\"}"), Some(5.0), "{text}");
-    assert_eq!(metric(&text, "tollgate_upstream_duration_seconds_count{method_group=\"PLAN\",service=\"UNIVERSAL\"}"), Some(4.0), "the 401 never reached the upstream:\n{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_request_duration_seconds_count{method_group=\"PLAN\",service=\"UNIVERSAL\"}"
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "tollgate_upstream_duration_seconds_count{method_group=\"PLAN\",service=\"UNIVERSAL\"}"
+        ),
+        Some(4.0),
+        "the 401 never reached the upstream:\n{text}"
+    );
     assert!(text.contains("tollgate_request_duration_seconds_bucket{method_group=\"PLAN\",service=\"UNIVERSAL\",le=\"+Inf\"} 5"), "{text}");
-    assert!(metric(&text, "tollgate_request_duration_seconds_sum{method_group=\"PLAN\",service=\"UNIVERSAL\"}").is_some_and(|s| s > 0.0), "{text}");
+    assert!(
+        metric(
+            &text,
+            "tollgate_request_duration_seconds_sum{method_group=\"PLAN\",service=\"UNIVERSAL\"}"
+        )
+        .is_some_and(|s| s > 0.0),
+        "{text}"
+    );
     for secret in ["alice", "acme", &alice[..], &alice[alice.len() - 20..]] {
         assert!(!text.contains(secret), "metrics show {secret:?}:\n{text}");
     }
 
     // The in-flight gauge follows a slow call.
-    assert!(eventually(Duration::from_secs(5), || metric(&t.metrics(), "tollgate_in_flight_requests") == Some(0.0)), "{}", t.metrics());
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &t.metrics(),
+            "tollgate_in_flight_requests"
+        ) == Some(0.0)),
+        "{}",
+        t.metrics()
+    );
     let url = t.url("/universal/plan/calculation");
     let token = alice.clone();
     let slow = std::thread::spawn(move || {
-        client().post(url).bearer_auth(token).header("x-demo-delay-ms", "1000").json(&json!({})).send().unwrap().status()
+        client()
+            .post(url)
+            .bearer_auth(token)
+            .header("x-demo-delay-ms", "1000")
+            .json(&json!({}))
+            .send()
+            .unwrap()
+            .status()
     });
-    assert!(eventually(Duration::from_secs(5), || metric(&t.metrics(), "tollgate_in_flight_requests") == Some(1.0)), "{}", t.metrics());
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &t.metrics(),
+            "tollgate_in_flight_requests"
+        ) == Some(1.0)),
+        "{}",
+        t.metrics()
+    );
     assert_eq!(slow.join().unwrap(), 200);
-    assert!(eventually(Duration::from_secs(5), || metric(&t.metrics(), "tollgate_in_flight_requests") == Some(0.0)), "{}", t.metrics());
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &t.metrics(),
+            "tollgate_in_flight_requests"
+        ) == Some(0.0)),
+        "{}",
+        t.metrics()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -678,13 +1053,27 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
     let alice = t.token("alice");
     let url = t.url("/universal/plan/calculation");
     let call = std::thread::spawn(move || {
-        let r = client().post(url).bearer_auth(alice).header("x-demo-delay-ms", "1500").json(&json!({"locations": [1]})).send();
-        r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default())).map_err(|e| e.to_string())
+        let r = client()
+            .post(url)
+            .bearer_auth(alice)
+            .header("x-demo-delay-ms", "1500")
+            .json(&json!({"locations": [1]}))
+            .send();
+        r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default()))
+            .map_err(|e| e.to_string())
     });
-    assert!(eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1), "the slow call never reached the upstream");
+    assert!(
+        eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1),
+        "the slow call never reached the upstream"
+    );
     let code = t.terminate();
     let answer = call.join().unwrap();
-    let (status, body) = answer.unwrap_or_else(|e| panic!("the call in flight was dropped at SIGTERM: {e}\n{}", t.log()));
+    let (status, body) = answer.unwrap_or_else(|e| {
+        panic!(
+            "the call in flight was dropped at SIGTERM: {e}\n{}",
+            t.log()
+        )
+    });
     assert_eq!(status, 200, "{body}");
     assert_eq!(code, Some(0), "{}", t.log());
 }
@@ -717,16 +1106,37 @@ operation = "run_plan_calculation"
 "#,
     )
     .unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a bad config passed:\n{text}");
-    for (key, word) in [("server.colour", "colour"), ("routes[0].service", "NOPE"), ("routes[0].method", "get")] {
-        assert!(text.lines().any(|l| l.contains(key) && l.contains(word)), "{key} ({word}) is not reported:\n{text}");
+    for (key, word) in [
+        ("server.colour", "colour"),
+        ("routes[0].service", "NOPE"),
+        ("routes[0].method", "get"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(key) && l.contains(word)),
+            "{key} ({word}) is not reported:\n{text}"
+        );
     }
 
     let default = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
-    let out = Command::new(BIN).arg("check-config").arg(&default).output().unwrap();
-    assert!(out.status.success(), "config/default.toml: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&default)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "config/default.toml: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
@@ -762,4 +1172,127 @@ fn latency_through_tollgate_vs_direct() {
         "LATENCY GET /universal/system/version, 2000 sequential keep-alive requests: direct p50 {direct50:?} (again {direct50b:?}) p99 {direct99:?}; through Tollgate p50 {proxied50:?} p99 {proxied99:?}; overhead p50 {:?}",
         proxied50.saturating_sub(direct50.min(direct50b))
     );
+}
+
+/// An upstream that answers the first request of each connection and closes the connection
+/// after reading the second one without answering (as a crash or its own timeout would).
+/// It counts every request it read whole.
+struct ClosesAfterSecondRequest {
+    port: u16,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ClosesAfterSecondRequest {
+    fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let seen = seen2.clone();
+                std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let mut c = Raw { s, buf: Vec::new() };
+                    for n in 1..=2 {
+                        // Read one request head and its Content-Length body.
+                        let Some(end) = (loop {
+                            if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break Some(i);
+                            }
+                            if !c.fill() {
+                                break None;
+                            }
+                        }) else {
+                            return;
+                        };
+                        let head = String::from_utf8_lossy(&c.buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        c.buf.drain(..end + 4);
+                        while c.buf.len() < len {
+                            if !c.fill() {
+                                return;
+                            }
+                        }
+                        c.buf.drain(..len);
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        if n == 1 {
+                            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                        }
+                    }
+                });
+            }
+        });
+        ClosesAfterSecondRequest { port, seen, stop }
+    }
+
+    fn seen(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for ClosesAfterSecondRequest {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_post_the_upstream_read_is_never_sent_twice_but_a_get_is_retried() {
+    let up = ClosesAfterSecondRequest::start();
+    let t = Tollgate::start_extra(&format!(
+        r#"
+[[upstreams]]
+name = "flaky"
+address = "127.0.0.1:{}"
+
+[[routes]]
+method = "*"
+path = "/universal/flaky/*"
+upstream = "flaky"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "flaky_calculation"
+"#,
+        up.port
+    ));
+    let alice = t.token("alice");
+    let post = || t.post_json("/universal/flaky/calculation", &alice, &json!({}));
+
+    // First call: a fresh connection, answered; the connection goes back to the pool.
+    assert_eq!(post().status(), 200);
+    assert_eq!(up.seen(), 1);
+    // Second call: on the pooled connection, read by the upstream, then the connection
+    // closes unanswered. The upstream may have acted on it: 502, not a second computation.
+    assert_upstream_error(post(), 502);
+    assert_eq!(
+        up.seen(),
+        2,
+        "the POST the upstream had read was sent again"
+    );
+
+    // A GET in the same situation is safe to repeat, so the caller does not see the stale
+    // connection.
+    assert_eq!(t.get("/universal/flaky/state", &alice).status(), 200);
+    assert_eq!(up.seen(), 3);
+    let r = t.get("/universal/flaky/state", &alice);
+    assert_eq!(
+        r.status(),
+        200,
+        "a GET on a connection the upstream dropped is retried once"
+    );
+    assert_eq!(up.seen(), 5);
 }

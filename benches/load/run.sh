@@ -92,33 +92,35 @@ trap 'log "terminated"; exit 143' TERM HUP
 # Tollgate: the two functions to adjust when its config format or command line changes.
 # ---------------------------------------------------------------------------------------------
 
-# tollgate_config MODE LISTEN_PORT METRICS_PORT UPSTREAM_PORT DIR: prints the config file.
-# DRAFT: the keys follow the design, not yet the real config parser; fix them here only.
+# tollgate_config MODE LISTEN_PORT METRICS_PORT UPSTREAM_PORT DIR: prints the config file
+# (the format of src/config/toml.rs; config/example.toml documents every key).
 tollgate_config() {
     local mode=$1 listen_port=$2 metrics_port=$3 upstream_port=$4 dir=$5
-    local auth route_extra_get route_extra_post
+    local auth capture points
     case "$mode" in
         passthrough)
             auth=false
-            route_extra_get=""
-            route_extra_post=""
+            capture=false
+            points=""
             ;;
         full)
             auth=true
-            route_extra_get='capture = true'
-            route_extra_post='capture = true
-points = [{ pointer = "/locations" }]'
+            capture=true
+            # Every element of the body's "locations" is a point; unique points by its "id".
+            points='points = ["/locations"]
+unique_key = "/id"'
             ;;
         *) die "tollgate_config: unknown mode '$mode'" ;;
     esac
     cat <<EOF
-# Written by benches/load/run.sh (mode: $mode). DRAFT keys: see tollgate_config() there.
+# Written by benches/load/run.sh (mode: $mode); see tollgate_config() there.
 [server]
 listen = "127.0.0.1:$listen_port"
 name = "bench"
 threads = 1
+log_format = "text"
 grace_period_seconds = 0
-graceful_shutdown_timeout_seconds = 1
+shutdown_timeout_seconds = 1
 
 [metrics]
 listen = "127.0.0.1:$metrics_port"
@@ -128,7 +130,10 @@ path = "$dir/store"
 
 [auth]
 # A fresh random secret per run, so the run needs no key file.
-hmac_secret = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+secret = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+# LOGIN_BURST logs in over and over from one address: measure logins, not the throttle.
+login_failures_per_account_per_minute = 100000
+login_failures_per_address_per_minute = 100000
 
 # The bench account: its token drives the 'full' mode and LOGIN_BURST logs in as it.
 [[users]]
@@ -143,14 +148,16 @@ service = "UNIVERSAL"
 method_group = "PLAN"
 points_per_request = 1000000
 points_per_day = 100000000
+points_per_date_window = 100000000
+date_window_days = 7
 max_concurrent_execution = 1000
 
 [[upstreams]]
 name = "nginx"
 address = "127.0.0.1:$upstream_port"
+keepalive = 128
 
 [[routes]]
-name = "bench-get"
 method = "GET"
 path = "/bench/get"
 upstream = "nginx"
@@ -158,10 +165,9 @@ service = "UNIVERSAL"
 method_group = "PLAN"
 operation = "bench_get"
 auth = $auth
-$route_extra_get
+capture = $capture
 
 [[routes]]
-name = "bench-post"
 method = "POST"
 path = "/bench/post"
 upstream = "nginx"
@@ -169,13 +175,14 @@ service = "UNIVERSAL"
 method_group = "PLAN"
 operation = "bench_post"
 auth = $auth
-$route_extra_post
+capture = $capture
+$points
 EOF
 }
 
 # tollgate_command CONFIG_FILE: sets TOLLGATE_CMD to the command line that serves CONFIG_FILE.
 tollgate_command() {
-    TOLLGATE_CMD=("$TOLLGATE_BIN" --config "$1")
+    TOLLGATE_CMD=("$TOLLGATE_BIN" serve --config "$1")
 }
 
 # ---------------------------------------------------------------------------------------------

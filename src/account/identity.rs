@@ -66,12 +66,20 @@ pub async fn token_generation(call: &mut Call<'_>) -> Result<AccountResponse, Ap
     check_len("password", &req.password, 1, 1000)?;
     let ttl_seconds = req.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS as i64);
     if ttl_seconds < MIN_TTL_SECONDS as i64 || ttl_seconds > MAX_TTL_SECONDS as i64 {
-        return Err(ApiError::invalid("ttl_seconds", format!("must be {MIN_TTL_SECONDS}..{MAX_TTL_SECONDS}, got {ttl_seconds}")));
+        return Err(ApiError::invalid(
+            "ttl_seconds",
+            format!("must be {MIN_TTL_SECONDS}..{MAX_TTL_SECONDS}, got {ttl_seconds}"),
+        ));
     }
     let token = call
         .app
         .authority
-        .login(&req.username, &req.password, ttl_seconds as u64, call.req.client_ip)
+        .login(
+            &req.username,
+            &req.password,
+            ttl_seconds as u64,
+            call.req.client_ip,
+        )
         .await?;
     Ok(AccountResponse::json(&token))
 }
@@ -81,7 +89,12 @@ pub fn token_validation(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
     // The official client sends a JSON string; a bare token as text is accepted too.
     let token: String = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::String(s)) => s,
-        Ok(_) => return Err(ApiError::invalid("body", "must be the token as a JSON string")),
+        Ok(_) => {
+            return Err(ApiError::invalid(
+                "body",
+                "must be the token as a JSON string",
+            ))
+        }
         Err(_) => String::from_utf8(body.to_vec())
             .map_err(|_| ApiError::invalid("body", "must be the token as a JSON string or text"))?
             .trim()
@@ -89,7 +102,10 @@ pub fn token_validation(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
     };
     check_len("token", &token, 1, 1000)?;
     let roles = call.app.authority.validate(&token);
-    Ok(AccountResponse::json(&TokenValidationResult { valid: roles.is_some(), roles: roles.unwrap_or_default() }))
+    Ok(AccountResponse::json(&TokenValidationResult {
+        valid: roles.is_some(),
+        roles: roles.unwrap_or_default(),
+    }))
 }
 
 pub async fn password_change(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
@@ -97,7 +113,11 @@ pub async fn password_change(call: &mut Call<'_>) -> Result<AccountResponse, Api
     let req: PasswordRequest = call.body()?;
     check_len("current_password", &req.current_password, 1, 1000)?;
     check_len("new_password", &req.new_password, 1, 1000)?;
-    let token = call.app.authority.change_password(&user, &req.current_password, &req.new_password).await?;
+    let token = call
+        .app
+        .authority
+        .change_password(&user, &req.current_password, &req.new_password)
+        .await?;
     Ok(AccountResponse::json(&token))
 }
 
@@ -108,7 +128,9 @@ pub fn info_get(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
 
 /// A plausible e-mail address: one `@`, something before it, a dotted domain after it.
 fn is_email(s: &str) -> bool {
-    let Some((local, domain)) = s.split_once('@') else { return false };
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
     !local.is_empty()
         && !domain.contains('@')
         && domain.contains('.')
@@ -124,14 +146,21 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     check_word("company_key", &info.company_key, 3, 256)?;
     // Empty strings from a form mean "not set" as much as null does.
     let none_if_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
-    let (name, email, phone) = (none_if_empty(info.name), none_if_empty(info.email), none_if_empty(info.phone));
+    let (name, email, phone) = (
+        none_if_empty(info.name),
+        none_if_empty(info.email),
+        none_if_empty(info.phone),
+    );
     if let Some(n) = &name {
         check_len("name", n, 2, 256)?;
     }
     if let Some(e) = &email {
         check_len("email", e, 5, 256)?;
         if !is_email(e) {
-            return Err(ApiError::invalid("email", "must be an e-mail address (name@domain.tld)"));
+            return Err(ApiError::invalid(
+                "email",
+                "must be an e-mail address (name@domain.tld)",
+            ));
         }
     }
     if let Some(p) = &phone {
@@ -139,29 +168,36 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     }
     let timezone = info.timezone.unwrap_or(0);
     if !(-12..=12).contains(&timezone) {
-        return Err(ApiError::invalid("timezone", format!("must be -12..12, got {timezone}")));
+        return Err(ApiError::invalid(
+            "timezone",
+            format!("must be -12..12, got {timezone}"),
+        ));
     }
     let admin = caller.roles.contains(&Role::ADMIN);
-    let mut target = if info.username == caller.username {
-        (*caller).clone()
-    } else if admin {
-        call.app
-            .authority
-            .user(&info.username)
-            .map(|u| (*u).clone())
-            .ok_or_else(|| ApiError::not_found(info.username.clone()))?
-    } else {
-        return Err(ApiError::forbidden("username: only an ADMIN may update another user's info"));
-    };
-    if info.company_key != target.company_key && !admin {
-        return Err(ApiError::forbidden("company_key: only an ADMIN may move a user to another company"));
+    if info.username != caller.username && !admin {
+        return Err(ApiError::forbidden(
+            "username: only an ADMIN may update another user's info",
+        ));
     }
-    target.name = name;
-    target.email = email;
-    target.phone = phone;
-    target.company_key = info.company_key;
-    target.timezone = timezone as i32;
-    call.app.authority.save(&target)?;
+    // From the stored record, so a concurrent password change is never undone.
+    let company_key = info.company_key;
+    let target = call
+        .app
+        .authority
+        .update(&info.username, |target| {
+            if company_key != target.company_key && !admin {
+                return Err(ApiError::forbidden(
+                    "company_key: only an ADMIN may move a user to another company",
+                ));
+            }
+            target.name = name;
+            target.email = email;
+            target.phone = phone;
+            target.company_key = company_key;
+            target.timezone = timezone as i32;
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found(info.username.clone()))?;
     Ok(AccountResponse::json(&AccountInfo::of(&target)))
 }
 

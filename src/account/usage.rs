@@ -32,11 +32,15 @@ async fn flush(call: &Call<'_>) -> Result<(), ApiError> {
 }
 
 fn get<'q>(query: &'q [(String, String)], name: &str) -> Option<&'q str> {
-    query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    query
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn offset_of(user: &UserRecord) -> FixedOffset {
-    FixedOffset::east_opt(user.timezone * 3600).unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"))
+    FixedOffset::east_opt(user.timezone * 3600)
+        .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero offset"))
 }
 
 pub fn quota(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
@@ -56,8 +60,13 @@ pub fn quota(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
         }
         services.entry(service).or_default().push(method);
     }
-    let services: Vec<Value> = services.into_iter().map(|(s, m)| json!({"service": s, "methods": m})).collect();
-    Ok(AccountResponse::json(&json!({"base": {"services": services}})))
+    let services: Vec<Value> = services
+        .into_iter()
+        .map(|(s, m)| json!({"service": s, "methods": m}))
+        .collect();
+    Ok(AccountResponse::json(
+        &json!({"base": {"services": services}}),
+    ))
 }
 
 /// The statistics/report period: inclusive local dates, defaulting to this month so far.
@@ -66,7 +75,10 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), 
     let today = Utc::now().with_timezone(&offset_of(user)).date_naive();
     let date = |field: &str| -> Result<Option<NaiveDate>, ApiError> {
         get(&query, field)
-            .map(|v| NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| ApiError::invalid(field, "must be a date YYYY-MM-DD")))
+            .map(|v| {
+                NaiveDate::parse_from_str(v, "%Y-%m-%d")
+                    .map_err(|_| ApiError::invalid(field, "must be a date YYYY-MM-DD"))
+            })
             .transpose()
     };
     let from = date("from")?.unwrap_or_else(|| today.with_day(1).unwrap_or(today));
@@ -75,16 +87,28 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), 
         return Err(ApiError::invalid("to", "must not be before from"));
     }
     if (to - from).num_days() + 1 > MAX_PERIOD_DAYS {
-        return Err(ApiError::invalid("to", format!("the period may span at most {MAX_PERIOD_DAYS} days")));
+        return Err(ApiError::invalid(
+            "to",
+            format!("the period may span at most {MAX_PERIOD_DAYS} days"),
+        ));
     }
     Ok((from, to))
 }
 
-fn daily_rows(call: &Call<'_>, user: &UserRecord, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyRow>, ApiError> {
+fn daily_rows(
+    call: &Call<'_>,
+    user: &UserRecord,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<DailyRow>, ApiError> {
     let rows = call
         .app
         .store
-        .stats(&user.username, store::day_of_date(from), store::day_of_date(to))
+        .stats(
+            &user.username,
+            store::day_of_date(from),
+            store::day_of_date(to),
+        )
         .map_err(internal)?;
     Ok(rows
         .into_iter()
@@ -106,20 +130,30 @@ pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
     let rows = daily_rows(call, &user, from, to)?;
     let mut dates: BTreeMap<NaiveDate, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     for r in rows {
-        dates.entry(r.date).or_default().entry(r.service).or_default().push(json!({
-            "method_group": r.method_group,
-            "unique_points_per_day": r.unique_points,
-            "points_per_day": r.points,
-        }));
+        dates
+            .entry(r.date)
+            .or_default()
+            .entry(r.service)
+            .or_default()
+            .push(json!({
+                "method_group": r.method_group,
+                "unique_points_per_day": r.unique_points,
+                "points_per_day": r.points,
+            }));
     }
     let dates: Vec<Value> = dates
         .into_iter()
         .map(|(date, services)| {
-            let services: Vec<Value> = services.into_iter().map(|(s, m)| json!({"service": s, "methods": m})).collect();
+            let services: Vec<Value> = services
+                .into_iter()
+                .map(|(s, m)| json!({"service": s, "methods": m}))
+                .collect();
             json!({"date": date.format("%Y-%m-%d").to_string(), "services": services})
         })
         .collect();
-    Ok(AccountResponse::json(&json!({"username": user.username, "dates": dates})))
+    Ok(AccountResponse::json(
+        &json!({"username": user.username, "dates": dates}),
+    ))
 }
 
 pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
@@ -127,9 +161,19 @@ pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let (from, to) = period(call, &user)?;
     flush(call).await?;
     let rows = daily_rows(call, &user, from, to)?;
-    let bytes = report::statistics_workbook(&user.username, from, to, &rows).map_err(|e| ApiError::internal(e.to_string()))?;
-    let filename = format!("report_{}_{}_{}.xlsx", user.username, from.format("%Y%m%d"), to.format("%Y%m%d"));
-    Ok(AccountResponse::file("application/octet-stream", Bytes::from(bytes), Some(filename)))
+    let bytes = report::statistics_workbook(&user.username, from, to, &rows)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let filename = format!(
+        "report_{}_{}_{}.xlsx",
+        user.username,
+        from.format("%Y%m%d"),
+        to.format("%Y%m%d")
+    );
+    Ok(AccountResponse::file(
+        "application/octet-stream",
+        Bytes::from(bytes),
+        Some(filename),
+    ))
 }
 
 /// Parses the date-times the official client and people send: RFC 3339 with `Z`, `+03:00`
@@ -140,14 +184,25 @@ pub fn parse_time(value: &str, tz: FixedOffset) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(&v) {
         return Some(t.with_timezone(&Utc));
     }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M%z"] {
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f%z",
+        "%Y-%m-%dT%H:%M:%S%z",
+        "%Y-%m-%dT%H:%M%z",
+    ] {
         if let Ok(t) = DateTime::parse_from_str(&v, format) {
             return Some(t.with_timezone(&Utc));
         }
     }
-    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"] {
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(&v, format) {
-            return tz.from_local_datetime(&t).single().map(|t| t.with_timezone(&Utc));
+            return tz
+                .from_local_datetime(&t)
+                .single()
+                .map(|t| t.with_timezone(&Utc));
         }
     }
     NaiveDate::parse_from_str(&v, "%Y-%m-%d")
@@ -172,7 +227,13 @@ pub fn iso_duration(duration_us: u64) -> String {
     }
 }
 
-fn int_param(query: &[(String, String)], field: &str, default: u64, min: u64, max: u64) -> Result<u64, ApiError> {
+fn int_param(
+    query: &[(String, String)],
+    field: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ApiError> {
     match get(query, field) {
         None => Ok(default),
         Some(v) => v
@@ -183,8 +244,13 @@ fn int_param(query: &[(String, String)], field: &str, default: u64, min: u64, ma
     }
 }
 
-fn enum_param<T: std::str::FromStr<Err = String>>(query: &[(String, String)], field: &str) -> Result<Option<T>, ApiError> {
-    get(query, field).map(|v| v.parse::<T>().map_err(|e| ApiError::invalid(field, e))).transpose()
+fn enum_param<T: std::str::FromStr<Err = String>>(
+    query: &[(String, String)],
+    field: &str,
+) -> Result<Option<T>, ApiError> {
+    get(query, field)
+        .map(|v| v.parse::<T>().map_err(|e| ApiError::invalid(field, e)))
+        .transpose()
 }
 
 fn visibility(user: &UserRecord) -> Visibility {
@@ -205,11 +271,21 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let time = |field: &str, default: DateTime<Utc>| -> Result<DateTime<Utc>, ApiError> {
         match get(&query, field) {
             None | Some("") => Ok(default),
-            Some(v) => parse_time(v, tz).ok_or_else(|| ApiError::invalid(field, "must be a date-time such as 2024-02-21T09:30:00+03:00")),
+            Some(v) => parse_time(v, tz).ok_or_else(|| {
+                ApiError::invalid(
+                    field,
+                    "must be a date-time such as 2024-02-21T09:30:00+03:00",
+                )
+            }),
         }
     };
     let start_of_today = tz
-        .from_local_datetime(&now.with_timezone(&tz).date_naive().and_hms_opt(0, 0, 0).unwrap_or_default())
+        .from_local_datetime(
+            &now.with_timezone(&tz)
+                .date_naive()
+                .and_hms_opt(0, 0, 0)
+                .unwrap_or_default(),
+        )
         .single()
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or(now);
@@ -287,21 +363,35 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
 
 pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse, ApiError> {
     let user = call.caller()?;
-    let code = Uuid::parse_str(raw_code).map_err(|_| ApiError::invalid("tracecode", "must be a UUID"))?;
+    let code =
+        Uuid::parse_str(raw_code).map_err(|_| ApiError::invalid("tracecode", "must be a UUID"))?;
     let query = call.query();
     let flow = match get(&query, "data_flow_type").unwrap_or("INPUT") {
         "INPUT" => Flow::Input,
         "OUTPUT" => Flow::Output,
-        _ => return Err(ApiError::invalid("data_flow_type", "must be INPUT or OUTPUT")),
+        _ => {
+            return Err(ApiError::invalid(
+                "data_flow_type",
+                "must be INPUT or OUTPUT",
+            ))
+        }
     };
     let stage = int_param(&query, "data_flow_stage", 0, 0, trace::MAX_STAGE as u64)? as u8;
     let convert = get(&query, "data_flow_convert").unwrap_or("ORIGIN");
     if !matches!(convert, "ORIGIN" | "JSON" | "XLSX") {
-        return Err(ApiError::invalid("data_flow_convert", "must be ORIGIN, JSON or XLSX"));
+        return Err(ApiError::invalid(
+            "data_flow_convert",
+            "must be ORIGIN, JSON or XLSX",
+        ));
     }
     flush(call).await?;
     let not_found = || ApiError::not_found(raw_code.to_string());
-    let process = call.app.store.process(&code).map_err(internal)?.ok_or_else(not_found)?;
+    let process = call
+        .app
+        .store
+        .process(&code)
+        .map_err(internal)?
+        .ok_or_else(not_found)?;
     let visible = match visibility(&user) {
         Visibility::All => true,
         Visibility::Company(c) => process.company_key == c,
@@ -310,29 +400,54 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
     if !visible {
         return Err(not_found());
     }
-    let payload = call.app.store.payload(&code, flow, stage).map_err(internal)?.ok_or_else(not_found)?;
+    let payload = call
+        .app
+        .store
+        .payload(&code, flow, stage)
+        .map_err(internal)?
+        .ok_or_else(not_found)?;
     let mut response = match convert {
         "ORIGIN" => AccountResponse::file(
-            payload.content_type.as_deref().unwrap_or("application/octet-stream"),
+            payload
+                .content_type
+                .as_deref()
+                .unwrap_or("application/octet-stream"),
             payload.body.clone(),
             None,
         ),
         _ => {
             if payload.truncated {
-                return Err(ApiError::invalid("data_flow_convert", "the capture was truncated; only ORIGIN can be served"));
+                return Err(ApiError::invalid(
+                    "data_flow_convert",
+                    "the capture was truncated; only ORIGIN can be served",
+                ));
             }
-            let value: Value = serde_json::from_slice(&payload.body)
-                .map_err(|_| ApiError::invalid("data_flow_convert", "the captured payload is not JSON; use ORIGIN"))?;
+            let value: Value = serde_json::from_slice(&payload.body).map_err(|_| {
+                ApiError::invalid(
+                    "data_flow_convert",
+                    "the captured payload is not JSON; use ORIGIN",
+                )
+            })?;
             if convert == "JSON" {
                 AccountResponse::json(&value)
             } else {
-                let bytes = report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))?;
-                let name = format!("{code}_{}_{stage}.xlsx", if flow == Flow::Input { "input" } else { "output" });
+                let bytes =
+                    report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))?;
+                let name = format!(
+                    "{code}_{}_{stage}.xlsx",
+                    if flow == Flow::Input {
+                        "input"
+                    } else {
+                        "output"
+                    }
+                );
                 AccountResponse::file("application/octet-stream", Bytes::from(bytes), Some(name))
             }
         }
     };
-    response.headers.push(("X-Capture-Truncated", payload.truncated.to_string()));
+    response
+        .headers
+        .push(("X-Capture-Truncated", payload.truncated.to_string()));
     Ok(response)
 }
 
@@ -343,7 +458,9 @@ mod tests {
     #[test]
     fn every_time_form_the_client_sends_parses() {
         let tz = FixedOffset::east_opt(3 * 3600).unwrap();
-        let want = DateTime::parse_from_rfc3339("2025-01-02T03:04:05Z").unwrap().with_timezone(&Utc);
+        let want = DateTime::parse_from_rfc3339("2025-01-02T03:04:05Z")
+            .unwrap()
+            .with_timezone(&Utc);
         for v in [
             "2025-01-02T03:04:05Z",
             "2025-01-02T03:04:05+00:00",

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use jsonwebtoken::{decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{
+    decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Role;
@@ -72,7 +74,12 @@ impl Keys {
         for secret in previous.iter().map(Vec::as_slice).chain([current]) {
             verifying.insert(kid_of(secret), DecodingKey::from_secret(secret));
         }
-        Keys { signing_kid: kid_of(current), signing: EncodingKey::from_secret(current), verifying, validation }
+        Keys {
+            signing_kid: kid_of(current),
+            signing: EncodingKey::from_secret(current),
+            verifying,
+            validation,
+        }
     }
 
     pub fn issue(&self, claims: &Claims) -> String {
@@ -91,15 +98,17 @@ impl Keys {
             Some(kid) => self.verifying.get(kid).ok_or(TokenError::UnknownKey)?,
             None => return Err(TokenError::UnknownKey),
         };
-        decode::<Claims>(token, key, &self.validation).map(|d| d.claims).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            match e.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::InvalidAlgorithm => TokenError::WrongAlgorithm,
-                _ => TokenError::Malformed,
-            }
-        })
+        decode::<Claims>(token, key, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => TokenError::Expired,
+                    ErrorKind::InvalidSignature => TokenError::BadSignature,
+                    ErrorKind::InvalidAlgorithm => TokenError::WrongAlgorithm,
+                    _ => TokenError::Malformed,
+                }
+            })
     }
 }
 
@@ -109,7 +118,14 @@ mod tests {
     use base64::Engine;
 
     fn claims(exp: u64) -> Claims {
-        Claims { sub: "alice".into(), company: "acme".into(), roles: vec![Role::USER], ver: 1, iat: 0, exp }
+        Claims {
+            sub: "alice".into(),
+            company: "acme".into(),
+            roles: vec![Role::USER],
+            ver: 1,
+            iat: 0,
+            exp,
+        }
     }
 
     fn now() -> u64 {
@@ -126,24 +142,38 @@ mod tests {
     #[test]
     fn expiry_is_exact() {
         let keys = Keys::new(&[7u8; 32], &[]);
-        assert_eq!(keys.verify(&keys.issue(&claims(now() - 1))), Err(TokenError::Expired));
+        assert_eq!(
+            keys.verify(&keys.issue(&claims(now() - 1))),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]
     fn another_key_or_algorithm_is_refused() {
         let keys = Keys::new(&[7u8; 32], &[]);
         let other = Keys::new(&[8u8; 32], &[]);
-        assert_eq!(keys.verify(&other.issue(&claims(now() + 60))), Err(TokenError::UnknownKey));
+        assert_eq!(
+            keys.verify(&other.issue(&claims(now() + 60))),
+            Err(TokenError::UnknownKey)
+        );
         // Same secret, same kid, but HS512.
         let mut header = Header::new(Algorithm::HS512);
         header.kid = Some(kid_of(&[7u8; 32]));
-        let hs512 = encode(&header, &claims(now() + 60), &EncodingKey::from_secret(&[7u8; 32])).unwrap();
+        let hs512 = encode(
+            &header,
+            &claims(now() + 60),
+            &EncodingKey::from_secret(&[7u8; 32]),
+        )
+        .unwrap();
         assert_eq!(keys.verify(&hs512), Err(TokenError::WrongAlgorithm));
         // alg = none, no signature.
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let none = format!(
             "{}.{}.",
-            b64.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{}"}}"#, kid_of(&[7u8; 32]))),
+            b64.encode(format!(
+                r#"{{"alg":"none","typ":"JWT","kid":"{}"}}"#,
+                kid_of(&[7u8; 32])
+            )),
             b64.encode(serde_json::to_vec(&claims(now() + 60)).unwrap())
         );
         assert!(keys.verify(&none).is_err());

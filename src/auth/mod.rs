@@ -37,6 +37,10 @@ pub struct Authority {
     throttle: throttle::LoginThrottle,
     /// Bounds concurrent argon2 work (19 MiB each) to the cores there are.
     hashing: tokio::sync::Semaphore,
+    /// Serialises writes of users, so that no write starts from a record another one has
+    /// outdated and the snapshot never loses a concurrent change (a password change's version
+    /// bump above all).
+    writes: parking_lot::Mutex<()>,
 }
 
 /// Reads the signing secret: config, then the environment, then the secret file, generating
@@ -57,14 +61,19 @@ pub fn load_secret(auth: &config::Auth) -> Result<Vec<u8>, String> {
 fn read_or_create_secret(path: &Path) -> Result<Vec<u8>, String> {
     match std::fs::read_to_string(path) {
         Ok(s) if s.trim().len() >= 32 => {
-            let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+            let mode = std::fs::metadata(path)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0);
             if mode & 0o077 != 0 {
                 tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file is readable by others; tightening to 0600");
                 let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
             }
             Ok(s.trim().as_bytes().to_vec())
         }
-        Ok(_) => Err(format!("{}: secret is shorter than 32 characters", path.display())),
+        Ok(_) => Err(format!(
+            "{}: secret is shorter than 32 characters",
+            path.display()
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut bits = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut bits);
@@ -79,7 +88,9 @@ fn read_or_create_secret(path: &Path) -> Result<Vec<u8>, String> {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| format!("{}: cannot create: {e}", path.display()))?;
-            f.write_all(hex.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+            f.write_all(hex.as_bytes())
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             tracing::info!(path = %path.display(), "generated a new token signing secret");
             Ok(hex.into_bytes())
         }
@@ -103,7 +114,8 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                     _ => password::hash(p),
                 }),
                 PasswordSeed::Hash(h) => {
-                    password::meets_minimum(h).map_err(|e| format!("users.{}.password_hash: {e}", seed.username))?;
+                    password::meets_minimum(h)
+                        .map_err(|e| format!("users.{}.password_hash: {e}", seed.username))?;
                     Ok(h.clone())
                 }
             }
@@ -141,7 +153,11 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
 }
 
 impl Authority {
-    pub fn new(keys: Keys, store: Arc<Store>, auth: &config::Auth) -> Result<Arc<Authority>, String> {
+    pub fn new(
+        keys: Keys,
+        store: Arc<Store>,
+        auth: &config::Auth,
+    ) -> Result<Arc<Authority>, String> {
         let authority = Authority {
             keys,
             store,
@@ -150,7 +166,12 @@ impl Authority {
                 auth.login_failures_per_account_per_minute,
                 auth.login_failures_per_address_per_minute,
             ),
-            hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+            hashing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            ),
+            writes: parking_lot::Mutex::new(()),
         };
         authority.reload()?;
         Ok(Arc::new(authority))
@@ -158,8 +179,26 @@ impl Authority {
 
     /// Re-reads the users from the store into the hot-path snapshot.
     pub fn reload(&self) -> Result<(), String> {
+        // Under the write lock: a write published between reading and swapping would be lost.
+        let _writing = self.writes.lock();
+        self.reload_locked()
+    }
+
+    /// Runs a write that goes to the store directly (an admin command) under the same write
+    /// lock as the API's own writes, so neither undoes the other, then refreshes the snapshot.
+    pub fn write_directly<T>(&self, write: impl FnOnce(&Store) -> T) -> Result<T, String> {
+        let _writing = self.writes.lock();
+        let result = write(&self.store);
+        self.reload_locked()?;
+        Ok(result)
+    }
+
+    fn reload_locked(&self) -> Result<(), String> {
         let users = self.store.users().map_err(|e| e.to_string())?;
-        let map = users.into_iter().map(|u| (u.username.clone(), Arc::new(u))).collect();
+        let map = users
+            .into_iter()
+            .map(|u| (u.username.clone(), Arc::new(u)))
+            .collect();
         self.directory.store(Arc::new(map));
         Ok(())
     }
@@ -180,10 +219,14 @@ impl Authority {
 
     /// The caller of a request from its `Authorization` header value.
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Arc<UserRecord>, ApiError> {
-        let header = authorization.ok_or_else(|| ApiError::unauthorized("Authorization: a Bearer token is required"))?;
+        let header = authorization
+            .ok_or_else(|| ApiError::unauthorized("Authorization: a Bearer token is required"))?;
         let token = std::str::from_utf8(header)
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("Authorization: must be 'Bearer <token>'"))?;
         self.verify_token(token).map_err(|e| match e {
@@ -204,16 +247,34 @@ impl Authority {
         })
     }
 
-    async fn hash_work<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-        let _permit = self.hashing.acquire().await.map_err(|_| ApiError::internal("shutting down"))?;
-        tokio::task::spawn_blocking(work).await.map_err(|_| ApiError::internal("password hashing failed"))
+    async fn hash_work<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("shutting down"))?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|_| ApiError::internal("password hashing failed"))
     }
 
     /// Checks a password and issues a token. Unknown users take the same time and get the same
     /// answer as a wrong password.
-    pub async fn login(&self, username: &str, password: &str, ttl_seconds: u64, address: Option<IpAddr>) -> Result<String, ApiError> {
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        ttl_seconds: u64,
+        address: Option<IpAddr>,
+    ) -> Result<String, ApiError> {
         if let Some(wait) = self.throttle.refused(username, address) {
-            return Err(ApiError::too_many("too many failed logins; try again later", wait));
+            return Err(ApiError::too_many(
+                "too many failed logins; try again later",
+                wait,
+            ));
         }
         let user = self.user(username);
         let stored = user.as_ref().map(|u| u.password_hash.clone());
@@ -237,28 +298,65 @@ impl Authority {
     }
 
     /// Changes the caller's password, revoking every token issued before, and returns a new one.
-    pub async fn change_password(&self, user: &UserRecord, current: &str, new: &str) -> Result<String, ApiError> {
-        let stored = user.password_hash.clone();
+    pub async fn change_password(
+        &self,
+        user: &UserRecord,
+        current: &str,
+        new: &str,
+    ) -> Result<String, ApiError> {
+        let verified = user.password_hash.clone();
+        let stored = verified.clone();
         let (current, new) = (current.to_string(), new.to_string());
         let new_hash = self
             .hash_work(move || password::verify(&current, &stored).then(|| password::hash(&new)))
             .await?
             .ok_or_else(|| ApiError::unauthorized("current_password: does not match"))?;
-        let mut updated = self
-            .store
-            .user(&user.username)
-            .map_err(|e| ApiError::internal(e.to_string()))?
+        let updated = self
+            .update(&user.username, |u| {
+                // Changed meanwhile: the current password checked above is no longer current.
+                if u.password_hash != verified {
+                    return Err(ApiError::unauthorized("current_password: does not match"));
+                }
+                u.password_hash = new_hash;
+                u.token_version += 1;
+                u.password_changed = true;
+                Ok(())
+            })?
             .ok_or_else(|| ApiError::unauthorized("user no longer exists"))?;
-        updated.password_hash = new_hash;
-        updated.token_version += 1;
-        updated.password_changed = true;
-        self.save(&updated)?;
         Ok(self.issue(&updated, DEFAULT_TTL_SECONDS))
     }
 
-    /// Stores a user and refreshes the snapshot.
+    /// Changes one user, starting from the stored record (not from a snapshot a concurrent write
+    /// may have outdated), stores it and refreshes the snapshot, all under the write lock.
+    /// `None` when there is no such user.
+    pub fn update(
+        &self,
+        username: &str,
+        change: impl FnOnce(&mut UserRecord) -> Result<(), ApiError>,
+    ) -> Result<Option<UserRecord>, ApiError> {
+        let _writing = self.writes.lock();
+        let Some(mut user) = self
+            .store
+            .user(username)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        change(&mut user)?;
+        self.publish(&user)?;
+        Ok(Some(user))
+    }
+
+    /// Stores a user (whole) and refreshes the snapshot.
     pub fn save(&self, user: &UserRecord) -> Result<(), ApiError> {
-        self.store.put_user(user).map_err(|e| ApiError::internal(e.to_string()))?;
+        let _writing = self.writes.lock();
+        self.publish(user)
+    }
+
+    fn publish(&self, user: &UserRecord) -> Result<(), ApiError> {
+        self.store
+            .put_user(user)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         let mut map = HashMap::clone(&self.directory.load());
         map.insert(user.username.clone(), Arc::new(user.clone()));
         self.directory.store(Arc::new(map));

@@ -1,7 +1,9 @@
 //! Password hashing: argon2id at (at least) the OWASP minimum, m=19 MiB, t=2, p=1. Hashing is
 //! deliberately slow, so callers run it on blocking threads, never on the proxy's workers.
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::{Algorithm, Argon2, Params, Version};
 use std::sync::OnceLock;
 
@@ -10,7 +12,8 @@ pub const ITERATIONS: u32 = 2;
 pub const PARALLELISM: u32 = 1;
 
 fn hasher() -> Argon2<'static> {
-    let params = Params::new(MEMORY_KIB, ITERATIONS, PARALLELISM, None).expect("OWASP argon2 parameters are valid");
+    let params = Params::new(MEMORY_KIB, ITERATIONS, PARALLELISM, None)
+        .expect("OWASP argon2 parameters are valid");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
@@ -27,7 +30,9 @@ pub fn hash(password: &str) -> String {
 pub fn verify(password: &str, phc: &str) -> bool {
     match PasswordHash::new(phc) {
         // Verification uses the parameters recorded in the hash itself.
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
         Err(_) => false,
     }
 }
@@ -46,8 +51,11 @@ pub fn meets_minimum(phc: &str) -> Result<(), String> {
         return Err("must be argon2id".into());
     }
     let params = Params::try_from(&parsed).map_err(|e| format!("bad argon2 parameters: {e}"))?;
-    if params.m_cost() < MEMORY_KIB || params.t_cost() < ITERATIONS || params.p_cost() < PARALLELISM {
-        return Err(format!("must use at least m={MEMORY_KIB}, t={ITERATIONS}, p={PARALLELISM}"));
+    if params.m_cost() < MEMORY_KIB || params.t_cost() < ITERATIONS || params.p_cost() < PARALLELISM
+    {
+        return Err(format!(
+            "must use at least m={MEMORY_KIB}, t={ITERATIONS}, p={PARALLELISM}"
+        ));
     }
     Ok(())
 }
@@ -68,10 +76,14 @@ mod tests {
 
     #[test]
     fn weak_hashes_are_refused() {
-        let weak = Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(1024, 1, 1, None).unwrap())
-            .hash_password(b"x", &SaltString::generate(&mut OsRng))
-            .unwrap()
-            .to_string();
+        let weak = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(1024, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"x", &SaltString::generate(&mut OsRng))
+        .unwrap()
+        .to_string();
         assert!(meets_minimum(&weak).unwrap_err().contains("at least"));
     }
 }

@@ -7,13 +7,23 @@ use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 
+/// A keyed limiter whose positive answers tell how much allowance is left, so a key is locked
+/// as soon as its allowance is spent, not one (unchecked) attempt later.
+type Limiter<K> =
+    RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+
+/// Keys kept by a limiter before the ones whose allowance has refilled are forgotten.
+const RETAIN_ABOVE: usize = 10_000;
+
 pub struct LoginThrottle {
-    accounts: DefaultKeyedRateLimiter<String>,
-    addresses: DefaultKeyedRateLimiter<IpAddr>,
+    accounts: Limiter<String>,
+    addresses: Limiter<IpAddr>,
     locked_accounts: Mutex<HashMap<String, Instant>>,
     locked_addresses: Mutex<HashMap<IpAddr, Instant>>,
 }
@@ -25,8 +35,10 @@ fn per_minute(n: u32) -> Quota {
 impl LoginThrottle {
     pub fn new(failures_per_account_per_minute: u32, failures_per_address_per_minute: u32) -> Self {
         LoginThrottle {
-            accounts: RateLimiter::keyed(per_minute(failures_per_account_per_minute)),
-            addresses: RateLimiter::keyed(per_minute(failures_per_address_per_minute)),
+            accounts: RateLimiter::keyed(per_minute(failures_per_account_per_minute))
+                .with_middleware(),
+            addresses: RateLimiter::keyed(per_minute(failures_per_address_per_minute))
+                .with_middleware(),
             locked_accounts: Mutex::new(HashMap::new()),
             locked_addresses: Mutex::new(HashMap::new()),
         }
@@ -35,7 +47,12 @@ impl LoginThrottle {
     /// Seconds to wait if this attempt must be refused before any password work.
     pub fn refused(&self, username: &str, address: Option<IpAddr>) -> Option<u64> {
         let now = Instant::now();
-        let wait = |until: Option<&Instant>| until.filter(|u| **u > now).map(|u| (*u - now).as_secs().max(1));
+        // Rounded up: a client that waits Retry-After seconds finds the lock gone.
+        let wait = |until: Option<&Instant>| {
+            until
+                .filter(|u| **u > now)
+                .map(|u| ((*u - now).as_millis().div_ceil(1000) as u64).max(1))
+        };
         let a = wait(self.locked_accounts.lock().get(username));
         let b = address.and_then(|ip| wait(self.locked_addresses.lock().get(&ip)));
         a.max(b)
@@ -43,22 +60,41 @@ impl LoginThrottle {
 
     /// Counts a failed attempt; once a key's allowance is spent it is locked until refilled.
     pub fn failed(&self, username: &str, address: Option<IpAddr>) {
-        let clock = DefaultClock::default();
-        let lock_for = |not_until: governor::NotUntil<_>| -> Duration { not_until.wait_time_from(clock.now()) };
-        if let Err(not_until) = self.accounts.check_key(&username.to_string()) {
-            let until = Instant::now() + lock_for(not_until);
+        if let Some(lock) = spend(&self.accounts, &username.to_string()) {
+            let until = Instant::now() + lock;
             let mut locked = self.locked_accounts.lock();
             locked.retain(|_, u| *u > Instant::now());
             locked.insert(username.to_string(), until);
         }
         if let Some(ip) = address {
-            if let Err(not_until) = self.addresses.check_key(&ip) {
-                let until = Instant::now() + lock_for(not_until);
+            if let Some(lock) = spend(&self.addresses, &ip) {
+                let until = Instant::now() + lock;
                 let mut locked = self.locked_addresses.lock();
                 locked.retain(|_, u| *u > Instant::now());
                 locked.insert(ip, until);
             }
         }
+    }
+}
+
+/// Takes one cell of `key`'s allowance; returns how long the key must be locked when the
+/// allowance is now spent (this was its last cell) or was spent already.
+fn spend<K: Clone + Eq + std::hash::Hash>(limiter: &Limiter<K>, key: &K) -> Option<Duration> {
+    // Every username tried is a key: forget the refilled ones so a spray cannot grow memory.
+    if limiter.len() > RETAIN_ABOVE {
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+    }
+    let clock = DefaultClock::default();
+    match limiter.check_key(key) {
+        Ok(state) if state.remaining_burst_capacity() > 0 => None,
+        // The last cell: a refused check does not change the state, it only says when the next
+        // cell is due.
+        Ok(_) => limiter
+            .check_key(key)
+            .err()
+            .map(|not_until| not_until.wait_time_from(clock.now())),
+        Err(not_until) => Some(not_until.wait_time_from(clock.now())),
     }
 }
 
@@ -71,12 +107,16 @@ mod tests {
         let t = LoginThrottle::new(3, 1000);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         for _ in 0..3 {
-            assert_eq!(t.refused("bob", Some(ip)), None);
+            assert_eq!(
+                t.refused("bob", Some(ip)),
+                None,
+                "the allowance is 3 failures"
+            );
             t.failed("bob", Some(ip));
         }
-        assert_eq!(t.refused("bob", Some(ip)), None, "the allowance is 3 failures");
-        t.failed("bob", Some(ip));
-        assert!(t.refused("bob", Some(ip)).unwrap() >= 1);
+        // No fourth guess within the minute.
+        let wait = t.refused("bob", Some(ip)).unwrap();
+        assert!((1..=20).contains(&wait), "{wait}");
         assert!(t.refused("bob", None).is_some());
         assert_eq!(t.refused("alice", Some(ip)), None);
     }
@@ -85,10 +125,33 @@ mod tests {
     fn an_address_spraying_accounts_is_locked() {
         let t = LoginThrottle::new(1000, 2);
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        for i in 0..3 {
+        for i in 0..2 {
+            assert_eq!(t.refused(&format!("user{i}"), Some(ip)), None);
             t.failed(&format!("user{i}"), Some(ip));
         }
         assert!(t.refused("someone_else", Some(ip)).is_some());
-        assert_eq!(t.refused("someone_else", Some("127.0.0.3".parse().unwrap())), None);
+        assert_eq!(
+            t.refused("someone_else", Some("127.0.0.3".parse().unwrap())),
+            None
+        );
+    }
+
+    #[test]
+    fn the_sustained_rate_is_the_configured_one() {
+        // 60 per minute: one cell a second. Spending the burst locks for about a second, and
+        // the refilled cell is the last one again, so every further failure locks at once.
+        let t = LoginThrottle::new(60, 100_000);
+        for _ in 0..60 {
+            assert_eq!(t.refused("carol", None), None);
+            t.failed("carol", None);
+        }
+        assert_eq!(t.refused("carol", None), Some(1));
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(t.refused("carol", None), None);
+        t.failed("carol", None);
+        assert!(
+            t.refused("carol", None).is_some(),
+            "one failure per refilled cell, not two"
+        );
     }
 }

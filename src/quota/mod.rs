@@ -32,14 +32,29 @@ pub struct Quotas {
 
 impl Quotas {
     pub fn from_config(config: &Config) -> Quotas {
-        let mut q = Quotas { defaults: HashMap::new(), companies: HashMap::new(), users: HashMap::new(), pairs: BTreeSet::new() };
+        let mut q = Quotas {
+            defaults: HashMap::new(),
+            companies: HashMap::new(),
+            users: HashMap::new(),
+            pairs: BTreeSet::new(),
+        };
         for quota in &config.quotas {
             let pair = (quota.service, quota.method_group);
             q.pairs.insert(pair);
             let slot = match &quota.scope {
                 QuotaScope::Default => q.defaults.entry(pair).or_default(),
-                QuotaScope::Company(c) => q.companies.entry(c.clone()).or_default().entry(pair).or_default(),
-                QuotaScope::User(u) => q.users.entry(u.clone()).or_default().entry(pair).or_default(),
+                QuotaScope::Company(c) => q
+                    .companies
+                    .entry(c.clone())
+                    .or_default()
+                    .entry(pair)
+                    .or_default(),
+                QuotaScope::User(u) => q
+                    .users
+                    .entry(u.clone())
+                    .or_default()
+                    .entry(pair)
+                    .or_default(),
             };
             *slot = quota.values.over(*slot);
         }
@@ -50,22 +65,40 @@ impl Quotas {
     }
 
     /// The quota values that apply to `user` for one pair (None = unlimited).
-    pub fn effective(&self, user: &UserRecord, service: ServiceName, group: MethodGroup) -> QuotaValues {
+    pub fn effective(
+        &self,
+        user: &UserRecord,
+        service: ServiceName,
+        group: MethodGroup,
+    ) -> QuotaValues {
         let pair = (service, group);
         let mut v = self.defaults.get(&pair).copied().unwrap_or_default();
-        if let Some(c) = self.companies.get(&user.company_key).and_then(|m| m.get(&pair)) {
+        if let Some(c) = self
+            .companies
+            .get(&user.company_key)
+            .and_then(|m| m.get(&pair))
+        {
             v = c.over(v);
         }
         if let Some(u) = self.users.get(&user.username).and_then(|m| m.get(&pair)) {
             v = u.over(v);
         }
-        if let Some(stored) = user.quotas.iter().find(|q| q.service == service && q.method_group == group) {
+        if let Some(stored) = user
+            .quotas
+            .iter()
+            .find(|q| q.service == service && q.method_group == group)
+        {
             v = stored.values.over(v);
         }
         v
     }
 
-    pub fn limits(&self, user: &UserRecord, service: ServiceName, group: MethodGroup) -> ledger::Limits {
+    pub fn limits(
+        &self,
+        user: &UserRecord,
+        service: ServiceName,
+        group: MethodGroup,
+    ) -> ledger::Limits {
         to_limits(self.effective(user, service, group))
     }
 
@@ -73,7 +106,10 @@ impl Quotas {
     pub fn all_for(&self, user: &UserRecord) -> Vec<(ServiceName, MethodGroup, QuotaValues)> {
         let mut pairs = self.pairs.clone();
         pairs.extend(user.quotas.iter().map(|q| (q.service, q.method_group)));
-        pairs.into_iter().map(|(s, g)| (s, g, self.effective(user, s, g))).collect()
+        pairs
+            .into_iter()
+            .map(|(s, g)| (s, g, self.effective(user, s, g)))
+            .collect()
     }
 }
 
@@ -135,16 +171,39 @@ mod tests {
         let q = Quotas::from_config(&config);
         let (s, g) = (ServiceName::UNIVERSAL, MethodGroup::PLAN);
         let alice = q.effective(&user("alice", "acme"), s, g);
-        assert_eq!((alice.points_per_request, alice.points_per_day, alice.max_concurrent_execution), (Some(100), Some(5000), Some(1)));
+        assert_eq!(
+            (
+                alice.points_per_request,
+                alice.points_per_day,
+                alice.max_concurrent_execution
+            ),
+            (Some(100), Some(5000), Some(1))
+        );
         let bob = q.effective(&user("bob", "acme"), s, g);
-        assert_eq!((bob.points_per_day, bob.max_concurrent_execution), (Some(5000), Some(5)));
+        assert_eq!(
+            (bob.points_per_day, bob.max_concurrent_execution),
+            (Some(5000), Some(5))
+        );
         let carol = q.effective(&user("carol", "other"), s, g);
         assert_eq!(carol.points_per_day, Some(1000));
-        assert_eq!(q.effective(&user("carol", "other"), ServiceName::ROUTING, g), QuotaValues::default());
+        assert_eq!(
+            q.effective(&user("carol", "other"), ServiceName::ROUTING, g),
+            QuotaValues::default()
+        );
 
         let mut dave = user("dave", "acme");
-        dave.quotas.push(UserQuota { service: s, method_group: g, values: QuotaValues { points_per_day: Some(7), ..Default::default() } });
+        dave.quotas.push(UserQuota {
+            service: s,
+            method_group: g,
+            values: QuotaValues {
+                points_per_day: Some(7),
+                ..Default::default()
+            },
+        });
         assert_eq!(q.effective(&dave, s, g).points_per_day, Some(7));
-        assert_eq!(q.limits(&dave, s, g).date_window_days, DEFAULT_DATE_WINDOW_DAYS);
+        assert_eq!(
+            q.limits(&dave, s, g).date_window_days,
+            DEFAULT_DATE_WINDOW_DAYS
+        );
     }
 }

@@ -216,21 +216,37 @@ fn process_key(code: &Uuid) -> [u8; 17] {
     k
 }
 
-fn index_key(tag: u8, owner: &str, time_ms: i64, code: &Uuid) -> Vec<u8> {
-    let mut k = Vec::with_capacity(owner.len() + 26);
+/// The bytes after the owner in an index key, and after the tag in a record key: time, code,
+/// exchange. The exchange number (1-based, within the process) keeps two exchanges of one
+/// process that arrive in the same millisecond apart; without it the later overwrote the
+/// earlier's audit record.
+const AUDIT_KEY_TAIL: usize = 8 + 16 + 4;
+
+fn index_key(tag: u8, owner: &str, time_ms: i64, code: &Uuid, exchange: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + 2 + AUDIT_KEY_TAIL);
     k.push(tag);
     k.extend_from_slice(owner.as_bytes());
     k.push(0);
     k.extend_from_slice(&time_key(time_ms));
     k.extend_from_slice(code.as_bytes());
+    k.extend_from_slice(&exchange.to_be_bytes());
     k
 }
 
-fn record_key(time_ms: i64, code: &Uuid) -> [u8; 25] {
-    let mut k = [b'r'; 25];
+fn record_key(time_ms: i64, code: &Uuid, exchange: u32) -> [u8; 1 + AUDIT_KEY_TAIL] {
+    let mut k = [b'r'; 1 + AUDIT_KEY_TAIL];
     k[1..9].copy_from_slice(&time_key(time_ms));
-    k[9..].copy_from_slice(code.as_bytes());
+    k[9..25].copy_from_slice(code.as_bytes());
+    k[25..].copy_from_slice(&exchange.to_be_bytes());
     k
+}
+
+/// The record key an index key points to.
+fn record_key_of_index(index_key: &[u8]) -> Option<[u8; 1 + AUDIT_KEY_TAIL]> {
+    let tail = index_key.get(index_key.len().checked_sub(AUDIT_KEY_TAIL)?..)?;
+    let mut k = [b'r'; 1 + AUDIT_KEY_TAIL];
+    k[1..].copy_from_slice(tail);
+    Some(k)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T> {
@@ -275,9 +291,15 @@ fn counts_value(c: DayCounts) -> [u8; 16] {
 
 fn counts_from(v: &[u8]) -> DayCounts {
     let n = |r: std::ops::Range<usize>| {
-        v.get(r).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0)
+        v.get(r)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0)
     };
-    DayCounts { points: n(0..8), unique_points: n(8..16) }
+    DayCounts {
+        points: n(0..8),
+        unique_points: n(8..16),
+    }
 }
 
 impl Store {
@@ -296,7 +318,13 @@ impl Store {
                 days.insert(name, ks);
             }
         }
-        Ok(Arc::new(Store { db, users, stats, processes, days: Mutex::new(days) }))
+        Ok(Arc::new(Store {
+            db,
+            users,
+            stats,
+            processes,
+            days: Mutex::new(days),
+        }))
     }
 
     fn day_keyspace(&self, prefix: &str, day: Day) -> Result<Keyspace> {
@@ -328,7 +356,10 @@ impl Store {
 
     /// Whether the store answers reads (for the health check).
     pub fn healthy(&self) -> bool {
-        self.users.first_key_value().map(|g| g.key().is_ok()).unwrap_or(true)
+        self.users
+            .first_key_value()
+            .map(|g| g.key().is_ok())
+            .unwrap_or(true)
     }
 
     // ---- users ----
@@ -364,7 +395,13 @@ impl Store {
 
     // ---- statistics ----
 
-    pub fn day_counts(&self, username: &str, day: Day, service: ServiceName, group: MethodGroup) -> Result<DayCounts> {
+    pub fn day_counts(
+        &self,
+        username: &str,
+        day: Day,
+        service: ServiceName,
+        group: MethodGroup,
+    ) -> Result<DayCounts> {
         Ok(self
             .stats
             .get(stats_key(username, day, service, group))?
@@ -373,7 +410,12 @@ impl Store {
     }
 
     /// One user's statistics for days `from..=to`, ordered by day.
-    pub fn stats(&self, username: &str, from: Day, to: Day) -> Result<Vec<(Day, ServiceName, MethodGroup, DayCounts)>> {
+    pub fn stats(
+        &self,
+        username: &str,
+        from: Day,
+        to: Day,
+    ) -> Result<Vec<(Day, ServiceName, MethodGroup, DayCounts)>> {
         let lo = stats_key(username, from, ServiceName::ALL[0], MethodGroup::ALL[0]);
         let mut hi = stats_key(username, to, ServiceName::ALL[0], MethodGroup::ALL[0]);
         hi.truncate(username.len() + 5);
@@ -388,7 +430,11 @@ impl Store {
         Ok(out)
     }
 
-    fn stats_row(k: &[u8], name_len: usize, v: &[u8]) -> Option<(Day, ServiceName, MethodGroup, DayCounts)> {
+    fn stats_row(
+        k: &[u8],
+        name_len: usize,
+        v: &[u8],
+    ) -> Option<(Day, ServiceName, MethodGroup, DayCounts)> {
         let day = day_from_key(k.get(name_len + 1..name_len + 5)?.try_into().ok()?);
         let service = ServiceName::from_code(*k.get(name_len + 5)?)?;
         let group = MethodGroup::from_code(*k.get(name_len + 6)?)?;
@@ -396,14 +442,25 @@ impl Store {
     }
 
     /// Every (user, day, service, group) with points on a day >= `since`: the ledger's restore.
-    pub fn stats_since(&self, since: Day) -> Result<Vec<(String, Day, ServiceName, MethodGroup, DayCounts)>> {
+    pub fn stats_since(
+        &self,
+        since: Day,
+    ) -> Result<Vec<(String, Day, ServiceName, MethodGroup, DayCounts)>> {
         let mut out = Vec::new();
         for guard in self.stats.iter() {
             let (k, v) = guard.into_inner()?;
-            let Some(name_len) = k.iter().position(|b| *b == 0) else { continue };
+            let Some(name_len) = k.iter().position(|b| *b == 0) else {
+                continue;
+            };
             if let Some((day, s, g, c)) = Self::stats_row(&k, name_len, &v) {
                 if day >= since {
-                    out.push((String::from_utf8_lossy(&k[..name_len]).into_owned(), day, s, g, c));
+                    out.push((
+                        String::from_utf8_lossy(&k[..name_len]).into_owned(),
+                        day,
+                        s,
+                        g,
+                        c,
+                    ));
                 }
             }
         }
@@ -413,9 +470,13 @@ impl Store {
     // ---- processes and payloads ----
 
     pub fn process(&self, code: &Uuid) -> Result<Option<ProcessRecord>> {
-        let Some(day) = self.processes.get(code.as_bytes())? else { return Ok(None) };
+        let Some(day) = self.processes.get(code.as_bytes())? else {
+            return Ok(None);
+        };
         let day = day_from_key(day.as_ref().try_into().unwrap_or([0; 4]));
-        let Some(ks) = self.existing_day_keyspace("payload", day) else { return Ok(None) };
+        let Some(ks) = self.existing_day_keyspace("payload", day) else {
+            return Ok(None);
+        };
         match ks.get(process_key(code))? {
             Some(v) => Ok(Some(decode(code.as_bytes(), &v)?)),
             None => Ok(None),
@@ -423,9 +484,15 @@ impl Store {
     }
 
     pub fn payload(&self, code: &Uuid, flow: Flow, stage: u8) -> Result<Option<Payload>> {
-        let Some(process) = self.process(code)? else { return Ok(None) };
-        let Some(ks) = self.existing_day_keyspace("payload", process.day) else { return Ok(None) };
-        Ok(ks.get(payload_key(code, flow, stage))?.and_then(|v| decode_payload(&v)))
+        let Some(process) = self.process(code)? else {
+            return Ok(None);
+        };
+        let Some(ks) = self.existing_day_keyspace("payload", process.day) else {
+            return Ok(None);
+        };
+        Ok(ks
+            .get(payload_key(code, flow, stage))?
+            .and_then(|v| decode_payload(&v)))
     }
 
     // ---- audit ----
@@ -443,36 +510,57 @@ impl Store {
         };
         let first = day_of_ms(q.from_ms);
         let last = day_of_ms(q.to_ms.saturating_sub(1));
-        let mut days: Vec<Day> = (first..=last).collect();
+        // Only the day partitions that exist: walking every day of the window instead made a
+        // window of centuries (which any caller may ask for) cost seconds of CPU.
+        let mut days: Vec<(Day, Keyspace)> = self
+            .days
+            .lock()
+            .iter()
+            .filter_map(|(name, ks)| {
+                let date = NaiveDate::parse_from_str(name.strip_prefix("audit_")?, "%Y%m%d").ok()?;
+                let day = day_of_date(date);
+                (first..=last).contains(&day).then(|| (day, ks.clone()))
+            })
+            .collect();
+        days.sort_by_key(|(day, _)| *day);
         if q.descending && !keep_all {
             days.reverse();
         }
-        for day in days {
-            let Some(ks) = self.existing_day_keyspace("audit", day) else { continue };
+        for (_, ks) in days {
             let (lo, hi) = if tag == b'r' {
-                (record_key(q.from_ms, &Uuid::nil()).to_vec(), record_key(q.to_ms, &Uuid::nil()).to_vec())
+                (
+                    record_key(q.from_ms, &Uuid::nil(), 0).to_vec(),
+                    record_key(q.to_ms, &Uuid::nil(), 0).to_vec(),
+                )
             } else {
-                (index_key(tag, owner, q.from_ms, &Uuid::nil()), index_key(tag, owner, q.to_ms, &Uuid::nil()))
+                (
+                    index_key(tag, owner, q.from_ms, &Uuid::nil(), 0),
+                    index_key(tag, owner, q.to_ms, &Uuid::nil(), 0),
+                )
             };
             let iter = ks.range(lo..hi);
-            let iter: Box<dyn Iterator<Item = fjall::Guard>> =
-                if q.descending && !keep_all { Box::new(iter.rev()) } else { Box::new(iter) };
+            let iter: Box<dyn Iterator<Item = fjall::Guard>> = if q.descending && !keep_all {
+                Box::new(iter.rev())
+            } else {
+                Box::new(iter)
+            };
             for guard in iter {
                 let (k, v) = guard.into_inner()?;
                 let record: AuditRecord = if tag == b'r' {
                     decode(&k, &v)?
                 } else {
-                    let Some(tail) = k.get(k.len() - 24..) else { continue };
-                    let time_ms = (u64::from_be_bytes(tail[..8].try_into().unwrap_or_default()) ^ (1 << 63)) as i64;
-                    let code = Uuid::from_slice(&tail[8..]).unwrap_or_default();
-                    let rk = record_key(time_ms, &code);
+                    let Some(rk) = record_key_of_index(&k) else {
+                        continue;
+                    };
                     let Some(v) = ks.get(rk)? else { continue };
                     decode(&rk, &v)?
                 };
                 page.overall_total += 1;
                 if q.service.is_some_and(|s| s != record.service)
                     || q.method_group.is_some_and(|g| g != record.method_group)
-                    || q.operation.as_deref().is_some_and(|o| o != record.operation)
+                    || q.operation
+                        .as_deref()
+                        .is_some_and(|o| o != record.operation)
                 {
                     continue;
                 }
@@ -512,7 +600,11 @@ impl Store {
             let days = self.days.lock();
             days.iter()
                 .filter(|(name, _)| {
-                    let (prefix, limit) = if name.starts_with("audit_") { ("audit_", audit_before) } else { ("payload_", payload_before) };
+                    let (prefix, limit) = if name.starts_with("audit_") {
+                        ("audit_", audit_before)
+                    } else {
+                        ("payload_", payload_before)
+                    };
                     NaiveDate::parse_from_str(&name[prefix.len()..], "%Y%m%d")
                         .map(|d| day_of_date(d) < limit)
                         .unwrap_or(false)
@@ -525,6 +617,18 @@ impl Store {
             self.db.delete_keyspace(ks.clone())?;
         }
         Ok(doomed.len())
+    }
+
+    /// Writes every memtable out and compacts every keyspace to one sorted run: slow, for the
+    /// sizing bench and for operators who want the disk back after a large retention drop.
+    pub fn compact(&self) -> Result<()> {
+        let mut all = vec![self.users.clone(), self.stats.clone(), self.processes.clone()];
+        all.extend(self.days.lock().values().cloned());
+        for ks in all {
+            ks.rotate_memtable_and_wait()?;
+            ks.major_compact()?;
+        }
+        Ok(())
     }
 
     /// Bytes on disk, for the metrics and the sizing bench.
@@ -558,10 +662,151 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_with_content_type_and_truncation() {
-        let p = Payload { content_type: Some("application/json".into()), truncated: true, body: bytes::Bytes::from_static(b"{\"a\":1}") };
+        let p = Payload {
+            content_type: Some("application/json".into()),
+            truncated: true,
+            body: bytes::Bytes::from_static(b"{\"a\":1}"),
+        };
         assert_eq!(decode_payload(&encode_payload(&p)), Some(p));
-        let bare = Payload { content_type: None, truncated: false, body: bytes::Bytes::new() };
+        let bare = Payload {
+            content_type: None,
+            truncated: false,
+            body: bytes::Bytes::new(),
+        };
         assert_eq!(decode_payload(&encode_payload(&bare)), Some(bare));
         assert_eq!(decode_payload(&[1]), None);
+    }
+
+    use std::time::Duration;
+    use writer::{CallRecord, StoreWriter};
+
+    fn call(username: &str, time_ms: i64, code: Uuid, exchanges: u32, charged_day: Day) -> CallRecord {
+        CallRecord {
+            audit: AuditRecord {
+                code,
+                username: username.into(),
+                company_key: "acme".into(),
+                service: ServiceName::UNIVERSAL,
+                operation: "run_plan_calculation".into(),
+                method_group: MethodGroup::PLAN,
+                time_ms,
+                timezone: 0,
+                points: 3,
+                unique_points: 2,
+                duration_us: 1500,
+                status: 200,
+            },
+            process: ProcessRecord {
+                owner: username.into(),
+                company_key: "acme".into(),
+                day: day_of_ms(time_ms),
+                exchanges,
+            },
+            stage: crate::trace::stage_of(exchanges - 1),
+            input: Some(Payload {
+                content_type: Some("application/json".into()),
+                truncated: false,
+                body: bytes::Bytes::from_static(br#"{"locations":[1,2,3]}"#),
+            }),
+            output: None,
+            charged_day: Some(charged_day),
+        }
+    }
+
+    fn everything(username: &str) -> AuditQuery {
+        AuditQuery {
+            visibility: Visibility::User(username.into()),
+            from_ms: 0,
+            to_ms: i64::MAX / 2,
+            service: None,
+            operation: None,
+            method_group: None,
+            sort: AuditSort::Time,
+            descending: false,
+            offset: 0,
+            limit: 1000,
+        }
+    }
+
+    fn write(store: &Arc<Store>, calls: Vec<CallRecord>) {
+        let (writer, handle) = StoreWriter::start(store.clone(), Duration::from_millis(5), 1024, false);
+        for c in calls {
+            writer.try_record(c).unwrap();
+        }
+        writer.flush_blocking().unwrap();
+        drop(writer);
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn retention_drops_old_day_partitions_and_keeps_statistics() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = Store::now_day();
+        let ms = |day: Day| day as i64 * 86_400_000 + 3_600_000;
+        let (ancient, old, recent) = (today - 100, today - 40, today);
+        let codes = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+        {
+            let store = Store::open(dir.path()).unwrap();
+            write(
+                &store,
+                vec![
+                    call("alice", ms(ancient), codes[0], 1, ancient),
+                    call("alice", ms(old), codes[1], 1, old),
+                    call("alice", ms(recent), codes[2], 1, recent),
+                ],
+            );
+            assert_eq!(store.audit(&everything("alice")).unwrap().records.len(), 3);
+            let before = store.disk_bytes();
+
+            // Payloads older than 30 days go, audit older than 60 days goes.
+            let dropped = store.drop_days_before(today - 30, today - 60).unwrap();
+            assert_eq!(dropped, 3, "payload_ancient, payload_old and audit_ancient");
+            let left: Vec<i64> = store.audit(&everything("alice")).unwrap().records.iter().map(|r| r.time_ms).collect();
+            assert_eq!(left, vec![ms(old), ms(recent)], "audit keeps its own, longer retention");
+            for code in &codes[..2] {
+                assert_eq!(store.payload(code, Flow::Input, 0).unwrap(), None);
+                assert_eq!(store.process(code).unwrap(), None);
+            }
+            assert!(store.payload(&codes[2], Flow::Input, 0).unwrap().is_some());
+            let stats = store.stats("alice", ancient, recent).unwrap();
+            let days: Vec<Day> = stats.iter().map(|r| r.0).collect();
+            assert_eq!(days, vec![ancient, old, recent], "statistics stay");
+            assert_eq!(stats[0].3, DayCounts { points: 3, unique_points: 2 });
+            // Idempotent: nothing left to drop.
+            assert_eq!(store.drop_days_before(today - 30, today - 60).unwrap(), 0);
+            assert!(store.disk_bytes() <= before);
+        }
+        // What was dropped stays dropped after a restart.
+        let store = Store::open(dir.path()).unwrap();
+        let names: Vec<String> = store.days.lock().keys().cloned().collect();
+        let want: Vec<String> = vec![
+            day_name("audit", old),
+            day_name("audit", recent),
+            day_name("payload", recent),
+        ];
+        let mut names_sorted = names.clone();
+        names_sorted.sort();
+        let mut want_sorted = want;
+        want_sorted.sort();
+        assert_eq!(names_sorted, want_sorted);
+        assert_eq!(store.audit(&everything("alice")).unwrap().records.len(), 2);
+        assert_eq!(store.stats("alice", ancient, recent).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn exchanges_of_one_process_in_the_same_millisecond_each_keep_their_audit_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        let code = Uuid::new_v4();
+        write(&store, (1..=6).map(|n| call("alice", now, code, n, Store::now_day())).collect());
+        let page = store.audit(&everything("alice")).unwrap();
+        assert_eq!(page.records.len(), 6);
+        assert_eq!(page.overall_total, 6);
+        let all = AuditQuery { visibility: Visibility::All, ..everything("alice") };
+        assert_eq!(store.audit(&all).unwrap().records.len(), 6);
+        // The process record keeps the highest count even when exchanges finish out of order.
+        write(&store, vec![call("alice", now, code, 4, Store::now_day())]);
+        assert_eq!(store.process(&code).unwrap().unwrap().exchanges, 6);
     }
 }

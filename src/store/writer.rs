@@ -194,6 +194,7 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
     let mut batch = store.db.batch();
     let mut stats: HashMap<Vec<u8>, DayCounts> = HashMap::new();
     let mut new_processes: HashMap<Uuid, Day> = HashMap::new();
+    let mut latest: HashMap<Uuid, (Keyspace, &ProcessRecord)> = HashMap::new();
     for call in calls {
         let a = &call.audit;
         let audit = store.day_keyspace("audit", day_of_ms(a.time_ms))?;
@@ -214,7 +215,14 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
         if call.process.exchanges <= 1 {
             new_processes.insert(a.code, call.process.day);
         }
-        batch.insert(&payloads, process_key(&a.code), encode(&call.process));
+        // Exchanges may finish out of order: the process record keeps the highest count, so a
+        // process reloaded after a restart never numbers (and stages) an exchange twice.
+        let newest = latest
+            .entry(a.code)
+            .or_insert((payloads.clone(), &call.process));
+        if call.process.exchanges > newest.1.exchanges {
+            *newest = (payloads.clone(), &call.process);
+        }
         for (flow, payload) in [(Flow::Input, &call.input), (Flow::Output, &call.output)] {
             if let Some(p) = payload {
                 batch.insert(
@@ -231,6 +239,17 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
             entry.points += a.points;
             entry.unique_points += a.unique_points;
         }
+    }
+    for (code, (payloads, process)) in latest {
+        if process.exchanges > 1 {
+            if let Some(v) = payloads.get(process_key(&code))? {
+                let stored = decode::<ProcessRecord>(code.as_bytes(), &v);
+                if stored.is_ok_and(|stored| stored.exchanges >= process.exchanges) {
+                    continue;
+                }
+            }
+        }
+        batch.insert(&payloads, process_key(&code), encode(process));
     }
     for (code, day) in new_processes {
         batch.insert(

@@ -1,0 +1,252 @@
+//! The audit store at scale: fills a temporary store with audit records through the same
+//! background writer the proxy uses, then measures what the account API asks of it: a page
+//! of audit (limit 100, with a filter) for a USER, a PARTNER and an ADMIN, a year of one
+//! user's statistics, and the bytes on disk per audit record after a flush and a major
+//! compaction.
+//!
+//! `TOLLGATE_BENCH_RECORDS` sets how many records (default 1,000,000). The records are spread
+//! over the 90 days of the default audit retention, in time order as a proxy writes them, over
+//! 1,000 users in 50 companies; each user's charged points are spread over the last 365 days
+//! so that a year of statistics has a row for every day. Calls carry no captured payload, so
+//! the size is that of the audit record, its two visibility indexes, its process record and the
+//! statistics. The figures of the fill and the size are printed before criterion's.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use criterion::{criterion_group, criterion_main, Criterion};
+use tollgate::model::{MethodGroup, ServiceName};
+use tollgate::store::writer::{CallRecord, StoreWriter};
+use tollgate::store::{
+    day_of_ms, AuditQuery, AuditRecord, AuditSort, ProcessRecord, Store, Visibility,
+};
+use uuid::Uuid;
+
+const USERS: usize = 1_000;
+const COMPANIES: usize = 50;
+const AUDIT_DAYS: i64 = 90;
+const STATS_DAYS: usize = 365;
+const DAY_MS: i64 = 86_400_000;
+/// The user whose pages and statistics are measured.
+const USER: usize = 7;
+
+fn records() -> usize {
+    std::env::var("TOLLGATE_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+fn username(i: usize) -> String {
+    format!("user{i:04}")
+}
+
+fn company(user: usize) -> String {
+    format!("company_{:02}", user % COMPANIES)
+}
+
+/// splitmix64: deterministic and cheap.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn call(i: usize, n: usize, start_ms: i64, today: i32) -> CallRecord {
+    let r = mix(i as u64);
+    let user = i % USERS;
+    let time_ms = start_ms + (i as i64 * AUDIT_DAYS * DAY_MS) / n as i64;
+    let (service, method_group, operation) = match r % 10 {
+        0..=5 => (
+            ServiceName::UNIVERSAL,
+            MethodGroup::PLAN,
+            "run_plan_calculation",
+        ),
+        6..=8 => (
+            ServiceName::ROUTING,
+            MethodGroup::MATRIX,
+            "run_matrix_calculation",
+        ),
+        _ => (
+            ServiceName::ROUTING,
+            MethodGroup::ROUTE,
+            "run_route_calculation",
+        ),
+    };
+    let points = (r >> 8) % 1000 + 1;
+    let code = Uuid::from_u64_pair(mix(r), mix(r ^ 0x5555));
+    CallRecord {
+        audit: AuditRecord {
+            code,
+            username: username(user),
+            company_key: company(user),
+            service,
+            operation: operation.into(),
+            method_group,
+            time_ms,
+            timezone: 3,
+            points,
+            unique_points: points / 2 + 1,
+            duration_us: (r >> 20) % 2_000_000,
+            status: 200,
+        },
+        process: ProcessRecord {
+            owner: username(user),
+            company_key: company(user),
+            day: day_of_ms(time_ms),
+            exchanges: 1,
+        },
+        stage: 0,
+        input: None,
+        output: None,
+        charged_day: Some(today - ((i / USERS) % STATS_DAYS) as i32),
+    }
+}
+
+struct Filled {
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    now_ms: i64,
+    today: i32,
+}
+
+fn fill() -> Filled {
+    let n = records();
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let store = Store::open(dir.path()).expect("opening the store");
+    let now_ms = Utc::now().timestamp_millis();
+    let today = day_of_ms(now_ms);
+    let start_ms = now_ms - AUDIT_DAYS * DAY_MS;
+    let (writer, handle) =
+        StoreWriter::start(store.clone(), Duration::from_millis(100), 65_536, false);
+    let began = Instant::now();
+    for i in 0..n {
+        if let Err(full) = writer.try_record(call(i, n, start_ms, today)) {
+            writer.record_blocking(full.0).expect("the writer runs");
+        }
+    }
+    writer.flush_blocking().expect("the writer runs");
+    let filled = began.elapsed();
+    drop(writer);
+    handle.join().expect("the writer thread ends");
+    store.sync().expect("sync");
+    let before = store.disk_bytes();
+    let began = Instant::now();
+    store.compact().expect("compaction");
+    let compacted = began.elapsed();
+    let after = store.disk_bytes();
+    println!(
+        "store fill: {n} records in {:.1} s ({:.0} records/s through the writer)",
+        filled.as_secs_f64(),
+        n as f64 / filled.as_secs_f64()
+    );
+    println!(
+        "store size: {:.1} MiB after flush ({:.0} B/record), {:.1} MiB after major compaction \
+         in {:.1} s ({:.0} B/record)",
+        before as f64 / (1 << 20) as f64,
+        before as f64 / n as f64,
+        after as f64 / (1 << 20) as f64,
+        compacted.as_secs_f64(),
+        after as f64 / n as f64
+    );
+    Filled {
+        _dir: dir,
+        store,
+        now_ms,
+        today,
+    }
+}
+
+fn page(visibility: Visibility, from_ms: i64, to_ms: i64) -> AuditQuery {
+    AuditQuery {
+        visibility,
+        from_ms,
+        to_ms,
+        service: Some(ServiceName::ROUTING),
+        operation: None,
+        method_group: None,
+        sort: AuditSort::Time,
+        descending: false,
+        offset: 0,
+        limit: 100,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let f = fill();
+    let (now, today) = (f.now_ms, f.today);
+    let store = &f.store;
+    let day_ago = now - DAY_MS;
+    let whole = now - (AUDIT_DAYS + 1) * DAY_MS;
+    let cases = [
+        (
+            "audit USER page, filter, today",
+            page(Visibility::User(username(USER)), day_ago, now),
+        ),
+        (
+            "audit USER page, filter, 90 days",
+            page(Visibility::User(username(USER)), whole, now),
+        ),
+        (
+            "audit PARTNER page, filter, today",
+            page(Visibility::Company(company(USER)), day_ago, now),
+        ),
+        (
+            "audit ADMIN page, filter, today",
+            page(Visibility::All, day_ago, now),
+        ),
+        (
+            "audit ADMIN page, filter, 90 days",
+            page(Visibility::All, whole, now),
+        ),
+        (
+            "audit ADMIN page, filter, today, sorted by points DESC",
+            AuditQuery {
+                sort: AuditSort::PointsCount,
+                descending: true,
+                ..page(Visibility::All, day_ago, now)
+            },
+        ),
+    ];
+    for (name, q) in &cases {
+        let p = store.audit(q).expect("audit");
+        println!(
+            "{name}: {} of {} filtered of {} visible records in the window",
+            p.records.len(),
+            p.filter_total,
+            p.overall_total
+        );
+    }
+    let year = store
+        .stats(&username(USER), today - 364, today)
+        .expect("stats");
+    println!(
+        "statistics, a year of {}: {} rows",
+        username(USER),
+        year.len()
+    );
+
+    let mut group = c.benchmark_group("store");
+    group.sample_size(10).warm_up_time(Duration::from_secs(1));
+    for (name, q) in &cases {
+        group.bench_function(*name, |b| {
+            b.iter(|| black_box(store.audit(black_box(q)).expect("audit")))
+        });
+    }
+    group.bench_function("statistics, a year of one user", |b| {
+        b.iter(|| {
+            black_box(
+                store
+                    .stats(black_box(&username(USER)), today - 364, today)
+                    .expect("stats"),
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
