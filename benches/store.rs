@@ -107,10 +107,23 @@ fn call(i: usize, n: usize, start_ms: i64, today: i32) -> CallRecord {
 }
 
 struct Filled {
-    _dir: tempfile::TempDir,
+    _dir: Dir,
     store: Arc<Store>,
     now_ms: i64,
     today: i32,
+}
+
+/// The store's folder: removed at the end unless `TOLLGATE_BENCH_KEEP` is set.
+struct Dir(Option<tempfile::TempDir>);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if std::env::var_os("TOLLGATE_BENCH_KEEP").is_some() {
+            if let Some(d) = self.0.take() {
+                let _ = d.keep();
+            }
+        }
+    }
 }
 
 fn fill() -> Filled {
@@ -138,6 +151,7 @@ fn fill() -> Filled {
     store.compact().expect("compaction");
     let compacted = began.elapsed();
     let after = store.disk_bytes();
+    let on_disk = dir_bytes(dir.path());
     println!(
         "store fill: {n} records in {:.1} s ({:.0} records/s through the writer)",
         filled.as_secs_f64(),
@@ -152,12 +166,61 @@ fn fill() -> Filled {
         compacted.as_secs_f64(),
         after as f64 / n as f64
     );
+    println!(
+        "store folder: {:.1} MiB allocated on disk after compaction ({:.0} B/record)",
+        on_disk as f64 / (1 << 20) as f64,
+        on_disk as f64 / n as f64
+    );
+    if std::env::var_os("TOLLGATE_BENCH_KEEP").is_some() {
+        println!("store kept at {}", dir.path().display());
+    }
     Filled {
-        _dir: dir,
+        _dir: Dir(Some(dir)),
         store,
         now_ms,
         today,
     }
+}
+
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// Median thread CPU time of `f` over a few runs (fewer for slow ones).
+fn median_cpu(mut f: impl FnMut()) -> Duration {
+    let mut times = Vec::new();
+    let began = Instant::now();
+    while times.len() < 5 || (times.len() < 51 && began.elapsed() < Duration::from_secs(2)) {
+        let t = thread_cpu();
+        f();
+        times.push(thread_cpu() - t);
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Bytes allocated on disk (as `du` counts them: the journal is preallocated sparse, so its
+/// length overstates it) by every file under `path`.
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.blocks() * 512,
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn page(visibility: Visibility, from_ms: i64, to_ms: i64) -> AuditQuery {
@@ -211,22 +274,36 @@ fn bench(c: &mut Criterion) {
             },
         ),
     ];
+    // Median CPU time of this thread per query: less swayed than wall time by whatever else
+    // the machine runs at the same moment.
     for (name, q) in &cases {
         let p = store.audit(q).expect("audit");
+        let cpu = median_cpu(|| {
+            black_box(store.audit(q).expect("audit"));
+        });
         println!(
-            "{name}: {} of {} filtered of {} visible records in the window",
+            "{name}: {} of {} filtered of {} visible records in the window; median CPU {:.3} ms",
             p.records.len(),
             p.filter_total,
-            p.overall_total
+            p.overall_total,
+            cpu.as_secs_f64() * 1000.0
         );
     }
     let year = store
         .stats(&username(USER), today - 364, today)
         .expect("stats");
+    let year_cpu = median_cpu(|| {
+        black_box(
+            store
+                .stats(&username(USER), today - 364, today)
+                .expect("stats"),
+        );
+    });
     println!(
-        "statistics, a year of {}: {} rows",
+        "statistics, a year of {}: {} rows; median CPU {:.3} ms",
         username(USER),
-        year.len()
+        year.len(),
+        year_cpu.as_secs_f64() * 1000.0
     );
 
     let mut group = c.benchmark_group("store");

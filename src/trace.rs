@@ -113,8 +113,18 @@ impl ProcessRegistry {
         };
         let mut shard = self.shard(&code).lock();
         if shard.len() >= SHARD_SOFT_CAP {
+            // Evict so that at least half the shard is free again: the scan then happens once
+            // per SHARD_SOFT_CAP / 2 inserts, not on every one. Evicted processes are still in
+            // the store, where a follow-up finds them.
             let now = std::time::Instant::now();
             shard.retain(|_, e| now.duration_since(e.last_used) < IDLE_EVICT);
+            if shard.len() >= SHARD_SOFT_CAP / 2 {
+                let mut ages: Vec<std::time::Instant> = shard.values().map(|e| e.last_used).collect();
+                let middle = ages.len() / 2;
+                let (_, cutoff, _) = ages.select_nth_unstable(middle);
+                let cutoff = *cutoff;
+                shard.retain(|_, e| e.last_used > cutoff);
+            }
         }
         shard.insert(code, entry.clone());
         entry
@@ -516,5 +526,24 @@ mod tests {
             redact(&bytes::Bytes::from_static(b"not json"), &["/a".into()]),
             bytes::Bytes::from_static(b"not json")
         );
+    }
+
+    #[test]
+    fn a_full_shard_is_halved_not_rescanned_on_every_insert() {
+        let r = ProcessRegistry::default();
+        // Codes whose last byte is 0 all land in shard 0.
+        let code = |i: u32| {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            Uuid::from_bytes(b)
+        };
+        for i in 0..SHARD_SOFT_CAP as u32 {
+            r.start(code(i), "alice", "acme", 1);
+        }
+        let len = |r: &ProcessRegistry| r.shards[0].lock().len();
+        assert_eq!(len(&r), SHARD_SOFT_CAP);
+        r.start(code(u32::MAX), "alice", "acme", 1);
+        assert!(len(&r) <= SHARD_SOFT_CAP / 2 + 1, "{}", len(&r));
+        assert!(r.shards[0].lock().contains_key(&code(u32::MAX)));
     }
 }
