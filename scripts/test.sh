@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --locked
+# One build: cargo test builds the binary the black-box tests and the conformance test run.
 cargo test --release --locked -- --test-threads=2
 TOLLGATE_BIN="$PWD/target/release/tollgate" tests/conformance/run.sh
