@@ -153,9 +153,11 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
     async fn recv(&self) -> pingora::server::ShutdownSignal {
         use pingora::server::ShutdownSignal;
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut quit)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::quit()))
-        else {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
             return std::future::pending().await;
         };
         tokio::select! {

@@ -119,7 +119,8 @@ impl ProcessRegistry {
             let now = std::time::Instant::now();
             shard.retain(|_, e| now.duration_since(e.last_used) < IDLE_EVICT);
             if shard.len() >= SHARD_SOFT_CAP / 2 {
-                let mut ages: Vec<std::time::Instant> = shard.values().map(|e| e.last_used).collect();
+                let mut ages: Vec<std::time::Instant> =
+                    shard.values().map(|e| e.last_used).collect();
                 let middle = ages.len() / 2;
                 let (_, cutoff, _) = ages.select_nth_unstable(middle);
                 let cutoff = *cutoff;

@@ -123,7 +123,12 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = if path == "." || path.contains('?') || path.is_empty() || inner.is_eof() || inner.is_syntax() {
+        let field = if path == "."
+            || path.contains('?')
+            || path.is_empty()
+            || inner.is_eof()
+            || inner.is_syntax()
+        {
             "body".to_string()
         } else {
             path

@@ -553,7 +553,9 @@ impl Tollgate {
         metrics
             .total_seconds
             .observe(ctx.started.elapsed().as_secs_f64());
-        let Some(record) = self.settle_and_take_record(ctx) else { return };
+        let Some(record) = self.settle_and_take_record(ctx) else {
+            return;
+        };
         if let Err(full) = app.writer.try_record(record) {
             // Never drop audit: wait for room off the async workers.
             let writer = app.writer.clone();

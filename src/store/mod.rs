@@ -517,7 +517,8 @@ impl Store {
             .lock()
             .iter()
             .filter_map(|(name, ks)| {
-                let date = NaiveDate::parse_from_str(name.strip_prefix("audit_")?, "%Y%m%d").ok()?;
+                let date =
+                    NaiveDate::parse_from_str(name.strip_prefix("audit_")?, "%Y%m%d").ok()?;
                 let day = day_of_date(date);
                 (first..=last).contains(&day).then(|| (day, ks.clone()))
             })
@@ -622,7 +623,11 @@ impl Store {
     /// Writes every memtable out and compacts every keyspace to one sorted run: slow, for the
     /// sizing bench and for operators who want the disk back after a large retention drop.
     pub fn compact(&self) -> Result<()> {
-        let mut all = vec![self.users.clone(), self.stats.clone(), self.processes.clone()];
+        let mut all = vec![
+            self.users.clone(),
+            self.stats.clone(),
+            self.processes.clone(),
+        ];
         all.extend(self.days.lock().values().cloned());
         for ks in all {
             ks.rotate_memtable_and_wait()?;
@@ -680,7 +685,13 @@ mod tests {
     use std::time::Duration;
     use writer::{CallRecord, StoreWriter};
 
-    fn call(username: &str, time_ms: i64, code: Uuid, exchanges: u32, charged_day: Day) -> CallRecord {
+    fn call(
+        username: &str,
+        time_ms: i64,
+        code: Uuid,
+        exchanges: u32,
+        charged_day: Day,
+    ) -> CallRecord {
         CallRecord {
             audit: AuditRecord {
                 code,
@@ -729,7 +740,8 @@ mod tests {
     }
 
     fn write(store: &Arc<Store>, calls: Vec<CallRecord>) {
-        let (writer, handle) = StoreWriter::start(store.clone(), Duration::from_millis(5), 1024, false);
+        let (writer, handle) =
+            StoreWriter::start(store.clone(), Duration::from_millis(5), 1024, false);
         for c in calls {
             writer.try_record(c).unwrap();
         }
@@ -761,8 +773,18 @@ mod tests {
             // Payloads older than 30 days go, audit older than 60 days goes.
             let dropped = store.drop_days_before(today - 30, today - 60).unwrap();
             assert_eq!(dropped, 3, "payload_ancient, payload_old and audit_ancient");
-            let left: Vec<i64> = store.audit(&everything("alice")).unwrap().records.iter().map(|r| r.time_ms).collect();
-            assert_eq!(left, vec![ms(old), ms(recent)], "audit keeps its own, longer retention");
+            let left: Vec<i64> = store
+                .audit(&everything("alice"))
+                .unwrap()
+                .records
+                .iter()
+                .map(|r| r.time_ms)
+                .collect();
+            assert_eq!(
+                left,
+                vec![ms(old), ms(recent)],
+                "audit keeps its own, longer retention"
+            );
             for code in &codes[..2] {
                 assert_eq!(store.payload(code, Flow::Input, 0).unwrap(), None);
                 assert_eq!(store.process(code).unwrap(), None);
@@ -771,7 +793,13 @@ mod tests {
             let stats = store.stats("alice", ancient, recent).unwrap();
             let days: Vec<Day> = stats.iter().map(|r| r.0).collect();
             assert_eq!(days, vec![ancient, old, recent], "statistics stay");
-            assert_eq!(stats[0].3, DayCounts { points: 3, unique_points: 2 });
+            assert_eq!(
+                stats[0].3,
+                DayCounts {
+                    points: 3,
+                    unique_points: 2
+                }
+            );
             // Idempotent: nothing left to drop.
             assert_eq!(store.drop_days_before(today - 30, today - 60).unwrap(), 0);
             assert!(store.disk_bytes() <= before);
@@ -799,11 +827,19 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let now = Utc::now().timestamp_millis();
         let code = Uuid::new_v4();
-        write(&store, (1..=6).map(|n| call("alice", now, code, n, Store::now_day())).collect());
+        write(
+            &store,
+            (1..=6)
+                .map(|n| call("alice", now, code, n, Store::now_day()))
+                .collect(),
+        );
         let page = store.audit(&everything("alice")).unwrap();
         assert_eq!(page.records.len(), 6);
         assert_eq!(page.overall_total, 6);
-        let all = AuditQuery { visibility: Visibility::All, ..everything("alice") };
+        let all = AuditQuery {
+            visibility: Visibility::All,
+            ..everything("alice")
+        };
         assert_eq!(store.audit(&all).unwrap().records.len(), 6);
         // The process record keeps the highest count even when exchanges finish out of order.
         write(&store, vec![call("alice", now, code, 4, Store::now_day())]);
