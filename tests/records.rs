@@ -1284,21 +1284,25 @@ fn audit_time_windows_accept_every_format_the_clients_send() {
         Vec::<String>::new(),
         "naive = the user's timezone, not UTC: {page}"
     );
-    // The widest window anyone may ask for is answered, and quickly.
+    // The widest window anyone may ask for is answered, and quickly: its cost follows the
+    // records in it, not the days it spans (walking 3.6 million days took a second of CPU
+    // per request).
     let started = std::time::Instant::now();
-    let page = audit(
-        &t,
-        &alice,
-        &[
-            ("from", "0001-01-01T00:00:00Z"),
-            ("to", "9999-12-31T23:59:59Z"),
-        ],
-    );
+    for _ in 0..3 {
+        let page = audit(
+            &t,
+            &alice,
+            &[
+                ("from", "0001-01-01T00:00:00Z"),
+                ("to", "9999-12-31T23:59:59Z"),
+            ],
+        );
+        assert_eq!(codes(&page), both);
+    }
     let took = started.elapsed();
-    assert_eq!(codes(&page), both);
     assert!(
-        took < Duration::from_secs(2),
-        "a ten-millennia window took {took:?}"
+        took < Duration::from_millis(1500),
+        "three ten-millennia windows took {took:?}"
     );
     // Defaults: from the start of alice's day until now.
     assert_eq!(codes(&audit(&t, &alice, &[])), both);

@@ -617,7 +617,31 @@ impl Store {
             self.days.lock().remove(name);
             self.db.delete_keyspace(ks.clone())?;
         }
+        if doomed.iter().any(|(name, _)| name.starts_with("payload_")) {
+            self.forget_processes_before(payload_before)?;
+        }
         Ok(doomed.len())
+    }
+
+    /// Removes the `processes` entries (code -> day) of the payload days dropped, which
+    /// otherwise stayed forever, some 25 bytes for every call ever made.
+    fn forget_processes_before(&self, payload_before: Day) -> Result<usize> {
+        const BATCH: usize = 10_000;
+        let mut batch = self.db.batch();
+        let mut removed = 0;
+        for guard in self.processes.iter() {
+            let (k, v) = guard.into_inner()?;
+            let day = day_from_key(v.as_ref().try_into().unwrap_or([0; 4]));
+            if day < payload_before {
+                batch.remove(&self.processes, k);
+                removed += 1;
+                if removed % BATCH == 0 {
+                    std::mem::replace(&mut batch, self.db.batch()).commit()?;
+                }
+            }
+        }
+        batch.commit()?;
+        Ok(removed)
     }
 
     /// Writes every memtable out and compacts every keyspace to one sorted run: slow, for the
@@ -788,7 +812,12 @@ mod tests {
             for code in &codes[..2] {
                 assert_eq!(store.payload(code, Flow::Input, 0).unwrap(), None);
                 assert_eq!(store.process(code).unwrap(), None);
+                assert!(
+                    !store.processes.contains_key(code.as_bytes()).unwrap(),
+                    "the process index forgets dropped days too"
+                );
             }
+            assert!(store.processes.contains_key(codes[2].as_bytes()).unwrap());
             assert!(store.payload(&codes[2], Flow::Input, 0).unwrap().is_some());
             let stats = store.stats("alice", ancient, recent).unwrap();
             let days: Vec<Day> = stats.iter().map(|r| r.0).collect();
