@@ -90,20 +90,6 @@ fn demo_count(t: &Tollgate, path: &str) -> u64 {
     t.demo_stats()["requests"][path].as_u64().unwrap_or(0)
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A minimal HTTP/1.1 keep-alive client over one socket, for what reqwest hides
 /// (100 Continue) and for latency figures without client overhead.
 struct Raw {

@@ -112,20 +112,6 @@ fn labelled_metric(t: &Tollgate, name: &str, label: &str, value: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Polls until `f` holds or `timeout` passes; returns whether it held.
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn assert_ratelimit_headers(r: &reqwest::blocking::Response, limit: u64, remaining: Option<u64>) {
     let policy = header(r, "ratelimit-policy")
         .unwrap_or_else(|| panic!("no RateLimit-Policy on {}", r.status()));
@@ -413,12 +399,12 @@ fn clients_that_abort_mid_call_leak_no_slot() {
         }
     });
     assert!(
-        wait_until(Duration::from_secs(15), || t.demo_stats()["in_flight"] == 0),
+        eventually(Duration::from_secs(15), || t.demo_stats()["in_flight"] == 0),
         "the upstream still has calls in flight: {}",
         t.demo_stats()
     );
     assert!(
-        wait_until(Duration::from_secs(15), || metric(
+        eventually(Duration::from_secs(15), || metric(
             &t,
             "tollgate_in_flight_requests"
         ) == Some(0.0)),
@@ -451,7 +437,7 @@ fn clients_that_abort_mid_call_leak_no_slot() {
             })
             .collect();
         assert!(
-            wait_until(Duration::from_secs(5), || t.demo_stats()["in_flight"]
+            eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"]
                 == SLOTS),
             "the burst did not reach the upstream together: {}",
             t.demo_stats()
@@ -466,7 +452,7 @@ fn clients_that_abort_mid_call_leak_no_slot() {
     });
     assert_eq!(statuses, vec![200; SLOTS]);
     assert_eq!(t.demo_stats()["peak_in_flight"], SLOTS);
-    assert!(wait_until(Duration::from_secs(5), || metric(
+    assert!(eventually(Duration::from_secs(5), || metric(
         &t,
         "tollgate_in_flight_requests"
     ) == Some(0.0)));
@@ -832,7 +818,7 @@ fn company_and_user_overrides_apply_and_set_quota_changes_them_after_restart() {
     assert_eq!(call_plan(&t, &mallory, 10, &[]).status(), 200);
     std::thread::scope(|s| {
         let held = s.spawn(|| call_plan(&t, &alice, 1, &[("x-demo-delay-ms", "1500")]).status());
-        assert!(wait_until(Duration::from_secs(5), || t.demo_stats()
+        assert!(eventually(Duration::from_secs(5), || t.demo_stats()
             ["in_flight"]
             == 1));
         assert_eq!(

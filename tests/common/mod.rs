@@ -546,3 +546,17 @@ pub fn start_with_config_edit(setup: Setup, edit: impl FnOnce(&str) -> String) -
     t.spawn();
     t
 }
+
+/// Polls `f` every 10 ms until it returns true or `timeout` passes; returns whether it held.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
