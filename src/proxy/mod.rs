@@ -472,7 +472,6 @@ impl Tollgate {
             peer: &self.peers[route.upstream],
             idle_timeout: upstream_cfg.idle_timeout,
             total_timeout: route.total_timeout.unwrap_or(upstream_cfg.total_timeout),
-            hold_end: app.config.store.durability == crate::config::Durability::Strict,
             max_capture_bytes: if route.capture {
                 app.config.limits.max_capture_bytes
             } else {
@@ -511,12 +510,18 @@ impl Tollgate {
                         body: ex.captured.freeze(),
                     });
                 }
+                // The end of the answer waits for the settlement and the record, so what the
+                // caller saw is already charged and readable from /account/* once it ends.
                 if let Some(held) = ex.held_end.take() {
-                    // Strict durability: the charge and the record are on disk before the
-                    // caller sees the end of the answer.
                     if let Some(record) = self.settle_and_take_record(ctx) {
-                        if let Err(e) = app.writer.record_durable(record).await {
-                            tracing::error!(error = %e, "strict record failed");
+                        if app.config.store.durability == crate::config::Durability::Strict {
+                            // Strict durability: the charge and the record are on disk
+                            // before the caller sees the end of the answer.
+                            if let Err(e) = app.writer.record_durable(record).await {
+                                tracing::error!(error = %e, "strict record failed");
+                            }
+                        } else {
+                            self.enqueue(record);
                         }
                     }
                     upstream::end_response(session, held).await;
@@ -530,6 +535,8 @@ impl Tollgate {
                 Ok(())
             }
             Err(failure) => {
+                // Refund before the caller hears of the failure.
+                self.settle_and_take_record(ctx);
                 app.metrics
                     .upstream_errors
                     .with_label_values(&[failure.kind()])
@@ -553,9 +560,14 @@ impl Tollgate {
         metrics
             .total_seconds
             .observe(ctx.started.elapsed().as_secs_f64());
-        let Some(record) = self.settle_and_take_record(ctx) else {
-            return;
-        };
+        if let Some(record) = self.settle_and_take_record(ctx) {
+            self.enqueue(record);
+        }
+    }
+
+    /// Hands a record to the store writer without waiting on the request path.
+    fn enqueue(&self, record: CallRecord) {
+        let app = &self.app;
         if let Err(full) = app.writer.try_record(record) {
             // Never drop audit: wait for room off the async workers.
             let writer = app.writer.clone();

@@ -52,7 +52,8 @@ pub struct Exchange {
     pub complete: bool,
     /// The upstream broke off or stalled after its head: the answer is incomplete by its fault.
     pub upstream_failed: bool,
-    /// With `hold_end`: the response's last piece, not yet written.
+    /// The response's last piece, not yet written: the caller settles and records the call
+    /// first, then ends the response with [`end_response`]. `None` when the answer broke off.
     pub held_end: Option<Option<Bytes>>,
 }
 
@@ -99,9 +100,6 @@ pub struct Leg<'a> {
     pub idle_timeout: Duration,
     pub total_timeout: Duration,
     pub max_capture_bytes: usize,
-    /// Keep the end of the response back (strict durability): the caller settles and makes
-    /// the call durable first, then ends the response with [`end_response`].
-    pub hold_end: bool,
 }
 
 /// Sends `req` + `body` upstream and relays the answer to `session`. `on_head` may add headers
@@ -143,7 +141,7 @@ pub async fn exchange(
     };
     let body_expected = !http.response_done();
     if session
-        .write_response_header(Box::new(out), !body_expected && !leg.hold_end)
+        .write_response_header(Box::new(out), false)
         .await
         .is_err()
     {
@@ -151,9 +149,7 @@ pub async fn exchange(
     }
     if !body_expected {
         ex.complete = true;
-        if leg.hold_end {
-            ex.held_end = Some(None);
-        }
+        ex.held_end = Some(None);
         leg.connector
             .release_http_session(http, leg.peer, Some(leg.idle_timeout))
             .await;
@@ -173,15 +169,12 @@ pub async fn exchange(
         if let Some(data) = &chunk {
             capture(&mut ex, data, leg.max_capture_bytes);
         }
-        if done && leg.hold_end {
+        if done {
             ex.held_end = Some(chunk);
             break;
         }
-        if session.write_response_body(chunk, done).await.is_err() {
+        if session.write_response_body(chunk, false).await.is_err() {
             return Ok(ex);
-        }
-        if done {
-            break;
         }
     }
     ex.complete = true;
@@ -191,7 +184,7 @@ pub async fn exchange(
     Ok(ex)
 }
 
-/// Writes the held end of a response (see `Leg::hold_end`).
+/// Writes the held end of a response (see [`Exchange::held_end`]).
 pub async fn end_response(session: &mut Session, held: Option<Bytes>) -> bool {
     session.write_response_body(held, true).await.is_ok()
 }
