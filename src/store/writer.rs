@@ -2,9 +2,11 @@
 //! hand it their records through a bounded queue and go on; it writes them in batches (one
 //! atomic write batch per flush interval) on its own thread, so a store stall never stalls a
 //! proxied call. A full queue is reported to the caller (`Full`), who answers 503 rather than
-//! dropping audit silently.
+//! dropping audit silently. Being the only writer of audit records, it also numbers them and
+//! keeps the day's counter cells (`Tallies`) in memory, writing their new counts in the same
+//! batch as the records they count.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,28 +192,228 @@ fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bo
     }
 }
 
+/// How many days' counters the writer keeps in memory: today, and the days before it that
+/// late calls (long ones finishing after midnight) still write to.
+const TALLY_DAYS: usize = 3;
+
+/// The writer's running state of the audit days it writes: each day's counter cells, record
+/// numbers and operation numbers, read from the day keyspace when the day is first written
+/// after a start, so a batch writes absolute counts without reading them back.
+#[derive(Default)]
+pub(super) struct Tallies {
+    days: BTreeMap<Day, DayTally>,
+}
+
+struct DayTally {
+    keyspace: Keyspace,
+    /// The number the day's next record gets: how many it holds.
+    next_seq: u32,
+    operations: HashMap<String, u32>,
+    cells: HashMap<Vec<u8>, Cell>,
+    /// Cells changed by the batch being built.
+    dirty: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Cell {
+    count: u64,
+    dirty: bool,
+}
+
+impl Tallies {
+    /// Forgets a day retention dropped, so a late write starts it afresh.
+    pub(super) fn forget(&mut self, day: Day) {
+        self.days.remove(&day);
+    }
+
+    fn day(&mut self, store: &Store, day: Day) -> Result<&mut DayTally> {
+        if !self.days.contains_key(&day) {
+            let keyspace = store.day_keyspace("audit", day)?;
+            let tally = DayTally::load(keyspace)?;
+            self.days.insert(day, tally);
+        }
+        self.days
+            .get_mut(&day)
+            .ok_or_else(|| corrupt(b"tallies", "a day vanished"))
+    }
+
+    /// Keeps the newest days only; called between batches, when no cell is dirty.
+    fn trim(&mut self) {
+        while self.days.len() > TALLY_DAYS {
+            self.days.pop_first();
+        }
+    }
+}
+
+impl DayTally {
+    fn load(keyspace: Keyspace) -> Result<DayTally> {
+        let mut cells = HashMap::new();
+        let mut next_seq = 0u64;
+        let everything = counter_prefix(SCOPE_ALL, "");
+        for guard in keyspace.prefix([COUNTER]) {
+            let (k, v) = guard.into_inner()?;
+            let count = take_varint(&mut &v[..]).ok_or_else(|| corrupt(&k, "not a count"))?;
+            // Every record counts once in the whole-day cells of scope `a`.
+            if k.starts_with(&everything)
+                && counter_cell(&k).is_some_and(|(hour, _)| hour == WHOLE_DAY)
+            {
+                next_seq += count;
+            }
+            cells.insert(
+                k.to_vec(),
+                Cell {
+                    count,
+                    dirty: false,
+                },
+            );
+        }
+        let mut operations = HashMap::new();
+        for guard in keyspace.prefix([OPERATION]) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            operations.insert(name, operation_id_from(&v));
+        }
+        Ok(DayTally {
+            keyspace,
+            next_seq: u32::try_from(next_seq).map_err(|_| corrupt(b"N", "too many records"))?,
+            operations,
+            cells,
+            dirty: Vec::new(),
+        })
+    }
+
+    fn operation(&mut self, batch: &mut fjall::OwnedWriteBatch, operation: &str) -> u32 {
+        if let Some(id) = self.operations.get(operation) {
+            return *id;
+        }
+        let id = self.operations.len() as u32;
+        batch.insert(
+            &self.keyspace,
+            operation_key(operation),
+            id.to_be_bytes().as_slice(),
+        );
+        self.operations.insert(operation.to_string(), id);
+        id
+    }
+
+    fn count(&mut self, key: &[u8]) {
+        match self.cells.get_mut(key) {
+            Some(cell) => {
+                cell.count += 1;
+                if !cell.dirty {
+                    cell.dirty = true;
+                    self.dirty.push(key.to_vec());
+                }
+            }
+            None => {
+                self.cells.insert(
+                    key.to_vec(),
+                    Cell {
+                        count: 1,
+                        dirty: true,
+                    },
+                );
+                self.dirty.push(key.to_vec());
+            }
+        }
+    }
+
+    /// Puts the changed cells' counts into the batch.
+    fn write_cells(&mut self, batch: &mut fjall::OwnedWriteBatch) {
+        let mut value = Vec::with_capacity(10);
+        for key in self.dirty.drain(..) {
+            if let Some(cell) = self.cells.get_mut(&key) {
+                cell.dirty = false;
+                value.clear();
+                put_varint(&mut value, cell.count);
+                batch.insert(&self.keyspace, key, value.as_slice());
+            }
+        }
+    }
+}
+
 fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result<()> {
+    // Held for the whole batch: the counts it writes are absolute, so two batches must not
+    // interleave.
+    let mut tallies = store.tallies.lock();
+    tallies.trim();
+    let written = write_batch_with(store, &mut tallies, calls, strict);
+    if written.is_err() {
+        // The counts and record numbers in memory ran ahead of the disk: read them again.
+        *tallies = Tallies::default();
+    }
+    written
+}
+
+fn write_batch_with(
+    store: &Store,
+    tallies: &mut Tallies,
+    calls: &[Box<CallRecord>],
+    strict: bool,
+) -> Result<()> {
     let mut batch = store.db.batch();
     let mut stats: HashMap<Vec<u8>, DayCounts> = HashMap::new();
     let mut new_processes: HashMap<Uuid, Day> = HashMap::new();
     let mut latest: HashMap<Uuid, (Keyspace, &ProcessRecord)> = HashMap::new();
+    let mut payload_days: Vec<(Day, Keyspace)> = Vec::new();
+    let mut touched: Vec<Day> = Vec::new();
+    let mut cell = Vec::with_capacity(64);
+    let mut header_bytes = Vec::with_capacity(8);
     for call in calls {
         let a = &call.audit;
-        let audit = store.day_keyspace("audit", day_of_ms(a.time_ms))?;
-        let exchange = call.process.exchanges;
-        batch.insert(&audit, record_key(a.time_ms, &a.code, exchange), encode(a));
+        let day = day_of_ms(a.time_ms);
+        let ms_of_day = (a.time_ms - day as i64 * DAY_MS) as u32;
+        let hour = (ms_of_day / HOUR_MS) as u8;
+        let tally = tallies.day(store, day)?;
+        if !touched.contains(&day) {
+            touched.push(day);
+        }
+        let seq = tally.next_seq;
+        tally.next_seq += 1;
+        let header = Header {
+            service: a.service.code(),
+            group: a.method_group.code(),
+            operation: tally.operation(&mut batch, &a.operation),
+        };
+        header_bytes.clear();
+        header.write(&mut header_bytes);
+        let audit = &tally.keyspace;
         batch.insert(
-            &audit,
-            index_key(b'u', &a.username, a.time_ms, &a.code, exchange),
-            b"".as_slice(),
+            audit,
+            entry_key(RECORD, None, ms_of_day, seq),
+            encode_audit(a, header),
         );
         batch.insert(
-            &audit,
-            index_key(b'c', &a.company_key, a.time_ms, &a.code, exchange),
-            b"".as_slice(),
+            audit,
+            entry_key(USER_INDEX, Some(&a.username), ms_of_day, seq),
+            header_bytes.as_slice(),
         );
+        batch.insert(
+            audit,
+            entry_key(COMPANY_INDEX, Some(&a.company_key), ms_of_day, seq),
+            header_bytes.as_slice(),
+        );
+        for (scope, owner) in [
+            (SCOPE_USER, a.username.as_str()),
+            (SCOPE_COMPANY, a.company_key.as_str()),
+            (SCOPE_ALL, ""),
+        ] {
+            counter_key(&mut cell, scope, owner, hour, header);
+            tally.count(&cell);
+            if has_day_cells(scope) {
+                counter_key(&mut cell, scope, owner, WHOLE_DAY, header);
+                tally.count(&cell);
+            }
+        }
 
-        let payloads = store.day_keyspace("payload", call.process.day)?;
+        let payloads = match payload_days.iter().find(|(d, _)| *d == call.process.day) {
+            Some((_, ks)) => ks.clone(),
+            None => {
+                let ks = store.day_keyspace("payload", call.process.day)?;
+                payload_days.push((call.process.day, ks.clone()));
+                ks
+            }
+        };
         if call.process.exchanges <= 1 {
             new_processes.insert(a.code, call.process.day);
         }
@@ -240,16 +442,19 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
             entry.unique_points += a.unique_points;
         }
     }
+    for day in touched {
+        tallies.day(store, day)?.write_cells(&mut batch);
+    }
     for (code, (payloads, process)) in latest {
         if process.exchanges > 1 {
             if let Some(v) = payloads.get(process_key(&code))? {
-                let stored = decode::<ProcessRecord>(code.as_bytes(), &v);
+                let stored = decode_process(code.as_bytes(), &v);
                 if stored.is_ok_and(|stored| stored.exchanges >= process.exchanges) {
                     continue;
                 }
             }
         }
-        batch.insert(&payloads, process_key(&code), encode(process));
+        batch.insert(&payloads, process_key(&code), encode_process(process));
     }
     for (code, day) in new_processes {
         batch.insert(
