@@ -3,6 +3,7 @@
 //! so checking a token takes no lock. The HTTP side (parsing requests, shaping answers) is
 //! `account`'s and `proxy`'s.
 
+pub mod hashing;
 pub mod jwt;
 pub mod password;
 pub mod throttle;
@@ -35,8 +36,8 @@ pub struct Authority {
     store: Arc<Store>,
     directory: ArcSwap<HashMap<String, Arc<UserRecord>>>,
     throttle: throttle::LoginThrottle,
-    /// Bounds concurrent argon2 work (19 MiB each) to the cores there are.
-    hashing: tokio::sync::Semaphore,
+    /// Argon2 work (19 MiB each), on as many low-priority threads as there are cores.
+    hashing: hashing::HashingPool,
     /// Serialises writes of users, so that no write starts from a record another one has
     /// outdated and the snapshot never loses a concurrent change (a password change's version
     /// bump above all).
@@ -166,10 +167,11 @@ impl Authority {
                 auth.login_failures_per_account_per_minute,
                 auth.login_failures_per_address_per_minute,
             ),
-            hashing: tokio::sync::Semaphore::new(
+            hashing: hashing::HashingPool::start(
                 std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(2),
+                hashing::NICE,
             ),
             writes: parking_lot::Mutex::new(()),
         };
@@ -251,14 +253,14 @@ impl Authority {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|_| ApiError::internal("shutting down"))?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|_| ApiError::internal("password hashing failed"))
+        self.hashing.run(work).await.map_err(|e| match e {
+            hashing::HashingError::Busy => {
+                let mut e = ApiError::new(503, "too many logins at once; try again shortly");
+                e.retry_after_seconds = Some(1);
+                e
+            }
+            hashing::HashingError::Gone => ApiError::internal("shutting down"),
+        })
     }
 
     /// Checks a password and issues a token. Unknown users take the same time and get the same
