@@ -5,6 +5,11 @@
 //! None), and the locations compared by their "/key". `count_points` always counts both points
 //! and unique points, so there is no cheaper "points only" mode to measure.
 //!
+//! Then the cost of one call as the load bench (`benches/load/run.sh`) makes it: its ~10 KB POST
+//! body of 100 locations of ~100 bytes, under its rule (`points = ["/locations"]`,
+//! `unique_key = "/id"`). Here the per-call time is the figure to read: it is spent on the
+//! proxy's request path, inside a per-call budget of about 50 us.
+//!
 //! Run: `cargo bench --bench points`.
 
 use std::hint::black_box;
@@ -13,6 +18,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tollgate::quota::points::{count_points, Points, PointsRule};
 
 const LOCATION_COUNT: usize = 100_000;
+
+/// Locations in the load bench's POST body (its `LOCATIONS` default).
+const LOAD_BENCH_LOCATION_COUNT: usize = 100;
 
 fn locations_body(location_count: usize) -> Vec<u8> {
     let mut body = String::with_capacity(location_count * 160);
@@ -34,6 +42,25 @@ fn locations_body(location_count: usize) -> Vec<u8> {
         ));
     }
     body.push_str(r#"],"options":{"routing_mode":"driving"}}"#);
+    body.into_bytes()
+}
+
+/// The load bench's POST body, byte for byte as its `write_body` writes it.
+fn load_bench_body(location_count: usize) -> Vec<u8> {
+    let mut body = String::from(r#"{"locations":["#);
+    for number in 1..=location_count {
+        if number > 1 {
+            body.push(',');
+        }
+        body.push_str(&format!(
+            concat!(
+                r#"{{"id":"loc-{:04}","point":{{"latitude":55.751244,"longitude":37.618423}},"#,
+                r#""duration":"PT5M","demand":12}}"#,
+            ),
+            number
+        ));
+    }
+    body.push_str("]}");
     body.into_bytes()
 }
 
@@ -82,5 +109,24 @@ fn bench_points(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_points);
+fn bench_load_bench_call(c: &mut Criterion) {
+    let body = load_bench_body(LOAD_BENCH_LOCATION_COUNT);
+    let rule = rule("/locations", Some("/id"));
+    let every_location = LOAD_BENCH_LOCATION_COUNT as u64;
+    assert_eq!(
+        count_points(&body, &rule),
+        Ok(Points {
+            points: every_location,
+            unique_points: every_location
+        })
+    );
+    let mut group = c.benchmark_group("points_per_call");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("load_bench_body_unique_by_id", |b| {
+        b.iter(|| count_points(black_box(&body), black_box(&rule)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_points, bench_load_bench_call);
 criterion_main!(benches);
