@@ -113,7 +113,10 @@ mod tests {
             .unwrap();
         assert_eq!(answer, 42);
         assert!(thread.unwrap().starts_with("tollgate-hash-"));
-        assert!(nice >= NICE, "the hashing thread runs below the proxy: {nice}");
+        assert!(
+            nice >= NICE,
+            "the hashing thread runs below the proxy: {nice}"
+        );
         assert!(own_nice() < nice, "the caller's priority is untouched");
     }
 
