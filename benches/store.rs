@@ -81,6 +81,7 @@ fn call(i: usize, n: usize, start_ms: i64, today: i32) -> CallRecord {
     let points = (r >> 8) % 1000 + 1;
     let code = Uuid::from_u64_pair(mix(r), mix(r ^ 0x5555));
     CallRecord {
+        findable: true,
         audit: AuditRecord {
             code,
             username: username(user),

@@ -621,6 +621,7 @@ impl Tollgate {
                 duration_us: ctx.started.elapsed().as_micros() as u64,
                 status,
             },
+            findable: route.capture || self.follow_ups,
             process,
             stage: ctx.stage,
             input,

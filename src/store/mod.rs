@@ -1496,6 +1496,7 @@ mod tests {
         charged_day: Day,
     ) -> CallRecord {
         CallRecord {
+            findable: true,
             audit: AuditRecord {
                 code,
                 username: username.into(),
@@ -1551,6 +1552,35 @@ mod tests {
         writer.flush_blocking().unwrap();
         drop(writer);
         handle.join().unwrap();
+    }
+
+    #[test]
+    fn a_call_nobody_can_look_up_leaves_its_audit_and_statistics_but_no_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        let (kept, bare) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut unfindable = call("alice", now, bare, 1, day_of_ms(now));
+        unfindable.findable = false;
+        unfindable.input = None;
+        write(
+            &store,
+            vec![call("alice", now, kept, 1, day_of_ms(now)), unfindable],
+        );
+        assert!(store.process(&kept).unwrap().is_some());
+        assert_eq!(store.process(&bare).unwrap(), None);
+        let page = store.audit(&everything("alice")).unwrap();
+        let codes: Vec<Uuid> = page.records.iter().map(|r| r.code).collect();
+        assert_eq!(codes, vec![kept, bare]);
+        let today = store
+            .day_counts(
+                "alice",
+                day_of_ms(now),
+                ServiceName::UNIVERSAL,
+                MethodGroup::PLAN,
+            )
+            .unwrap();
+        assert_eq!(today.points, 6, "both calls are charged");
     }
 
     #[test]
@@ -1813,6 +1843,7 @@ mod tests {
 
     fn audit_call(a: AuditRecord) -> CallRecord {
         CallRecord {
+            findable: true,
             process: ProcessRecord {
                 owner: a.username.clone(),
                 company_key: a.company_key.clone(),

@@ -22,6 +22,10 @@ pub struct CallRecord {
     pub audit: AuditRecord,
     /// The process this exchange belongs to, with `exchanges` counting this one.
     pub process: ProcessRecord,
+    /// Whether the process must be findable later (its payloads read, a follow-up's owner
+    /// checked). A call with nothing captured on a configuration without follow-up routes
+    /// leaves only its audit record: two store writes fewer per call.
+    pub findable: bool,
     pub stage: u8,
     pub input: Option<Payload>,
     pub output: Option<Payload>,
@@ -406,32 +410,34 @@ fn write_batch_with(
             }
         }
 
-        let payloads = match payload_days.iter().find(|(d, _)| *d == call.process.day) {
-            Some((_, ks)) => ks.clone(),
-            None => {
-                let ks = store.day_keyspace("payload", call.process.day)?;
-                payload_days.push((call.process.day, ks.clone()));
-                ks
+        if call.findable {
+            let payloads = match payload_days.iter().find(|(d, _)| *d == call.process.day) {
+                Some((_, ks)) => ks.clone(),
+                None => {
+                    let ks = store.day_keyspace("payload", call.process.day)?;
+                    payload_days.push((call.process.day, ks.clone()));
+                    ks
+                }
+            };
+            if call.process.exchanges <= 1 {
+                new_processes.insert(a.code, call.process.day);
             }
-        };
-        if call.process.exchanges <= 1 {
-            new_processes.insert(a.code, call.process.day);
-        }
-        // Exchanges may finish out of order: the process record keeps the highest count, so a
-        // process reloaded after a restart never numbers (and stages) an exchange twice.
-        let newest = latest
-            .entry(a.code)
-            .or_insert((payloads.clone(), &call.process));
-        if call.process.exchanges > newest.1.exchanges {
-            *newest = (payloads.clone(), &call.process);
-        }
-        for (flow, payload) in [(Flow::Input, &call.input), (Flow::Output, &call.output)] {
-            if let Some(p) = payload {
-                batch.insert(
-                    &payloads,
-                    payload_key(&a.code, flow, call.stage),
-                    encode_payload(p),
-                );
+            // Exchanges may finish out of order: the process record keeps the highest count, so a
+            // process reloaded after a restart never numbers (and stages) an exchange twice.
+            let newest = latest
+                .entry(a.code)
+                .or_insert((payloads.clone(), &call.process));
+            if call.process.exchanges > newest.1.exchanges {
+                *newest = (payloads.clone(), &call.process);
+            }
+            for (flow, payload) in [(Flow::Input, &call.input), (Flow::Output, &call.output)] {
+                if let Some(p) = payload {
+                    batch.insert(
+                        &payloads,
+                        payload_key(&a.code, flow, call.stage),
+                        encode_payload(p),
+                    );
+                }
             }
         }
         if let Some(day) = call.charged_day {
