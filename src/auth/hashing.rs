@@ -6,8 +6,8 @@
 
 use crossbeam_channel::{Sender, TrySendError};
 
-/// How much lower than the proxy the hashing threads run (nice(2) units; 10 gives them about a
-/// tenth of a contended core, and all of an idle one).
+/// How much lower than the proxy the hashing threads run (nice(2) units, relative to the
+/// process's own; 10 gives them about a tenth of a contended core, and all of an idle one).
 pub const NICE: i32 = 10;
 
 /// Hashing jobs waiting beyond this are refused: each queued login is a client waiting, and a
@@ -68,16 +68,26 @@ impl HashingPool {
     }
 }
 
-/// Lowers the calling thread's priority. Linux keeps a nice value per thread, so this leaves
-/// the rest of the process as it was. Failure (a sandbox that forbids it) only costs fairness.
+/// Lowers the calling thread's priority by `nice` below the process's own: a server started at
+/// nice -20 hashes at -10, not at +10 (where a busy proxy would starve logins completely).
+/// Linux keeps a nice value per thread, so the rest of the process stays as it was. Failure (a
+/// sandbox that forbids it) only costs fairness.
 fn lower_priority(nice: i32) {
     if nice == 0 {
         return;
     }
-    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    // SAFETY: gettid, getpriority and setpriority take plain integers and touch no memory of
+    // ours. getpriority's -1 is a valid nice value, so failure is read from errno, cleared first.
     let rc = unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let current = if *libc::__errno_location() == 0 {
+            current
+        } else {
+            0
+        };
+        libc::setpriority(libc::PRIO_PROCESS, tid, (current + nice).min(19))
     };
     if rc != 0 {
         tracing::warn!(
