@@ -18,15 +18,17 @@
 //!   `O` operation -> its number in the day.
 //!   Older stores wrote `r` time_ms code exchange -> JSON record and empty `u`/`c` index
 //!   entries, still read.
-//! - `payload_YYYYMMDD` (the UTC day the process started): code flow stage -> captured body;
-//!   `p` code -> process record (binary: owner, company, day, exchanges so far; JSON in older
-//!   stores).
+//! - `payload_YYYYMMDD` (the UTC day the process started): code flow stage -> pointer to the
+//!   captured body in that day's files under `payloads/` (see `payloads`; older stores kept the
+//!   body itself here, still read); `p` code -> process record (binary: owner, company, day,
+//!   exchanges so far; JSON in older stores).
 //! - `processes`: code -> the day its payload keyspace is (so follow-ups find it).
 
+mod payloads;
 pub mod writer;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -174,6 +176,10 @@ pub struct Store {
     days: Mutex<BTreeMap<String, Keyspace>>,
     /// The writer's counters and record numbers of the days it writes.
     tallies: Mutex<writer::Tallies>,
+    /// Where captured bodies are (`payloads`), for reads.
+    payloads_dir: PathBuf,
+    /// The payload files the writer appends to. Lock order: `tallies`, then this, then `days`.
+    payload_files: Mutex<payloads::PayloadFiles>,
 }
 
 pub fn day_of_ms(time_ms: i64) -> Day {
@@ -272,6 +278,9 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("store records always serialise")
 }
 
+/// The inline form older stores wrote as the value itself: truncated flag (0 or 1), content
+/// type length and bytes, body.
+#[cfg(test)]
 fn encode_payload(p: &Payload) -> Vec<u8> {
     let ct = p.content_type.as_deref().unwrap_or("").as_bytes();
     let ct_len = ct.len().min(u16::MAX as usize);
@@ -283,6 +292,7 @@ fn encode_payload(p: &Payload) -> Vec<u8> {
     v
 }
 
+/// Reads the inline form (`encode_payload`).
 fn decode_payload(v: &[u8]) -> Option<Payload> {
     let truncated = *v.first()? != 0;
     let ct_len = u16::from_be_bytes([*v.get(1)?, *v.get(2)?]) as usize;
@@ -1090,6 +1100,8 @@ impl Store {
                 days.insert(name, ks);
             }
         }
+        let payloads_dir = path.join("payloads");
+        let payload_files = payloads::PayloadFiles::open(payloads_dir.clone())?;
         Ok(Arc::new(Store {
             db,
             users,
@@ -1097,6 +1109,8 @@ impl Store {
             processes,
             days: Mutex::new(days),
             tallies: Mutex::new(writer::Tallies::default()),
+            payloads_dir,
+            payload_files: Mutex::new(payload_files),
         }))
     }
 
@@ -1106,11 +1120,10 @@ impl Store {
         if let Some(ks) = days.get(&name) {
             return Ok(ks.clone());
         }
+        // Payload keyspaces hold small pointers now, so new ones need no key-value separation;
+        // those made with it by older stores keep it (fjall stores a keyspace's options).
         let ks = if prefix == "payload" {
-            self.db.keyspace(&name, || {
-                KeyspaceCreateOptions::default()
-                    .with_kv_separation(Some(fjall::KvSeparationOptions::default()))
-            })?
+            self.db.keyspace(&name, KeyspaceCreateOptions::default)?
         } else {
             self.db.keyspace(&name, audit_keyspace_options)?
         };
@@ -1122,8 +1135,10 @@ impl Store {
         self.days.lock().get(&day_name(prefix, day)).cloned()
     }
 
-    /// Makes everything written so far durable (fsync).
+    /// Makes everything written so far durable (fsync): payload files first, so that no
+    /// pointer made durable names bytes that are not.
     pub fn sync(&self) -> Result<()> {
+        self.payload_files.lock().sync()?;
         Ok(self.db.persist(PersistMode::SyncAll)?)
     }
 
@@ -1263,9 +1278,23 @@ impl Store {
         let Some(ks) = self.existing_day_keyspace("payload", process.day) else {
             return Ok(None);
         };
-        Ok(ks
-            .get(payload_key(code, flow, stage))?
-            .and_then(|v| decode_payload(&v)))
+        let Some(v) = ks.get(payload_key(code, flow, stage))? else {
+            return Ok(None);
+        };
+        if v.first() != Some(&payloads::POINTER_V1) {
+            return Ok(decode_payload(&v));
+        }
+        // A garbled pointer, like a garbled inline value, is missing data rather than an error.
+        let Some(pointer) = payloads::Pointer::decode(&v) else {
+            return Ok(None);
+        };
+        Ok(
+            payloads::read(&self.payloads_dir, process.day, &pointer)?.map(|body| Payload {
+                content_type: pointer.content_type,
+                truncated: pointer.truncated,
+                body,
+            }),
+        )
     }
 
     // ---- audit ----
@@ -1356,8 +1385,9 @@ impl Store {
 
     // ---- retention ----
 
-    /// Drops whole day keyspaces older than the retention: payloads before `payload_before`,
-    /// audit before `audit_before` (UTC days). Statistics stay. Returns how many were dropped.
+    /// Drops whole day keyspaces older than the retention: payloads before `payload_before`
+    /// (with their payload files), audit before `audit_before` (UTC days). Statistics stay.
+    /// Returns how many keyspaces were dropped.
     pub fn drop_days_before(&self, payload_before: Day, audit_before: Day) -> Result<usize> {
         let doomed: Vec<(String, Keyspace)> = {
             let days = self.days.lock();
@@ -1388,6 +1418,11 @@ impl Store {
         if doomed.iter().any(|(name, _)| name.starts_with("payload_")) {
             self.forget_processes_before(payload_before)?;
         }
+        // After the pointers are gone; also catches the files of a day whose keyspace went
+        // just before a crash.
+        self.payload_files
+            .lock()
+            .delete_days_before(payload_before)?;
         Ok(doomed.len())
     }
 
@@ -1428,9 +1463,9 @@ impl Store {
         Ok(())
     }
 
-    /// Bytes on disk, for the metrics and the sizing bench.
+    /// Bytes on disk (key-value store and payload files), for the metrics and the sizing bench.
     pub fn disk_bytes(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
+        self.db.disk_space().unwrap_or(0) + payloads::disk_bytes(&self.payloads_dir)
     }
 
     /// Bytes on disk of the audit day keyspaces alone (records, indexes, counters), for the
@@ -1974,6 +2009,289 @@ mod tests {
         let payloads = store.day_keyspace("payload", BASE_DAY).unwrap();
         payloads.insert(process_key(&code), encode(&p)).unwrap();
         assert_eq!(store.process(&code).unwrap(), Some(p));
+    }
+
+    /// A call with an input and an output body of `len_bytes` each, distinct per `n`.
+    fn call_with_bodies(n: u64, time_ms: i64, len_bytes: usize) -> CallRecord {
+        let body = |flow: u64| -> bytes::Bytes {
+            let mut b = format!("{{\"call\":{n},\"flow\":{flow},\"pad\":\"").into_bytes();
+            b.extend((0..len_bytes).map(|i| b'a' + (mix(n * 2 + flow + i as u64) % 26) as u8));
+            b.truncate(len_bytes);
+            b.into()
+        };
+        CallRecord {
+            input: Some(Payload {
+                content_type: Some("application/json".into()),
+                truncated: false,
+                body: body(0),
+            }),
+            output: Some(Payload {
+                content_type: None,
+                truncated: true,
+                body: body(1),
+            }),
+            ..call(
+                "alice",
+                time_ms,
+                Uuid::from_u64_pair(n, 7),
+                1,
+                day_of_ms(time_ms),
+            )
+        }
+    }
+
+    fn read_back(store: &Store, c: &CallRecord) -> (Option<Payload>, Option<Payload>) {
+        let code = &c.audit.code;
+        (
+            store.payload(code, Flow::Input, c.stage).unwrap(),
+            store.payload(code, Flow::Output, c.stage).unwrap(),
+        )
+    }
+
+    /// The payload files' names, sorted.
+    fn payload_file_names(store_dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(store_dir.join("payloads"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn payloads_read_back_after_a_reopen_and_a_reopened_store_appends_to_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now().timestamp_millis();
+        let first: Vec<CallRecord> = (0..20).map(|n| call_with_bodies(n, now, 10_000)).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            write(&store, first.clone());
+            assert_eq!(payload_file_names(dir.path()).len(), 1);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        for c in &first {
+            assert_eq!(read_back(&store, c), (c.input.clone(), c.output.clone()));
+        }
+        let first_file = payload_file_names(dir.path());
+        let first_len = store.disk_bytes();
+        let second: Vec<CallRecord> = (20..30).map(|n| call_with_bodies(n, now, 3_000)).collect();
+        write(&store, second.clone());
+        let files = payload_file_names(dir.path());
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert!(files.contains(&first_file[0]));
+        assert!(store.disk_bytes() > first_len);
+        for c in first.iter().chain(&second) {
+            assert_eq!(read_back(&store, c), (c.input.clone(), c.output.clone()));
+        }
+        // The bodies are in the files, not in the key-value store.
+        let ks = store
+            .existing_day_keyspace("payload", day_of_ms(now))
+            .unwrap();
+        let v = ks
+            .get(payload_key(&first[0].audit.code, Flow::Input, 0))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.first(), Some(&payloads::POINTER_V1));
+        assert!(v.len() < 64, "a pointer of {} bytes", v.len());
+    }
+
+    #[test]
+    fn payloads_stored_inline_by_older_stores_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        let old = call_with_bodies(1, now, 2_000);
+        let code = old.audit.code;
+        // As an older store wrote it: process record and the bodies themselves.
+        store
+            .processes
+            .insert(code.as_bytes(), day_key(old.process.day))
+            .unwrap();
+        let ks = store.day_keyspace("payload", old.process.day).unwrap();
+        ks.insert(process_key(&code), encode_process(&old.process))
+            .unwrap();
+        for (flow, p) in [(Flow::Input, &old.input), (Flow::Output, &old.output)] {
+            ks.insert(
+                payload_key(&code, flow, 0),
+                encode_payload(p.as_ref().unwrap()),
+            )
+            .unwrap();
+        }
+        // Newer calls of the same day go to the files, side by side with the older ones.
+        let new = call_with_bodies(2, now, 2_000);
+        write(&store, vec![new.clone()]);
+        assert_eq!(
+            read_back(&store, &old),
+            (old.input.clone(), old.output.clone())
+        );
+        assert_eq!(
+            read_back(&store, &new),
+            (new.input.clone(), new.output.clone())
+        );
+    }
+
+    #[test]
+    fn retention_deletes_the_payload_files_of_the_days_it_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let today = Store::now_day();
+        let ms = |day: Day| day as i64 * DAY_MS + 3_600_000;
+        let (old, recent) = (
+            call_with_bodies(1, ms(today - 40), 1_000),
+            call_with_bodies(2, ms(today), 1_000),
+        );
+        write(&store, vec![old.clone(), recent.clone()]);
+        let date = |day: Day| date_of_day(day).format("%Y%m%d").to_string();
+        // A file whose keyspace a crash already took, and one that is not a payload file.
+        let stray = format!("{}-1.dat", date(today - 50));
+        std::fs::write(dir.path().join("payloads").join(&stray), b"orphan").unwrap();
+        std::fs::write(dir.path().join("payloads").join("notes.txt"), b"").unwrap();
+        assert_eq!(payload_file_names(dir.path()).len(), 4);
+        assert_eq!(store.drop_days_before(today - 30, today - 60).unwrap(), 1);
+        let left = payload_file_names(dir.path());
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.iter().any(|n| n.starts_with(&date(today))), "{left:?}");
+        assert!(left.contains(&"notes.txt".to_string()));
+        assert_eq!(read_back(&store, &old), (None, None));
+        assert_eq!(
+            read_back(&store, &recent),
+            (recent.input.clone(), recent.output.clone())
+        );
+        // A call written to the dropped day after all gets a new file, read back as ever.
+        let late = call_with_bodies(3, ms(today - 40), 1_000);
+        write(&store, vec![late.clone()]);
+        assert_eq!(
+            read_back(&store, &late),
+            (late.input.clone(), late.output.clone())
+        );
+    }
+
+    #[test]
+    fn a_payload_file_cut_short_reads_as_missing_and_its_earlier_bodies_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now().timestamp_millis();
+        let calls: Vec<CallRecord> = (0..3).map(|n| call_with_bodies(n, now, 1_000)).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            write(&store, calls.clone());
+        }
+        // As a crash can leave it in buffered mode: the pointers made it, the end of the file
+        // did not.
+        let path = dir
+            .path()
+            .join("payloads")
+            .join(&payload_file_names(dir.path())[0]);
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(3_500).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            read_back(&store, &calls[0]),
+            (calls[0].input.clone(), calls[0].output.clone())
+        );
+        assert_eq!(read_back(&store, &calls[1]), (calls[1].input.clone(), None));
+        assert_eq!(read_back(&store, &calls[2]), (None, None));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read_back(&store, &calls[0]), (None, None));
+    }
+
+    #[test]
+    fn strict_mode_payloads_are_there_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now().timestamp_millis();
+        let calls: Vec<CallRecord> = (0..5).map(|n| call_with_bodies(n, now, 5_000)).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (writer, handle) =
+                StoreWriter::start(store.clone(), Duration::from_millis(5), 64, true);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            for c in calls.clone() {
+                rt.block_on(writer.record_durable(c)).unwrap();
+            }
+            // Acknowledged means synced: nothing is left for the shutdown to write.
+            drop(writer);
+            handle.join().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        for c in &calls {
+            assert_eq!(read_back(&store, c), (c.input.clone(), c.output.clone()));
+        }
+    }
+
+    /// Writer CPU per call with two 10 KB captured bodies: `cargo test --release --lib --
+    /// --ignored --nocapture writer_cpu`.
+    #[test]
+    #[ignore]
+    fn writer_cpu_per_call_with_two_10kb_payloads() {
+        const CALLS: u64 = 20_000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (writer, handle) =
+            StoreWriter::start(store.clone(), Duration::from_millis(100), 65_536, false);
+        let now = Utc::now().timestamp_millis();
+        // Made before the clock starts, so the test thread's work is not counted.
+        let calls: Vec<CallRecord> = (0..CALLS)
+            .map(|n| call_with_bodies(n, now, 10_000))
+            .collect();
+        let process_before = process_cpu();
+        let began = std::time::Instant::now();
+        // Some 10k calls a second, as a loaded proxy hands them over.
+        for (n, c) in calls.into_iter().enumerate() {
+            writer.record_blocking(Box::new(c)).unwrap();
+            if n % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        writer.flush_blocking().unwrap();
+        let writer_cpu = thread_cpu_named("store-writer").unwrap();
+        // The memtables' flush to disk (blob files included) is part of a payload's cost too.
+        for ks in store.days.lock().values() {
+            ks.rotate_memtable_and_wait().unwrap();
+        }
+        let process = process_cpu() - process_before;
+        let wall = began.elapsed();
+        drop(writer);
+        handle.join().unwrap();
+        println!(
+            "{CALLS} calls, two 10 KB bodies each: store-writer thread {:.1} us/call, whole \
+             process {:.1} us/call, wall {:.2} s, {:.1} MB on disk",
+            writer_cpu.as_secs_f64() * 1e6 / CALLS as f64,
+            process.as_secs_f64() * 1e6 / CALLS as f64,
+            wall.as_secs_f64(),
+            store.disk_bytes() as f64 / 1e6,
+        );
+    }
+
+    /// CPU time (user + system) so far of this process's thread called `name`, in clock ticks
+    /// (10 ms).
+    fn thread_cpu_named(name: &str) -> Option<Duration> {
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // The fields after the parenthesised name: state is the first, utime the 12th.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks: u64 =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            // SAFETY: sysconf only reads a configuration value.
+            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+            return Some(Duration::from_nanos(ticks * 1_000_000_000 / per_second));
+        }
+        None
+    }
+
+    /// CPU time (user + system) so far of the whole process, every thread's.
+    fn process_cpu() -> Duration {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through a valid pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
     }
 
     /// Whether two records the query could return share a millisecond.

@@ -4,7 +4,9 @@
 //! proxied call. A full queue is reported to the caller (`Full`), who answers 503 rather than
 //! dropping audit silently. Being the only writer of audit records, it also numbers them and
 //! keeps the day's counter cells (`Tallies`) in memory, writing their new counts in the same
-//! batch as the records they count.
+//! batch as the records they count. Captured bodies it appends to the day's payload files
+//! (`payloads`), in a few large writes per batch, before committing the batch that points to
+//! them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -340,11 +342,14 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
     // Held for the whole batch: the counts it writes are absolute, so two batches must not
     // interleave.
     let mut tallies = store.tallies.lock();
+    let mut files = store.payload_files.lock();
     tallies.trim();
-    let written = write_batch_with(store, &mut tallies, calls, strict);
+    files.trim();
+    let written = write_batch_with(store, &mut tallies, &mut files, calls, strict);
     if written.is_err() {
         // The counts and record numbers in memory ran ahead of the disk: read them again.
         *tallies = Tallies::default();
+        files.abandon();
     }
     written
 }
@@ -352,6 +357,7 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
 fn write_batch_with(
     store: &Store,
     tallies: &mut Tallies,
+    files: &mut payloads::PayloadFiles,
     calls: &[Box<CallRecord>],
     strict: bool,
 ) -> Result<()> {
@@ -435,7 +441,7 @@ fn write_batch_with(
                     batch.insert(
                         &payloads,
                         payload_key(&a.code, flow, call.stage),
-                        encode_payload(p),
+                        files.stage(call.process.day, p)?,
                     );
                 }
             }
@@ -481,6 +487,10 @@ fn write_batch_with(
         };
         batch.insert(&store.stats, key, counts_value(total).as_slice());
     }
+    // The bodies first: a committed pointer never names bytes not yet written (nor, in strict
+    // mode, not yet synced). A crash between the two leaves bytes no pointer names, which
+    // cost disk only until retention deletes their day.
+    files.append(strict)?;
     batch.commit()?;
     store.db.persist(if strict {
         PersistMode::SyncAll
