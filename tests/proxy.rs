@@ -1256,29 +1256,53 @@ operation = "flaky_calculation"
         up.port
     ));
     let alice = t.token("alice");
-    let post = || t.post_json("/universal/flaky/calculation", &alice, &json!({}));
-
-    // First call: a fresh connection, answered; the connection goes back to the pool.
-    assert_eq!(post().status(), 200);
-    assert_eq!(up.seen(), 1);
-    // Second call: on the pooled connection, read by the upstream, then the connection
-    // closes unanswered. The upstream may have acted on it: 502, not a second computation.
-    assert_upstream_error(post(), 502);
-    assert_eq!(
-        up.seen(),
-        2,
-        "the POST the upstream had read was sent again"
+    // The upstream answers the first request of each connection and drops the second unanswered
+    // after reading it. A call on a fresh connection is answered (and the connection pooled); a
+    // call on the pooled one meets the drop. Which one a call gets is the pool's business (a
+    // release racing the next call may open a fresh connection), so each call is judged by what
+    // it met, until both kinds were seen.
+    let (mut answered, mut dropped) = (0, 0);
+    for _ in 0..20 {
+        let before = up.seen();
+        let r = t.post_json("/universal/flaky/calculation", &alice, &json!({}));
+        assert_eq!(
+            up.seen() - before,
+            1,
+            "a POST the upstream had read was sent again"
+        );
+        if r.status() == 200 {
+            answered += 1;
+        } else {
+            // The upstream may have acted on it: 502, not a second computation.
+            assert_upstream_error(r, 502);
+            dropped += 1;
+        }
+        if answered > 0 && dropped > 0 {
+            break;
+        }
+    }
+    assert!(
+        answered > 0 && dropped > 0,
+        "answered {answered}, dropped {dropped}"
     );
 
-    // A GET in the same situation is safe to repeat, so the caller does not see the stale
-    // connection.
-    assert_eq!(t.get("/universal/flaky/state", &alice).status(), 200);
-    assert_eq!(up.seen(), 3);
-    let r = t.get("/universal/flaky/state", &alice);
-    assert_eq!(
-        r.status(),
-        200,
-        "a GET on a connection the upstream dropped is retried once"
-    );
-    assert_eq!(up.seen(), 5);
+    // A GET in the same situation is safe to repeat, so the caller never sees the dropped
+    // connection: it is retried once on a fresh one.
+    let mut retried = false;
+    for _ in 0..20 {
+        let before = up.seen();
+        let r = t.get("/universal/flaky/state", &alice);
+        assert_eq!(
+            r.status(),
+            200,
+            "a GET on a connection the upstream dropped is retried"
+        );
+        let sent = up.seen() - before;
+        assert!((1..=2).contains(&sent), "sent {sent} times");
+        if sent == 2 {
+            retried = true;
+            break;
+        }
+    }
+    assert!(retried, "no GET met a dropped pooled connection");
 }

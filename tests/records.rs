@@ -78,6 +78,20 @@ fn post(t: &Tollgate, path: &str, token: &str, body: &Value) -> Seen {
     )
 }
 
+/// Starts an asynchronous plan process as `token`'s user: its first answer and the path that
+/// follows it up.
+fn start_process(t: &Tollgate, token: &str) -> (Seen, String) {
+    let start = post(
+        t,
+        "/universal/plan/calculation_async",
+        token,
+        &plan_task(&[1]),
+    );
+    assert_eq!(start.status, 202);
+    let path = format!("/universal/plan/calculation_async/{}", start.code);
+    (start, path)
+}
+
 /// A plan task with `keys.len()` locations, whose unique key is `/key`.
 fn plan_task(keys: &[i64]) -> Value {
     json!({"locations": keys.iter().map(|k| json!({"key": k})).collect::<Vec<_>>()})
@@ -687,14 +701,7 @@ fn redaction_holds_when_the_capture_is_truncated() {
 fn every_exchange_of_a_polled_process_is_on_record_even_when_polls_arrive_together() {
     let t = Tollgate::start();
     let alice = t.token("alice");
-    let start = post(
-        &t,
-        "/universal/plan/calculation_async",
-        &alice,
-        &plan_task(&[1]),
-    );
-    assert_eq!(start.status, 202);
-    let path = format!("/universal/plan/calculation_async/{}", start.code);
+    let (start, path) = start_process(&t, &alice);
     let polls = 24;
     std::thread::scope(|s| {
         for _ in 0..polls {
@@ -822,14 +829,7 @@ fn captured_data_is_refused_on_bad_input_and_hidden_from_other_tenants() {
 fn a_stranger_cannot_follow_up_anothers_process_and_the_upstream_never_hears_of_it() {
     let t = Tollgate::start();
     let alice = t.token("alice");
-    let start = post(
-        &t,
-        "/universal/plan/calculation_async",
-        &alice,
-        &plan_task(&[1]),
-    );
-    assert_eq!(start.status, 202);
-    let path = format!("/universal/plan/calculation_async/{}", start.code);
+    let (start, path) = start_process(&t, &alice);
     let before = demo_count(&t, &path);
     assert_eq!(before, 0);
 
