@@ -1126,40 +1126,6 @@ operation = "run_plan_calculation"
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
-// ---------------------------------------------------------------------------------------------
-// A figure, not an assertion
-
-fn p50_p99(port: u16, path: &str, n: usize) -> (Duration, Duration) {
-    let mut c = Raw::connect(port);
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    for _ in 0..100 {
-        c.send(request.as_bytes());
-        assert_eq!(c.read_response().unwrap().status, 200);
-    }
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        c.send(request.as_bytes());
-        let r = c.read_response().expect("keep-alive connection broke");
-        times.push(started.elapsed());
-        assert_eq!(r.status, 200);
-    }
-    times.sort();
-    (times[n / 2], times[n * 99 / 100])
-}
-
-#[test]
-fn latency_through_tollgate_vs_direct() {
-    let t = Tollgate::start();
-    let (direct50, direct99) = p50_p99(t.demo_port, "/universal/system/version", 2000);
-    let (proxied50, proxied99) = p50_p99(t.port, "/universal/system/version", 2000);
-    let (direct50b, _) = p50_p99(t.demo_port, "/universal/system/version", 2000);
-    eprintln!(
-        "LATENCY GET /universal/system/version, 2000 sequential keep-alive requests: direct p50 {direct50:?} (again {direct50b:?}) p99 {direct99:?}; through Tollgate p50 {proxied50:?} p99 {proxied99:?}; overhead p50 {:?}",
-        proxied50.saturating_sub(direct50.min(direct50b))
-    );
-}
-
 /// An upstream that answers the first request of each connection and closes the connection
 /// after reading the second one without answering (as a crash or its own timeout would).
 /// It counts every request it read whole.
