@@ -8,6 +8,11 @@
 //! full iteration count; the time reported is wall time divided by the per-thread count): if no
 //! lock serialised validations, 2 threads take about as long as 1 on a machine with 2 free cores.
 //!
+//! `failed_login/*` times a refused login (`Authority::login`, argon2id m=19 MiB t=2 p=1 on the
+//! hashing pool) for an existing account with a wrong password and for an account that does
+//! not exist: the two must take the same time, so that timing does not tell which accounts
+//! exist.
+//!
 //! Run: `cargo bench --bench token`.
 
 use std::hint::black_box;
@@ -176,9 +181,50 @@ fn bench_token(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_failed_logins(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    // Throttling would answer repeated failures early: measure the hashing, not the throttle.
+    let config = tollgate::config::parse(
+        "[auth]\nlogin_failures_per_account_per_minute = 100000\n\
+         login_failures_per_address_per_minute = 100000\n",
+        dir.path(),
+    )
+    .expect("the bench config is valid");
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    store
+        .put_user(&UserRecord {
+            username: "known".into(),
+            password_hash: tollgate::auth::password::hash("the-right-password"),
+            company_key: "acme".into(),
+            roles: vec![Role::USER],
+            name: None,
+            email: None,
+            phone: None,
+            timezone: 0,
+            token_version: 0,
+            password_changed: false,
+            quotas: Vec::new(),
+        })
+        .unwrap();
+    let authority = Authority::new(Keys::new(SECRET, &[]), store, &config.auth).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = |username: &str| {
+        let answer = rt.block_on(authority.login(username, "a-wrong-password", 3600, None));
+        assert_eq!(answer.map_err(|e| e.status), Err(401));
+    };
+    let mut group = c.benchmark_group("failed_login");
+    group.sample_size(20);
+    group.bench_function("existing_user", |b| b.iter(|| refused("known")));
+    group.bench_function("unknown_user", |b| b.iter(|| refused("nobody_here")));
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = bench_token
+    targets = bench_token, bench_failed_logins
 }
 criterion_main!(benches);

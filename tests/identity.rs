@@ -89,11 +89,6 @@ fn assert_accepted_everywhere(t: &Tollgate, token: &str, what: &str) {
     );
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[test]
 fn login_returns_a_pinned_hs256_jwt_with_the_users_claims() {
     let t = Tollgate::start();
@@ -368,32 +363,7 @@ fn wrong_password_and_unknown_user_get_the_same_answer() {
     assert_eq!(keys(&wrong), keys(&unknown));
     assert_ne!(wrong["tracedata"]["code"], unknown["tracedata"]["code"]);
 
-    // Timing: the median of failed logins for an existing and an unknown account.
-    let (mut known, mut ghost) = (Vec::new(), Vec::new());
-    for i in 0..15 {
-        let started = Instant::now();
-        assert_eq!(
-            login(
-                &t,
-                &json!({"username": "bob", "password": format!("wrong-{i}")})
-            )
-            .status(),
-            401
-        );
-        known.push(started.elapsed());
-        let started = Instant::now();
-        assert_eq!(
-            login(
-                &t,
-                &json!({"username": format!("ghost{i}"), "password": format!("wrong-{i}")})
-            )
-            .status(),
-            401
-        );
-        ghost.push(started.elapsed());
-    }
-    let (known, ghost) = (median(known), median(ghost));
-    eprintln!("FIGURE failed login median: existing user {known:?}, unknown user {ghost:?}");
+    // Their timing is measured by `cargo bench --bench token` (failed_login/*).
 }
 
 fn throttled(account: u32, address: u32) -> Tollgate {
@@ -860,7 +830,10 @@ fn concurrent_account_writes_never_undo_a_password_change() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
-    eprintln!("FIGURE concurrent info writes during 8 password changes: {writes}");
+    assert!(
+        writes > 0,
+        "no account write ran alongside the password changes"
+    );
     for (i, old) in revoked.iter().enumerate() {
         assert_eq!(
             t.get("/account/info", old).status(),
