@@ -204,13 +204,15 @@ fn fill() -> Filled {
     }
 }
 
-fn thread_cpu() -> Duration {
+/// CPU time so far of `clock` (`CLOCK_THREAD_CPUTIME_ID`: the calling thread's,
+/// `CLOCK_PROCESS_CPUTIME_ID`: every thread's).
+fn cpu_time(clock: libc::clockid_t) -> Duration {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    unsafe { libc::clock_gettime(clock, &mut t) };
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
@@ -239,9 +241,9 @@ fn median_cpu(mut f: impl FnMut()) -> Duration {
     let mut times = Vec::new();
     let began = Instant::now();
     while times.len() < 5 || (times.len() < 51 && began.elapsed() < Duration::from_secs(2)) {
-        let t = thread_cpu();
+        let t = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID);
         f();
-        times.push(thread_cpu() - t);
+        times.push(cpu_time(libc::CLOCK_THREAD_CPUTIME_ID) - t);
     }
     times.sort();
     times[times.len() / 2]
@@ -314,7 +316,7 @@ fn payload_writer_cost() {
     let (writer, handle) =
         StoreWriter::start(store.clone(), Duration::from_millis(100), 65_536, false);
     let writer_before = thread_cpu_named("store-writer").unwrap_or_default();
-    let process_before = process_cpu();
+    let process_before = cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID);
     for (i, c) in calls.into_iter().enumerate() {
         writer
             .record_blocking(Box::new(c))
@@ -325,7 +327,7 @@ fn payload_writer_cost() {
     }
     writer.flush_blocking().expect("the writer runs");
     let writer_cpu = thread_cpu_named("store-writer").map(|t| t.saturating_sub(writer_before));
-    let process = process_cpu().saturating_sub(process_before);
+    let process = cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(process_before);
     drop(writer);
     handle.join().expect("the writer thread ends");
     let per_call = |d: Duration| d.as_secs_f64() * 1e6 / PAYLOAD_CALLS as f64;
@@ -337,16 +339,6 @@ fn payload_writer_cost() {
             .unwrap_or_else(|| "not readable here".into()),
         per_call(process)
     );
-}
-
-fn process_cpu() -> Duration {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 fn bench(c: &mut Criterion) {

@@ -2048,6 +2048,11 @@ mod tests {
         )
     }
 
+    /// The call's captured bodies read back as written.
+    fn assert_reads_back(store: &Store, c: &CallRecord) {
+        assert_eq!(read_back(store, c), (c.input.clone(), c.output.clone()));
+    }
+
     /// The payload files' names, sorted.
     fn payload_file_names(store_dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(store_dir.join("payloads"))
@@ -2070,7 +2075,7 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         for c in &first {
-            assert_eq!(read_back(&store, c), (c.input.clone(), c.output.clone()));
+            assert_reads_back(&store, c);
         }
         let first_file = payload_file_names(dir.path());
         let first_len = store.disk_bytes();
@@ -2081,7 +2086,7 @@ mod tests {
         assert!(files.contains(&first_file[0]));
         assert!(store.disk_bytes() > first_len);
         for c in first.iter().chain(&second) {
-            assert_eq!(read_back(&store, c), (c.input.clone(), c.output.clone()));
+            assert_reads_back(&store, c);
         }
         // The bodies are in the files, not in the key-value store.
         let ks = store
@@ -2120,14 +2125,8 @@ mod tests {
         // Newer calls of the same day go to the files, side by side with the older ones.
         let new = call_with_bodies(2, now, 2_000);
         write(&store, vec![new.clone()]);
-        assert_eq!(
-            read_back(&store, &old),
-            (old.input.clone(), old.output.clone())
-        );
-        assert_eq!(
-            read_back(&store, &new),
-            (new.input.clone(), new.output.clone())
-        );
+        assert_reads_back(&store, &old);
+        assert_reads_back(&store, &new);
     }
 
     #[test]
@@ -2153,17 +2152,11 @@ mod tests {
         assert!(left.iter().any(|n| n.starts_with(&date(today))), "{left:?}");
         assert!(left.contains(&"notes.txt".to_string()));
         assert_eq!(read_back(&store, &old), (None, None));
-        assert_eq!(
-            read_back(&store, &recent),
-            (recent.input.clone(), recent.output.clone())
-        );
+        assert_reads_back(&store, &recent);
         // A call written to the dropped day after all gets a new file, read back as ever.
         let late = call_with_bodies(3, ms(today - 40), 1_000);
         write(&store, vec![late.clone()]);
-        assert_eq!(
-            read_back(&store, &late),
-            (late.input.clone(), late.output.clone())
-        );
+        assert_reads_back(&store, &late);
     }
 
     #[test]
@@ -2215,7 +2208,7 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         for c in &calls {
-            assert_eq!(read_back(&store, c), (c.input.clone(), c.output.clone()));
+            assert_reads_back(&store, c);
         }
     }
 
