@@ -496,7 +496,7 @@ impl Tollgate {
         })
         .await;
         match result {
-            Ok(mut ex) => {
+            Ok(ex) => {
                 metrics
                     .upstream_seconds
                     .observe(ex.upstream_time.as_secs_f64());
@@ -510,27 +510,30 @@ impl Tollgate {
                         body: ex.captured.freeze(),
                     });
                 }
-                // The end of the answer waits for the settlement and the record, so what the
-                // caller saw is already charged and readable from /account/* once it ends.
-                if let Some(held) = ex.held_end.take() {
-                    if let Some(record) = self.settle_and_take_record(ctx) {
-                        if app.config.store.durability == crate::config::Durability::Strict {
-                            // Strict durability: the charge and the record are on disk
-                            // before the caller sees the end of the answer.
-                            if let Err(e) = app.writer.record_durable(record).await {
-                                tracing::error!(error = %e, "strict record failed");
+                match ex.held_end {
+                    // The end of the answer waits for the settlement and the record, so what
+                    // the caller saw is already charged and readable from /account/* once it
+                    // ends.
+                    Some(held) => {
+                        if let Some(record) = self.settle_and_take_record(ctx) {
+                            if app.config.store.durability == crate::config::Durability::Strict {
+                                // Strict durability: the charge and the record are on disk
+                                // before the caller sees the end of the answer.
+                                if let Err(e) = app.writer.record_durable(record).await {
+                                    tracing::error!(error = %e, "strict record failed");
+                                }
+                            } else {
+                                self.enqueue(record);
                             }
-                        } else {
-                            self.enqueue(record);
                         }
+                        upstream::end_response(session, held).await;
                     }
-                    upstream::end_response(session, held).await;
-                }
-                if !ex.complete {
-                    app.metrics
+                    // Broken off: logging() settles it.
+                    None => app
+                        .metrics
                         .upstream_errors
                         .with_label_values(&["aborted"])
-                        .inc();
+                        .inc(),
                 }
                 Ok(())
             }

@@ -48,8 +48,6 @@ pub struct Exchange {
     pub capture_truncated: bool,
     /// From the request being written to the response head arriving.
     pub upstream_time: Duration,
-    /// The response body reached the caller completely.
-    pub complete: bool,
     /// The upstream broke off or stalled after its head: the answer is incomplete by its fault.
     pub upstream_failed: bool,
     /// The response's last piece, not yet written: the caller settles and records the call
@@ -135,11 +133,9 @@ pub async fn exchange(
         captured: BytesMut::new(),
         capture_truncated: false,
         upstream_time,
-        complete: false,
         upstream_failed: false,
         held_end: None,
     };
-    let body_expected = !http.response_done();
     if session
         .write_response_header(Box::new(out), false)
         .await
@@ -147,15 +143,8 @@ pub async fn exchange(
     {
         return Ok(ex);
     }
-    if !body_expected {
-        ex.complete = true;
-        ex.held_end = Some(None);
-        leg.connector
-            .release_http_session(http, leg.peer, Some(leg.idle_timeout))
-            .await;
-        return Ok(ex);
-    }
-    loop {
+    let mut last = None;
+    while !http.response_done() {
         let chunk = match tokio::time::timeout_at(deadline.into(), http.read_response_body()).await
         {
             Ok(Ok(chunk)) => chunk,
@@ -165,19 +154,18 @@ pub async fn exchange(
                 return Ok(ex);
             }
         };
-        let done = http.response_done();
         if let Some(data) = &chunk {
             capture(&mut ex, data, leg.max_capture_bytes);
         }
-        if done {
-            ex.held_end = Some(chunk);
+        if http.response_done() {
+            last = chunk;
             break;
         }
         if session.write_response_body(chunk, false).await.is_err() {
             return Ok(ex);
         }
     }
-    ex.complete = true;
+    ex.held_end = Some(last);
     leg.connector
         .release_http_session(http, leg.peer, Some(leg.idle_timeout))
         .await;
