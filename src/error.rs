@@ -64,6 +64,14 @@ impl ApiError {
         }
     }
 
+    /// Tollgate itself is momentarily behind (503): the caller may retry after the wait.
+    pub fn unavailable(message: impl Into<String>, retry_after_seconds: u64) -> Self {
+        ApiError {
+            retry_after_seconds: Some(retry_after_seconds.max(1)),
+            ..Self::new(503, message)
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, message)
     }

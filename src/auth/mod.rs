@@ -255,9 +255,7 @@ impl Authority {
     ) -> Result<T, ApiError> {
         self.hashing.run(work).await.map_err(|e| match e {
             hashing::HashingError::Busy => {
-                let mut e = ApiError::new(503, "too many logins at once; try again shortly");
-                e.retry_after_seconds = Some(1);
-                e
+                ApiError::unavailable("too many logins at once; try again shortly", 1)
             }
             hashing::HashingError::Gone => ApiError::internal("shutting down"),
         })

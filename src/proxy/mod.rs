@@ -410,9 +410,10 @@ impl Tollgate {
                     .rejections
                     .with_label_values(&["store_backlog"])
                     .inc();
-                let mut e = ApiError::new(503, "the audit store is behind; try again shortly");
-                e.retry_after_seconds = Some(1);
-                return Err(plain(e));
+                return Err(plain(ApiError::unavailable(
+                    "the audit store is behind; try again shortly",
+                    1,
+                )));
             }
             match app
                 .ledger
