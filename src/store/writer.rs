@@ -8,6 +8,7 @@
 //! (`payloads`), in a few large writes per batch, before committing the batch that points to
 //! them.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,14 +234,10 @@ impl Tallies {
     }
 
     fn day(&mut self, store: &Store, day: Day) -> Result<&mut DayTally> {
-        if !self.days.contains_key(&day) {
-            let keyspace = store.day_keyspace("audit", day)?;
-            let tally = DayTally::load(keyspace)?;
-            self.days.insert(day, tally);
-        }
-        self.days
-            .get_mut(&day)
-            .ok_or_else(|| corrupt(b"tallies", "a day vanished"))
+        Ok(match self.days.entry(day) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => new.insert(DayTally::load(store.day_keyspace("audit", day)?)?),
+        })
     }
 
     /// Keeps the newest days only; called between batches, when no cell is dirty.
