@@ -35,27 +35,34 @@ struct Fixture {
     header: Vec<u8>,
 }
 
+/// A USER of company acme whose tokens carry version 3.
+fn acme_user(username: String, password_hash: String) -> UserRecord {
+    UserRecord {
+        username,
+        password_hash,
+        company_key: "acme".into(),
+        roles: vec![Role::USER],
+        name: None,
+        email: None,
+        phone: None,
+        timezone: 0,
+        token_version: 3,
+        password_changed: false,
+        quotas: Vec::new(),
+    }
+}
+
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let config = tollgate::config::parse("", dir.path()).expect("the empty config is valid");
     let store = Store::open(&dir.path().join("store")).unwrap();
     for i in 0..USERS {
         store
-            .put_user(&UserRecord {
-                username: format!("user{i:05}"),
+            .put_user(&acme_user(
+                format!("user{i:05}"),
                 // Never checked here: the hot path does not touch passwords.
-                password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
-                    .into(),
-                company_key: "acme".into(),
-                roles: vec![Role::USER],
-                name: None,
-                email: None,
-                phone: None,
-                timezone: 0,
-                token_version: 3,
-                password_changed: false,
-                quotas: Vec::new(),
-            })
+                "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+            ))
             .unwrap();
     }
     let keys = Keys::new(SECRET, &[]);
@@ -192,19 +199,10 @@ fn bench_failed_logins(c: &mut Criterion) {
     .expect("the bench config is valid");
     let store = Store::open(&dir.path().join("store")).unwrap();
     store
-        .put_user(&UserRecord {
-            username: "known".into(),
-            password_hash: tollgate::auth::password::hash("the-right-password"),
-            company_key: "acme".into(),
-            roles: vec![Role::USER],
-            name: None,
-            email: None,
-            phone: None,
-            timezone: 0,
-            token_version: 0,
-            password_changed: false,
-            quotas: Vec::new(),
-        })
+        .put_user(&acme_user(
+            "known".into(),
+            tollgate::auth::password::hash("the-right-password"),
+        ))
         .unwrap();
     let authority = Authority::new(Keys::new(SECRET, &[]), store, &config.auth).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()

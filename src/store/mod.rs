@@ -2177,10 +2177,7 @@ mod tests {
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(3_500).unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            read_back(&store, &calls[0]),
-            (calls[0].input.clone(), calls[0].output.clone())
-        );
+        assert_reads_back(&store, &calls[0]);
         assert_eq!(read_back(&store, &calls[1]), (calls[1].input.clone(), None));
         assert_eq!(read_back(&store, &calls[2]), (None, None));
         std::fs::remove_file(&path).unwrap();
