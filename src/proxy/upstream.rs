@@ -112,7 +112,7 @@ pub async fn exchange(
 ) -> Result<Exchange, UpstreamFailure> {
     let deadline = Instant::now() + leg.total_timeout;
     let (mut http, head, upstream_time) =
-        match tokio::time::timeout_at(deadline.into(), send(&leg, req, body)).await {
+        match until(deadline, send(&leg, req, body)).await {
             Ok(result) => result?,
             Err(_) => return Err(UpstreamFailure::Timeout),
         };
@@ -145,8 +145,7 @@ pub async fn exchange(
     }
     let mut last = None;
     while !http.response_done() {
-        let chunk = match tokio::time::timeout_at(deadline.into(), http.read_response_body()).await
-        {
+        let chunk = match until(deadline, http.read_response_body()).await {
             Ok(Ok(chunk)) => chunk,
             // The head is already sent: all that is left is to end the caller's response early.
             Ok(Err(_)) | Err(_) => {
@@ -170,6 +169,16 @@ pub async fn exchange(
         .release_http_session(http, leg.peer, Some(leg.idle_timeout))
         .await;
     Ok(ex)
+}
+
+/// Runs `future` until `deadline`. Pingora's timer rounds deadlines to 10 ms ticks shared by
+/// every call, where a tokio timer per call woke the runtime's driver (an eventfd write) on
+/// most calls.
+fn until<F: std::future::Future>(
+    deadline: Instant,
+    future: F,
+) -> pingora::time::Timeout<F, pingora::time::fast_timeout::FastOrTokioTimeout> {
+    pingora::time::timeout(deadline.saturating_duration_since(Instant::now()), future)
 }
 
 /// Writes the held end of a response (see [`Exchange::held_end`]).

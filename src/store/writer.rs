@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
 use fjall::PersistMode;
 use uuid::Uuid;
 
@@ -49,7 +49,25 @@ pub struct Full(pub Box<CallRecord>);
 
 #[derive(Clone)]
 pub struct StoreWriter {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     tx: Sender<Op>,
+    /// The writer thread. It sleeps until its flush interval is over and is woken early only
+    /// for what cannot wait (a flush, a durable record, a batch's worth queued): waking it per
+    /// record cost a wake-up and a few scheduler yields on every proxied call.
+    thread: std::thread::Thread,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Disconnect first, then wake the writer, so it sees the end at once and not an
+        // interval later.
+        let (closed, _) = bounded(0);
+        drop(std::mem::replace(&mut self.tx, closed));
+        self.thread.unpark();
+    }
 }
 
 const MAX_BATCH_OPS: usize = 4096;
@@ -68,13 +86,28 @@ impl StoreWriter {
             .name("store-writer".into())
             .spawn(move || run(store, rx, flush_interval, strict))
             .expect("spawning the store writer thread");
-        (StoreWriter { tx }, handle)
+        let shared = Shared {
+            tx,
+            thread: handle.thread().clone(),
+        };
+        (
+            StoreWriter {
+                shared: Arc::new(shared),
+            },
+            handle,
+        )
     }
 
     /// Hands a record to the writer without waiting.
     pub fn try_record(&self, record: CallRecord) -> std::result::Result<(), Full> {
-        match self.tx.try_send(Op::Call(Box::new(record))) {
-            Ok(()) => Ok(()),
+        let tx = &self.shared.tx;
+        match tx.try_send(Op::Call(Box::new(record))) {
+            Ok(()) => {
+                if tx.len() >= MAX_BATCH_OPS {
+                    self.shared.thread.unpark();
+                }
+                Ok(())
+            }
             Err(TrySendError::Full(Op::Call(r))) | Err(TrySendError::Disconnected(Op::Call(r))) => {
                 Err(Full(r))
             }
@@ -86,59 +119,71 @@ impl StoreWriter {
     /// waiting at once share one batch and one fsync.
     pub async fn record_durable(&self, record: CallRecord) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        match self.tx.try_send(Op::Durable(Box::new(record), ack)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(op)) => {
-                let tx = self.tx.clone();
-                tokio::task::spawn_blocking(move || tx.send(op))
-                    .await
-                    .map_err(|_| StoreError::WriterGone)?
-                    .map_err(|_| StoreError::WriterGone)?;
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(StoreError::WriterGone),
-        }
+        self.send_waking(Op::Durable(Box::new(record), ack)).await?;
         done.await.map_err(|_| StoreError::WriterGone)
     }
 
     /// Hands a record over, waiting for room (off the async workers).
     pub fn record_blocking(&self, record: Box<CallRecord>) -> Result<()> {
-        self.tx
-            .send(Op::Call(record))
-            .map_err(|_| StoreError::WriterGone)
+        self.send_blocking(Op::Call(record))
     }
 
     /// Whether a new call could be recorded now (admission refuses calls when it could not).
     pub fn has_room(&self) -> bool {
-        self.tx
-            .capacity()
-            .is_none_or(|cap| self.tx.len() + 64 < cap)
+        let tx = &self.shared.tx;
+        tx.capacity().is_none_or(|cap| tx.len() + 64 < cap)
     }
 
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.shared.tx.len()
     }
 
     /// Waits until everything handed over before this call is written (read-your-writes for
     /// the account API).
     pub async fn flush(&self) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(Op::Flush(ack)))
-            .await
-            .map_err(|_| StoreError::WriterGone)?
-            .map_err(|_| StoreError::WriterGone)?;
+        self.send_waking(Op::Flush(ack)).await?;
         done.await.map_err(|_| StoreError::WriterGone)
     }
-}
 
-impl StoreWriter {
     /// As [`StoreWriter::flush`], from a thread outside any runtime (shutdown).
     pub fn flush_blocking(&self) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Op::Flush(ack))
-            .map_err(|_| StoreError::WriterGone)?;
+        self.send_blocking(Op::Flush(ack))?;
         done.blocking_recv().map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Queues an op someone waits on and wakes the writer for it; a full queue is waited out
+    /// on the blocking pool, off the async workers.
+    async fn send_waking(&self, op: Op) -> Result<()> {
+        match self.shared.tx.try_send(op) {
+            Ok(()) => {
+                self.shared.thread.unpark();
+                Ok(())
+            }
+            Err(TrySendError::Full(op)) => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.send_blocking(op))
+                    .await
+                    .map_err(|_| StoreError::WriterGone)?
+            }
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::WriterGone),
+        }
+    }
+
+    fn send_blocking(&self, op: Op) -> Result<()> {
+        let shared = &self.shared;
+        let result = match shared.tx.try_send(op) {
+            Err(TrySendError::Full(op)) => {
+                // The writer is behind: make sure it is awake while we wait for room.
+                shared.thread.unpark();
+                shared.tx.send(op).map_err(|_| StoreError::WriterGone)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::WriterGone),
+            Ok(()) => Ok(()),
+        };
+        shared.thread.unpark();
+        result
     }
 }
 
@@ -147,38 +192,25 @@ fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bo
     let mut acks = Vec::new();
     let mut deadline = Instant::now() + flush_interval;
     loop {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        let disconnected = match rx.recv_timeout(wait) {
-            Ok(Op::Call(c)) => {
-                calls.push(c);
-                false
-            }
-            Ok(Op::Flush(ack)) => {
-                acks.push(ack);
-                false
-            }
-            Ok(Op::Durable(c, ack)) => {
-                calls.push(c);
-                acks.push(ack);
-                false
-            }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
-        };
-        let due = Instant::now() >= deadline || !acks.is_empty() || calls.len() >= MAX_BATCH_OPS;
-        if due || disconnected {
-            // Take what is already queued too, so a flush covers everything sent before it.
-            while calls.len() < MAX_BATCH_OPS {
-                match rx.try_recv() {
-                    Ok(Op::Call(c)) => calls.push(c),
-                    Ok(Op::Flush(ack)) => acks.push(ack),
-                    Ok(Op::Durable(c, ack)) => {
-                        calls.push(c);
-                        acks.push(ack);
-                    }
-                    Err(_) => break,
+        // Take what is queued, up to a batch; a flush thereby covers everything sent before it.
+        let mut disconnected = false;
+        while calls.len() < MAX_BATCH_OPS {
+            match rx.try_recv() {
+                Ok(Op::Call(c)) => calls.push(c),
+                Ok(Op::Flush(ack)) => acks.push(ack),
+                Ok(Op::Durable(c, ack)) => {
+                    calls.push(c);
+                    acks.push(ack);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
                 }
             }
+        }
+        let full = calls.len() >= MAX_BATCH_OPS;
+        if full || disconnected || !acks.is_empty() || Instant::now() >= deadline {
             if !calls.is_empty() {
                 if let Err(e) = write_batch(&store, &calls, strict) {
                     tracing::error!(error = %e, records = calls.len(), "store batch failed; retrying next interval");
@@ -191,11 +223,16 @@ fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bo
                 let _ = ack.send(());
             }
             deadline = Instant::now() + flush_interval;
+            if disconnected {
+                let _ = store.sync();
+                return;
+            }
+            if full {
+                // More is queued behind the batch just written (perhaps a flush): go on.
+                continue;
+            }
         }
-        if disconnected && calls.is_empty() {
-            let _ = store.sync();
-            return;
-        }
+        std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
     }
 }
 
