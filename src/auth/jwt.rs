@@ -1,8 +1,11 @@
 //! Tollgate's own tokens: HS256 only (the algorithm is pinned: a token naming another, or
 //! none, is invalid), a `kid` naming the key so keys can rotate (the newest signs, all listed
 //! verify), exact expiry with no leeway, and a token version that a password change bumps.
+//! A verified token is remembered, so the calls after its first are checked by a lookup and
+//! its expiry, not by decoding and a signature again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use jsonwebtoken::{
     decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation,
@@ -51,7 +54,15 @@ pub struct Keys {
     signing: EncodingKey,
     verifying: HashMap<String, DecodingKey>,
     validation: Validation,
+    /// Tokens whose signature verified, with their claims. Keyed by the whole token, so only
+    /// the exact bytes that verified are found; bounded, and a token pushed out is verified in
+    /// full again.
+    verified: quick_cache::sync::Cache<Box<str>, Arc<Claims>>,
 }
+
+/// Tokens remembered as verified: the tokens in use by this many callers at once each cost one
+/// decoding and signature check per process, not one per call.
+const VERIFIED_TOKENS: usize = 16_384;
 
 /// A short, stable name for a secret that does not reveal it.
 fn kid_of(secret: &[u8]) -> String {
@@ -79,6 +90,7 @@ impl Keys {
             signing: EncodingKey::from_secret(current),
             verifying,
             validation,
+            verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
         }
     }
 
@@ -88,8 +100,24 @@ impl Keys {
         encode(&header, claims, &self.signing).expect("HS256 signing cannot fail")
     }
 
-    /// Verifies signature, algorithm and expiry (to the second, no leeway).
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+    /// Verifies signature, algorithm and expiry (to the second, no leeway: a token is valid up
+    /// to and including its `exp` second).
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
+        if let Some(claims) = self.verified.get(token) {
+            return if claims.exp < jsonwebtoken::get_current_timestamp() {
+                Err(TokenError::Expired)
+            } else {
+                Ok(claims)
+            };
+        }
+        let claims = Arc::new(self.verify_in_full(token)?);
+        self.verified.insert(token.into(), claims.clone());
+        Ok(claims)
+    }
+
+    /// [`Keys::verify`] without the remembered tokens: decoding and the signature check, as on
+    /// a token's first use.
+    pub fn verify_in_full(&self, token: &str) -> Result<Claims, TokenError> {
         let header = decode_header(token).map_err(|_| TokenError::Malformed)?;
         if header.alg != Algorithm::HS256 {
             return Err(TokenError::WrongAlgorithm);
@@ -136,7 +164,47 @@ mod tests {
     fn issued_tokens_verify_and_carry_claims() {
         let keys = Keys::new(&[7u8; 32], &[]);
         let c = claims(now() + 60);
-        assert_eq!(keys.verify(&keys.issue(&c)).unwrap(), c);
+        let token = keys.issue(&c);
+        assert_eq!(*keys.verify(&token).unwrap(), c);
+        // Again, now from the verified tokens.
+        assert_eq!(*keys.verify(&token).unwrap(), c);
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires_to_the_second() {
+        let keys = Keys::new(&[7u8; 32], &[]);
+        let token = keys.issue(&claims(now() + 1));
+        assert!(keys.verify(&token).is_ok());
+        // Valid through its exp second, expired after it.
+        let expired_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now() + 2);
+        while std::time::SystemTime::now() < expired_at {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(keys.verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_tampered_copy_of_a_remembered_token_is_refused() {
+        let keys = Keys::new(&[7u8; 32], &[]);
+        let token = keys.issue(&claims(now() + 60));
+        assert!(keys.verify(&token).is_ok());
+        // Other claims under the remembered token's signature.
+        let (head, rest) = token.split_once('.').unwrap();
+        let signature = rest.split_once('.').unwrap().1;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut forged_claims = claims(now() + 60);
+        forged_claims.roles = vec![Role::ADMIN];
+        let forged = format!(
+            "{head}.{}.{signature}",
+            b64.encode(serde_json::to_vec(&forged_claims).unwrap())
+        );
+        assert_eq!(keys.verify(&forged), Err(TokenError::BadSignature));
+        // And the signature alone changed.
+        let mut resigned = token.clone();
+        let last = resigned.pop().unwrap();
+        resigned.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(keys.verify(&resigned).is_err());
+        assert!(keys.verify(&token).is_ok());
     }
 
     #[test]
