@@ -18,10 +18,11 @@
 //!   `O` operation -> its number in the day.
 //!   Older stores wrote `r` time_ms code exchange -> JSON record and empty `u`/`c` index
 //!   entries, still read.
-//! - `payload_YYYYMMDD` (the UTC day the process started): code flow stage -> pointer to the
-//!   captured body in that day's files under `payloads/` (see `payloads`; older stores kept the
-//!   body itself here, still read); `p` code -> process record (binary: owner, company, day,
-//!   exchanges so far; JSON in older stores).
+//! - `payload_YYYYMMDD` (the UTC day the process started): `p` code -> process record (binary:
+//!   owner, company, day, exchanges so far, and per stage 0..=3 the pointers to its captured
+//!   bodies in that day's files under `payloads/`, see `payloads`). Older stores wrote JSON or
+//!   stage-less records, with code flow stage -> pointer (or the body itself) beside them,
+//!   still read.
 //! - `processes`: code -> the day its payload keyspace is (so follow-ups find it).
 
 mod payloads;
@@ -334,6 +335,22 @@ const HOUR_MS: u32 = 3_600_000;
 const WHOLE_DAY: u8 = 24;
 /// The first byte of a binary audit or process record; the JSON of older stores starts with `{`.
 const BINARY_V1: u8 = 1;
+/// The first byte of a process record that also carries its stages' payload pointers (see
+/// [`Stages`]); `BINARY_V1` process records left them under `payload_key`s, still read.
+const PROCESS_V2: u8 = 3;
+
+/// The payload pointers of one stage of a process, and the exchange that left them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct StagePointers {
+    exchange: u32,
+    input: Option<Vec<u8>>,
+    output: Option<Vec<u8>>,
+}
+
+/// A process's stages 0..=3, kept in its process record: one write per exchange instead of
+/// three (record and two pointers), all under random tracecode keys, which were most of the
+/// store writer's time for captured calls.
+type Stages = [Option<StagePointers>; 4];
 
 /// Tags in an audit day keyspace. The upper-case ones are the current layout; `r`, `u` and `c`
 /// are that of older stores, still read (`legacy_day`) until retention drops their days.
@@ -585,37 +602,90 @@ fn decode_binary_audit(day: Day, key: &[u8], value: &[u8]) -> Option<AuditRecord
     })
 }
 
-/// The binary process record: format byte, day, exchanges, owner, company.
-fn encode_process(p: &ProcessRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + p.owner.len() + p.company_key.len());
-    v.push(BINARY_V1);
+/// The binary process record: format byte, day, exchanges, owner, company, then each stage
+/// that has one: stage number, exchange, input pointer, output pointer (length-prefixed; an
+/// empty one is none).
+fn encode_process(p: &ProcessRecord, stages: &Stages) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + p.owner.len() + p.company_key.len() + 96);
+    v.push(PROCESS_V2);
     v.extend_from_slice(&p.day.to_be_bytes());
     put_varint(&mut v, u64::from(p.exchanges));
     put_str(&mut v, &p.owner);
     put_str(&mut v, &p.company_key);
+    for (stage, entry) in stages.iter().enumerate() {
+        if let Some(entry) = entry {
+            v.push(stage as u8);
+            put_varint(&mut v, u64::from(entry.exchange));
+            for pointer in [&entry.input, &entry.output] {
+                let pointer = pointer.as_deref().unwrap_or_default();
+                put_varint(&mut v, pointer.len() as u64);
+                v.extend_from_slice(pointer);
+            }
+        }
+    }
     v
 }
 
-/// Reads a process record of either layout: binary, or the JSON older stores wrote.
+/// A binary process record's fields, and the bytes after them (the stages, in `PROCESS_V2`).
+fn decode_process_binary(value: &[u8]) -> Option<(ProcessRecord, &[u8])> {
+    let (&format, mut v) = value.split_first()?;
+    if format != BINARY_V1 && format != PROCESS_V2 {
+        return None;
+    }
+    let day = Day::from_be_bytes(take(&mut v, 4)?.try_into().ok()?);
+    let exchanges = u32::try_from(take_varint(&mut v)?).ok()?;
+    let record = ProcessRecord {
+        owner: take_str(&mut v)?,
+        company_key: take_str(&mut v)?,
+        day,
+        exchanges,
+    };
+    Some((record, v))
+}
+
+/// Reads a process record of any layout: binary with or without stages, or the JSON older
+/// stores wrote.
 fn decode_process(key: &[u8], value: &[u8]) -> Result<ProcessRecord> {
     if value.first() == Some(&b'{') {
         return decode(key, value);
     }
-    let binary = || -> Option<ProcessRecord> {
-        let (&format, mut v) = value.split_first()?;
-        if format != BINARY_V1 {
-            return None;
-        }
-        let day = Day::from_be_bytes(take(&mut v, 4)?.try_into().ok()?);
-        let exchanges = u32::try_from(take_varint(&mut v)?).ok()?;
-        Some(ProcessRecord {
-            owner: take_str(&mut v)?,
-            company_key: take_str(&mut v)?,
-            day,
-            exchanges,
-        })
+    decode_process_binary(value)
+        .map(|(record, _)| record)
+        .ok_or_else(|| corrupt(key, "not a process record"))
+}
+
+/// The stages a process record carries (none before `PROCESS_V2`). A garbled stage table
+/// reads as far as it is whole: its pointers are missing data, not an error.
+fn decode_stages(value: &[u8]) -> Stages {
+    let mut stages = Stages::default();
+    if value.first() != Some(&PROCESS_V2) {
+        return stages;
+    }
+    let Some((_, mut v)) = decode_process_binary(value) else {
+        return stages;
     };
-    binary().ok_or_else(|| corrupt(key, "not a process record"))
+    let pointer = |v: &mut &[u8]| -> Option<Option<Vec<u8>>> {
+        match usize::try_from(take_varint(v)?).ok()? {
+            0 => Some(None),
+            len => take(v, len).map(|p| Some(p.to_vec())),
+        }
+    };
+    while let Some((&stage, rest)) = v.split_first() {
+        v = rest;
+        let entry = (|| {
+            let exchange = u32::try_from(take_varint(&mut v)?).ok()?;
+            Some(StagePointers {
+                exchange,
+                input: pointer(&mut v)?,
+                output: pointer(&mut v)?,
+            })
+        })();
+        match (stages.get_mut(usize::from(stage)), entry) {
+            (Some(slot), Some(entry)) => *slot = Some(entry),
+            _ => break,
+        }
+    }
+    stages
 }
 
 /// Whose records a query sees: which index it walks and which counter cells it reads.
@@ -1272,13 +1342,27 @@ impl Store {
     }
 
     pub fn payload(&self, code: &Uuid, flow: Flow, stage: u8) -> Result<Option<Payload>> {
-        let Some(process) = self.process(code)? else {
+        let Some(day) = self.processes.get(code.as_bytes())? else {
             return Ok(None);
         };
-        let Some(ks) = self.existing_day_keyspace("payload", process.day) else {
+        let day = day_from_key(day.as_ref().try_into().unwrap_or([0; 4]));
+        let Some(ks) = self.existing_day_keyspace("payload", day) else {
             return Ok(None);
         };
-        let Some(v) = ks.get(payload_key(code, flow, stage))? else {
+        let Some(record) = ks.get(process_key(code))? else {
+            return Ok(None);
+        };
+        let process = decode_process(code.as_bytes(), &record)?;
+        let stages = decode_stages(&record);
+        let value = match stages.get(usize::from(stage)) {
+            Some(Some(entry)) => match flow {
+                Flow::Input => entry.input.clone(),
+                Flow::Output => entry.output.clone(),
+            },
+            // Not in the record: where stores before `PROCESS_V2` put it.
+            _ => ks.get(payload_key(code, flow, stage))?.map(|v| v.to_vec()),
+        };
+        let Some(v) = value else {
             return Ok(None);
         };
         if v.first() != Some(&payloads::POINTER_V1) {
@@ -1748,10 +1832,40 @@ mod tests {
             day: -3,
             exchanges: 9,
         };
-        assert_eq!(decode_process(b"p", &encode_process(&p)).unwrap(), p);
+        assert_eq!(decode_process(b"p", &encode_process_v1(&p)).unwrap(), p);
+        assert_eq!(decode_stages(&encode_process_v1(&p)), Stages::default());
+        let mut stages = Stages::default();
+        stages[0] = Some(StagePointers {
+            exchange: 1,
+            input: Some(vec![2, 0, 1, 2, 3]),
+            output: None,
+        });
+        stages[3] = Some(StagePointers {
+            exchange: 7,
+            input: None,
+            output: Some(vec![2; 40]),
+        });
+        let v2 = encode_process(&p, &stages);
+        assert_eq!(decode_process(b"p", &v2).unwrap(), p);
+        assert_eq!(decode_stages(&v2), stages);
+        // A torn stage table keeps the stages that are whole.
+        let torn = decode_stages(&v2[..v2.len() - 1]);
+        assert_eq!(torn[0], stages[0]);
+        assert_eq!(torn[3], None);
         let json = serde_json::to_vec(&p).unwrap();
         assert_eq!(decode_process(b"p", &json).unwrap(), p);
+        assert_eq!(decode_stages(&json), Stages::default());
         assert!(decode_process(b"p", &[1, 0]).is_err());
+    }
+
+    /// A process record as stores before `PROCESS_V2` wrote it, without stages.
+    fn encode_process_v1(p: &ProcessRecord) -> Vec<u8> {
+        let mut v = vec![BINARY_V1];
+        v.extend_from_slice(&p.day.to_be_bytes());
+        put_varint(&mut v, u64::from(p.exchanges));
+        put_str(&mut v, &p.owner);
+        put_str(&mut v, &p.company_key);
+        v
     }
 
     /// What a query must answer, computed the slow obvious way from the records written
@@ -2092,12 +2206,45 @@ mod tests {
         let ks = store
             .existing_day_keyspace("payload", day_of_ms(now))
             .unwrap();
-        let v = ks
-            .get(payload_key(&first[0].audit.code, Flow::Input, 0))
+        let record = ks
+            .get(process_key(&first[0].audit.code))
             .unwrap()
             .unwrap();
+        let v = decode_stages(&record)[0].clone().unwrap().input.unwrap();
         assert_eq!(v.first(), Some(&payloads::POINTER_V1));
         assert!(v.len() < 64, "a pointer of {} bytes", v.len());
+        assert!(record.len() < 160, "a process record of {} bytes", record.len());
+    }
+
+    #[test]
+    fn each_stage_keeps_the_bodies_of_the_latest_exchange_that_reached_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        let code = Uuid::new_v4();
+        let exchange = |n: u32| {
+            let mut c = call_with_bodies(u64::from(n), now + i64::from(n), 500 + n as usize);
+            c.audit.code = code;
+            c.process.exchanges = n;
+            c.stage = crate::trace::stage_of(n - 1);
+            c
+        };
+        let mut last = exchange(6);
+        last.output = None;
+        let calls: Vec<CallRecord> = (1..=5).map(exchange).chain([last]).collect();
+        // Finishing out of order, within a batch and across two.
+        let order = |ns: &[usize]| ns.iter().map(|&n| calls[n - 1].clone()).collect();
+        write(&store, order(&[2, 1, 3]));
+        write(&store, order(&[6, 4, 5]));
+        assert_eq!(store.process(&code).unwrap().unwrap().exchanges, 6);
+        for n in [1, 2, 3, 6] {
+            assert_reads_back(&store, &calls[n - 1]);
+        }
+        // Stage 3's output went with exchange 6, which had none: not exchange 5's left over.
+        assert_eq!(store.payload(&code, Flow::Output, 3).unwrap(), None);
+        // One record holds it all: the process is one key, its bodies in the files.
+        let ks = store.existing_day_keyspace("payload", day_of_ms(now)).unwrap();
+        assert_eq!(ks.iter().count(), 1);
     }
 
     #[test]
@@ -2113,7 +2260,7 @@ mod tests {
             .insert(code.as_bytes(), day_key(old.process.day))
             .unwrap();
         let ks = store.day_keyspace("payload", old.process.day).unwrap();
-        ks.insert(process_key(&code), encode_process(&old.process))
+        ks.insert(process_key(&code), encode_process_v1(&old.process))
             .unwrap();
         for (flow, p) in [(Flow::Input, &old.input), (Flow::Output, &old.output)] {
             ks.insert(

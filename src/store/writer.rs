@@ -388,6 +388,72 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
     written
 }
 
+/// A captured exchange of a batch: its process, its place in the batch, and the pointers to
+/// its input and output bodies in the payload files.
+struct ProcessExchange {
+    code: Uuid,
+    call: usize,
+    pointers: [Option<Vec<u8>>; 2],
+}
+
+/// Writes the record of one process with what `exchanges` (all of this process, in batch
+/// order) add to it. Exchanges may finish out of order: the record keeps the highest exchange
+/// count, so a process reloaded after a restart never numbers (and stages) an exchange twice,
+/// and each stage keeps the pointers of the latest exchange that reached it.
+fn write_process(
+    store: &Store,
+    batch: &mut fjall::OwnedWriteBatch,
+    payload_days: &mut Vec<(Day, Keyspace)>,
+    calls: &[Box<CallRecord>],
+    exchanges: &mut [ProcessExchange],
+) -> Result<()> {
+    let code = exchanges[0].code;
+    let day = calls[exchanges[0].call].process.day;
+    let payloads = match payload_days.iter().find(|(d, _)| *d == day) {
+        Some((_, ks)) => ks.clone(),
+        None => {
+            let ks = store.day_keyspace("payload", day)?;
+            payload_days.push((day, ks.clone()));
+            ks
+        }
+    };
+    let mut record: Option<ProcessRecord> = None;
+    let mut stages = Stages::default();
+    if exchanges.iter().any(|e| calls[e.call].process.exchanges > 1) {
+        if let Some(v) = payloads.get(process_key(&code))? {
+            if let Ok(stored) = decode_process(code.as_bytes(), &v) {
+                stages = decode_stages(&v);
+                record = Some(stored);
+            }
+        }
+    }
+    let mut new_process = false;
+    for exchange in exchanges.iter_mut() {
+        let call = &calls[exchange.call];
+        let number = call.process.exchanges;
+        new_process |= number <= 1;
+        if record.as_ref().is_none_or(|r| r.exchanges < number) {
+            record = Some(call.process.clone());
+        }
+        let slot = &mut stages[usize::from(call.stage.min(3))];
+        if slot.as_ref().is_none_or(|s| s.exchange <= number) {
+            let [input, output] = std::mem::take(&mut exchange.pointers);
+            *slot = Some(StagePointers {
+                exchange: number,
+                input,
+                output,
+            });
+        }
+    }
+    if let Some(record) = record {
+        batch.insert(&payloads, process_key(&code), encode_process(&record, &stages));
+    }
+    if new_process {
+        batch.insert(&store.processes, code.as_bytes().as_slice(), day_key(day).as_slice());
+    }
+    Ok(())
+}
+
 fn write_batch_with(
     store: &Store,
     tallies: &mut Tallies,
@@ -397,13 +463,11 @@ fn write_batch_with(
 ) -> Result<()> {
     let mut batch = store.db.batch();
     let mut stats: HashMap<Vec<u8>, DayCounts> = HashMap::new();
-    let mut new_processes: HashMap<Uuid, Day> = HashMap::new();
-    let mut latest: HashMap<Uuid, (Keyspace, &ProcessRecord)> = HashMap::new();
-    let mut payload_days: Vec<(Day, Keyspace)> = Vec::new();
+    let mut exchanges: Vec<ProcessExchange> = Vec::new();
     let mut touched: Vec<Day> = Vec::new();
     let mut cell = Vec::with_capacity(64);
     let mut header_bytes = Vec::with_capacity(8);
-    for call in calls {
+    for (index, call) in calls.iter().enumerate() {
         let a = &call.audit;
         let day = day_of_ms(a.time_ms);
         let ms_of_day = (a.time_ms - day as i64 * DAY_MS) as u32;
@@ -451,34 +515,17 @@ fn write_batch_with(
         }
 
         if call.findable {
-            let payloads = match payload_days.iter().find(|(d, _)| *d == call.process.day) {
-                Some((_, ks)) => ks.clone(),
-                None => {
-                    let ks = store.day_keyspace("payload", call.process.day)?;
-                    payload_days.push((call.process.day, ks.clone()));
-                    ks
-                }
-            };
-            if call.process.exchanges <= 1 {
-                new_processes.insert(a.code, call.process.day);
-            }
-            // Exchanges may finish out of order: the process record keeps the highest count, so a
-            // process reloaded after a restart never numbers (and stages) an exchange twice.
-            let newest = latest
-                .entry(a.code)
-                .or_insert((payloads.clone(), &call.process));
-            if call.process.exchanges > newest.1.exchanges {
-                *newest = (payloads.clone(), &call.process);
-            }
-            for (flow, payload) in [(Flow::Input, &call.input), (Flow::Output, &call.output)] {
+            let mut pointers = [None, None];
+            for (pointer, payload) in pointers.iter_mut().zip([&call.input, &call.output]) {
                 if let Some(p) = payload {
-                    batch.insert(
-                        &payloads,
-                        payload_key(&a.code, flow, call.stage),
-                        files.stage(call.process.day, p)?,
-                    );
+                    *pointer = Some(files.stage(call.process.day, p)?);
                 }
             }
+            exchanges.push(ProcessExchange {
+                code: a.code,
+                call: index,
+                pointers,
+            });
         }
         if let Some(day) = call.charged_day {
             let entry = stats
@@ -491,23 +538,11 @@ fn write_batch_with(
     for day in touched {
         tallies.day(store, day)?.write_cells(&mut batch);
     }
-    for (code, (payloads, process)) in latest {
-        if process.exchanges > 1 {
-            if let Some(v) = payloads.get(process_key(&code))? {
-                let stored = decode_process(code.as_bytes(), &v);
-                if stored.is_ok_and(|stored| stored.exchanges >= process.exchanges) {
-                    continue;
-                }
-            }
-        }
-        batch.insert(&payloads, process_key(&code), encode_process(process));
-    }
-    for (code, day) in new_processes {
-        batch.insert(
-            &store.processes,
-            code.as_bytes().as_slice(),
-            day_key(day).as_slice(),
-        );
+    // One write per process of the batch: its record with the stages this batch gave it.
+    exchanges.sort_unstable_by_key(|e| (e.code, e.call));
+    let mut payload_days: Vec<(Day, Keyspace)> = Vec::new();
+    for process in exchanges.chunk_by_mut(|a, b| a.code == b.code) {
+        write_process(store, &mut batch, &mut payload_days, calls, process)?;
     }
     for (key, add) in stats {
         let current = store
