@@ -119,8 +119,9 @@ const DUPLICATE_MEMBER: &str = "object member name repeated on a points pointer 
 /// does not resolve is compared by its whole value, and never equals an element that has a key.
 /// Values are compared by a 64-bit hash with a seed drawn per call: two different values share
 /// a hash, and count once, with a probability of about n²/2⁶⁵ for n elements (3e-10 for
-/// 100 000). Collecting 8-byte hashes and sorting them once, rather than keeping the values in a
-/// set, is what makes unique counting cheap; it costs 8 bytes per counted element.
+/// 100 000). Collecting 8-byte hashes and dropping the repeats once, rather than keeping the
+/// values in a set, is what makes unique counting cheap; it costs 8 bytes per counted element,
+/// and 16 to 32 more per hash while the repeats are dropped.
 ///
 /// # Errors
 ///
@@ -293,6 +294,9 @@ struct Scanner<'a, 'p> {
     /// while the value was scanned.
     whitespace_runs: usize,
     name_buffer: Vec<u8>,
+    guesses: LengthGuesses,
+    /// Strings scanned since the innermost object opened, for [`LengthGuesses`].
+    ordinal: usize,
     points: u64,
     distinct: DistinctElements,
 }
@@ -307,17 +311,25 @@ impl<'a, 'p> Scanner<'a, 'p> {
             key_spans: Vec::new(),
             whitespace_runs: 0,
             name_buffer: Vec::new(),
+            guesses: LengthGuesses::default(),
+            ordinal: 0,
             points: 0,
             distinct: DistinctElements::default(),
         }
     }
 
+    /// [`skip_whitespace_counting`] at `pos`.
     #[inline(always)]
     fn skip_whitespace(&mut self) {
-        let end = skip_whitespace(self.input, self.pos);
-        if end != self.pos {
-            self.whitespace_runs += 1;
-            self.pos = end;
+        match self.input.get(self.pos) {
+            Some(&byte) if byte > b' ' => {}
+            _ => {
+                let end = skip_whitespace_run(self.input, self.pos);
+                if end != self.pos {
+                    self.whitespace_runs += 1;
+                    self.pos = end;
+                }
+            }
         }
     }
 
@@ -326,6 +338,19 @@ impl<'a, 'p> Scanner<'a, 'p> {
         match self.input.get(self.pos) {
             Some(&byte) => Ok(byte),
             None => Err(invalid(self.pos, UNEXPECTED_END)),
+        }
+    }
+
+    /// The byte at `pos`, or after the whitespace there when that byte is not `expected`: the
+    /// usual case, no whitespace and the expected byte, costs one comparison.
+    #[inline(always)]
+    fn peek_expecting(&mut self, expected: u8) -> Result<u8, InvalidJson> {
+        match self.input.get(self.pos) {
+            Some(&byte) if byte == expected => Ok(byte),
+            _ => {
+                self.skip_whitespace();
+                self.peek()
+            }
         }
     }
 
@@ -376,6 +401,7 @@ impl<'a, 'p> Scanner<'a, 'p> {
         let any_open = self.cursors[lo..hi]
             .iter()
             .any(|cursor| !cursor.is_complete());
+        self.ordinal = 0;
         self.pos += 1;
         self.skip_whitespace();
         if self.peek()? == b'}' {
@@ -387,7 +413,7 @@ impl<'a, 'p> Scanner<'a, 'p> {
             if self.peek()? != b'"' {
                 return Err(invalid(name_at, EXPECTED_MEMBER_NAME));
             }
-            let (after_name, escaped) = scan_string(input, name_at)?;
+            let (after_name, contents) = scan_string(input, name_at)?;
             self.pos = after_name;
             self.skip_whitespace();
             if self.peek()? != b':' {
@@ -397,7 +423,7 @@ impl<'a, 'p> Scanner<'a, 'p> {
             self.skip_whitespace();
             if any_open {
                 let raw_name = &input[name_at + 1..after_name - 1];
-                let name: &[u8] = if escaped {
+                let name: &[u8] = if contents == Contents::Escaped {
                     decode_string(raw_name, &mut self.name_buffer);
                     &self.name_buffer
                 } else {
@@ -466,32 +492,15 @@ impl<'a, 'p> Scanner<'a, 'p> {
                     }
                 }
             }
-            if counted_by > 0 {
-                let start = self.pos;
-                let whitespace_before = self.whitespace_runs;
-                let element = self.key_spans.len();
-                self.key_spans.push(None);
-                if let Some(tokens) = key_tokens {
-                    self.cursors
-                        .push(Cursor::start(tokens, Target::Key(element)));
-                }
-                self.walk_child(hi, depth + 1)?;
-                let key = self.key_spans.pop().flatten();
-                let whole = Span {
-                    start,
-                    end: self.pos,
-                    has_whitespace: self.whitespace_runs != whitespace_before,
-                };
-                match key {
-                    Some(key) => self.distinct.add_key(self.input, key),
-                    None => self.distinct.add_whole_element(self.input, whole),
-                }
+            if counted_by > 0 && !any_open {
+                self.count_element(hi, depth + 1)?;
+            } else if counted_by > 0 {
+                self.count_element_by_cursor(key_tokens, hi, depth + 1)?;
             } else {
                 self.walk_child(hi, depth + 1)?;
             }
             element_count += 1;
-            self.skip_whitespace();
-            match self.peek()? {
+            match self.peek_expecting(b',')? {
                 b',' => {
                     self.pos += 1;
                     self.skip_whitespace();
@@ -509,12 +518,151 @@ impl<'a, 'p> Scanner<'a, 'p> {
         Ok(())
     }
 
+    /// Scans the element at `pos` of a counted array that no pointer but the key pointer leads
+    /// into, and adds it to the distinct elements. The usual keys, none, the whole element, or
+    /// one member of an object element, need no cursor: this is the per-element path of the
+    /// usual rules. `hi` and `depth` are as for [`Scanner::walk_child`].
+    #[inline(always)]
+    fn count_element(&mut self, hi: usize, depth: usize) -> Result<(), InvalidJson> {
+        let start = self.pos;
+        let whitespace_before = self.whitespace_runs;
+        let key = match self.plan.key.as_deref() {
+            None => {
+                self.skip_value(depth)?;
+                None
+            }
+            Some([token]) if self.input.get(start) == Some(&b'{') => {
+                self.find_member(token, depth)?
+            }
+            // An array element has no member, and the key names none of its elements.
+            Some([token]) if token.index.is_none() || self.input.get(start) != Some(&b'[') => {
+                self.skip_value(depth)?;
+                None
+            }
+            Some([]) => {
+                self.skip_value(depth)?;
+                Some(Span {
+                    start,
+                    end: self.pos,
+                    has_whitespace: self.whitespace_runs != whitespace_before,
+                })
+            }
+            Some(tokens) => return self.count_element_by_cursor(Some(tokens), hi, depth),
+        };
+        match key {
+            Some(key) => self.distinct.add_key(self.input, key),
+            None => {
+                let whole = Span {
+                    start,
+                    end: self.pos,
+                    has_whitespace: self.whitespace_runs != whitespace_before,
+                };
+                self.distinct.add_whole_element(self.input, whole);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Scanner::count_element`] for any key pointer (`key_tokens`), and other pointers into
+    /// the element (the cursors pushed above `hi`): a cursor follows the key pointer.
+    #[inline(never)]
+    fn count_element_by_cursor(
+        &mut self,
+        key_tokens: Option<&'p [Token]>,
+        hi: usize,
+        depth: usize,
+    ) -> Result<(), InvalidJson> {
+        let start = self.pos;
+        let whitespace_before = self.whitespace_runs;
+        let element = self.key_spans.len();
+        self.key_spans.push(None);
+        if let Some(tokens) = key_tokens {
+            self.cursors
+                .push(Cursor::start(tokens, Target::Key(element)));
+        }
+        self.walk_child(hi, depth)?;
+        let key = self.key_spans.pop().flatten();
+        let whole = Span {
+            start,
+            end: self.pos,
+            has_whitespace: self.whitespace_runs != whitespace_before,
+        };
+        match key {
+            Some(key) => self.distinct.add_key(self.input, key),
+            None => self.distinct.add_whole_element(self.input, whole),
+        }
+        Ok(())
+    }
+
+    /// [`Scanner::walk_object`] for an object element whose key is its member named by `token`,
+    /// with no other pointer into it. Returns where the key's value is, if the member is there.
+    fn find_member(&mut self, token: &Token, depth: usize) -> Result<Option<Span>, InvalidJson> {
+        if depth >= MAX_NESTING_DEPTH {
+            return Err(invalid(self.pos, TOO_DEEP));
+        }
+        let input = self.input;
+        let mut key = None;
+        self.ordinal = 0;
+        self.pos += 1;
+        if self.peek_expecting(b'"')? == b'}' {
+            self.pos += 1;
+            return Ok(None);
+        }
+        loop {
+            if self.peek_expecting(b'"')? != b'"' {
+                return Err(invalid(self.pos, EXPECTED_MEMBER_NAME));
+            }
+            let name_at = self.pos;
+            let ordinal = &mut self.ordinal;
+            let (after_name, contents) = self.guesses.scan(input, name_at, depth + 1, ordinal)?;
+            self.pos = after_name;
+            if self.peek_expecting(b':')? != b':' {
+                return Err(invalid(self.pos, EXPECTED_COLON));
+            }
+            self.pos += 1;
+            self.skip_whitespace();
+            let raw_name = &input[name_at + 1..after_name - 1];
+            let is_key = if contents == Contents::Escaped {
+                decode_string(raw_name, &mut self.name_buffer);
+                same_bytes(&token.name, &self.name_buffer)
+            } else {
+                same_bytes(&token.name, raw_name)
+            };
+            if is_key {
+                if key.is_some() {
+                    return Err(invalid(name_at, DUPLICATE_MEMBER));
+                }
+                let start = self.pos;
+                let whitespace_before = self.whitespace_runs;
+                self.skip_value(depth + 1)?;
+                key = Some(Span {
+                    start,
+                    end: self.pos,
+                    has_whitespace: self.whitespace_runs != whitespace_before,
+                });
+            } else {
+                self.skip_value(depth + 1)?;
+            }
+            match self.peek_expecting(b',')? {
+                b',' => self.pos += 1,
+                b'}' => {
+                    self.pos += 1;
+                    return Ok(key);
+                }
+                _ => return Err(invalid(self.pos, EXPECTED_OBJECT_NEXT)),
+            }
+        }
+    }
+
     /// Validates and steps over the value at `pos` without following any pointer into it.
     #[inline(always)]
     fn skip_value(&mut self, depth: usize) -> Result<(), InvalidJson> {
         // Most skipped values are member values that are strings or numbers: no call for those.
         match self.input.get(self.pos) {
-            Some(b'"') => self.pos = scan_string(self.input, self.pos)?.0,
+            Some(b'"') => {
+                let (guesses, ordinal) = (&mut self.guesses, &mut self.ordinal);
+                self.pos = guesses.scan(self.input, self.pos, depth, ordinal)?.0;
+            }
             Some(b'-' | b'0'..=b'9') => self.pos = scan_number(self.input, self.pos)?,
             _ => {
                 self.skip_structure(depth)?;
@@ -532,12 +680,23 @@ impl<'a, 'p> Scanner<'a, 'p> {
         // One bit per container opened inside this value, innermost in bit 0: set for objects.
         let mut object_bits: u128 = 0;
         let mut open: usize = 0;
+        // A local, as `pos` is, so that it stays in a register (about 5% on the bench).
+        let mut ordinal = self.ordinal;
+        // Whitespace, rare between tokens, is stepped over where a token was expected and
+        // something else found, rather than looked for before every token.
         'value: loop {
             let Some(&first) = input.get(pos) else {
                 return Err(invalid(pos, UNEXPECTED_END));
             };
             match first {
-                b'"' => pos = scan_string(input, pos)?.0,
+                b' ' | b'\t' | b'\n' | b'\r' => {
+                    pos = skip_whitespace_counting(input, pos, &mut whitespace_runs);
+                    continue 'value;
+                }
+                b'"' => {
+                    let guesses = &mut self.guesses;
+                    pos = guesses.scan(input, pos, depth + open, &mut ordinal)?.0;
+                }
                 b'{' | b'[' => {
                     if depth + open >= MAX_NESTING_DEPTH {
                         return Err(invalid(pos, TOO_DEEP));
@@ -551,7 +710,10 @@ impl<'a, 'p> Scanner<'a, 'p> {
                         object_bits = (object_bits << 1) | u128::from(is_object);
                         open += 1;
                         if is_object {
-                            pos = skip_member_name(input, pos, &mut whitespace_runs)?;
+                            ordinal = 0;
+                            let (guesses, runs) = (&mut self.guesses, &mut whitespace_runs);
+                            let name_place = (depth + open, &mut ordinal);
+                            pos = skip_member_name(input, pos, runs, guesses, name_place)?;
                         }
                         continue 'value;
                     }
@@ -567,20 +729,26 @@ impl<'a, 'p> Scanner<'a, 'p> {
                 if open == 0 {
                     self.pos = pos;
                     self.whitespace_runs = whitespace_runs;
+                    self.ordinal = ordinal;
                     return Ok(());
                 }
-                pos = skip_whitespace_counting(input, pos, &mut whitespace_runs);
                 let in_object = object_bits & 1 == 1;
                 match input.get(pos) {
                     Some(b',') => {
-                        pos = skip_whitespace_counting(input, pos + 1, &mut whitespace_runs);
+                        pos += 1;
                         if in_object {
-                            pos = skip_member_name(input, pos, &mut whitespace_runs)?;
+                            let (guesses, runs) = (&mut self.guesses, &mut whitespace_runs);
+                            let name_place = (depth + open, &mut ordinal);
+                            pos = skip_member_name(input, pos, runs, guesses, name_place)?;
                         }
                         continue 'value;
                     }
                     Some(b'}') if in_object => {}
                     Some(b']') if !in_object => {}
+                    Some(b' ' | b'\t' | b'\n' | b'\r') => {
+                        pos = skip_whitespace_counting(input, pos, &mut whitespace_runs);
+                        continue;
+                    }
                     Some(_) if in_object => return Err(invalid(pos, EXPECTED_OBJECT_NEXT)),
                     Some(_) => return Err(invalid(pos, EXPECTED_ARRAY_NEXT)),
                     None => return Err(invalid(pos, UNEXPECTED_END)),
@@ -603,7 +771,7 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
-/// Hashes collected before duplicates are dropped early. Below it, one sort at the end does
+/// Hashes collected before duplicates are dropped early. Below it, one pass at the end does
 /// all the work; above it, memory stays within this many hashes (8 MiB) or twice the distinct
 /// ones, however repetitive the body.
 const HASHES_BEFORE_EARLY_DEDUP: usize = 1 << 20;
@@ -657,9 +825,45 @@ fn add_hash(hashes: &mut Vec<u64>, hash: u64) {
     hashes.push(hash);
 }
 
+/// Drops repeated hashes, keeping one of each (in no particular order).
+///
+/// The hashes are uniform already, so each is its own place in a table: its top bits, with
+/// linear probing in a table at most half full. That is a few times faster than sorting them
+/// (for 100 000 hashes, about 0.5 ms against 1.6 ms), for 16 to 32 bytes per hash while it
+/// runs. 0 marks a free slot, so the hash 0 is tracked apart.
 fn deduplicate(hashes: &mut Vec<u64>) {
-    hashes.sort_unstable();
-    hashes.dedup();
+    if hashes.len() < 2 {
+        return;
+    }
+    let slot_count = (2 * hashes.len()).next_power_of_two();
+    let last_slot = slot_count - 1;
+    let shift = 64 - slot_count.trailing_zeros();
+    let mut slots = vec![0u64; slot_count];
+    let mut zero_seen = false;
+    let mut kept = 0;
+    for read in 0..hashes.len() {
+        let hash = hashes[read];
+        let is_new = if hash == 0 {
+            !std::mem::replace(&mut zero_seen, true)
+        } else {
+            let mut index = (hash >> shift) as usize;
+            loop {
+                match slots[index] {
+                    0 => {
+                        slots[index] = hash;
+                        break true;
+                    }
+                    slot if slot == hash => break false,
+                    _ => index = (index + 1) & last_slot,
+                }
+            }
+        };
+        if is_new {
+            hashes[kept] = hash;
+            kept += 1;
+        }
+    }
+    hashes.truncate(kept);
 }
 
 /// Copies a validated JSON value without the whitespace outside its strings.
@@ -692,16 +896,6 @@ fn is_whitespace(byte: u8) -> bool {
     matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-/// Steps over insignificant whitespace. JSON whitespace is at most ' ' and every byte that
-/// starts or continues JSON text is above it, so the usual case, none, is one comparison.
-#[inline(always)]
-fn skip_whitespace(input: &[u8], pos: usize) -> usize {
-    match input.get(pos) {
-        Some(&byte) if byte > b' ' => pos,
-        _ => skip_whitespace_run(input, pos),
-    }
-}
-
 #[inline(never)]
 fn skip_whitespace_run(input: &[u8], mut pos: usize) -> usize {
     while input.get(pos).is_some_and(|&byte| is_whitespace(byte)) {
@@ -710,43 +904,180 @@ fn skip_whitespace_run(input: &[u8], mut pos: usize) -> usize {
     pos
 }
 
+/// Steps over insignificant whitespace, counting the runs stepped over. JSON whitespace is at
+/// most ' ' and every byte that starts or continues JSON text is above it, so the usual case,
+/// none, is one comparison; the counting is left to the other case, as it is on every token.
 #[inline(always)]
 fn skip_whitespace_counting(input: &[u8], pos: usize, whitespace_runs: &mut usize) -> usize {
-    let end = skip_whitespace(input, pos);
-    *whitespace_runs += usize::from(end != pos);
-    end
+    match input.get(pos) {
+        Some(&byte) if byte > b' ' => pos,
+        _ => {
+            let end = skip_whitespace_run(input, pos);
+            *whitespace_runs += usize::from(end != pos);
+            end
+        }
+    }
 }
 
-/// Steps over `"name"` `:` and the whitespace around the colon.
+/// Steps over the whitespace before `"name"`, the name, and `:` with the whitespace before it.
+/// Whitespace is looked for only where the next byte is not the one expected. The name is at
+/// `(depth, ordinal)` (see [`LengthGuesses`]).
 #[inline(always)]
 fn skip_member_name(
     input: &[u8],
-    pos: usize,
+    mut pos: usize,
     whitespace_runs: &mut usize,
+    guesses: &mut LengthGuesses,
+    (depth, ordinal): (usize, &mut usize),
 ) -> Result<usize, InvalidJson> {
     if input.get(pos) != Some(&b'"') {
-        return Err(invalid(pos, EXPECTED_MEMBER_NAME));
+        pos = skip_whitespace_counting(input, pos, whitespace_runs);
+        if input.get(pos) != Some(&b'"') {
+            return Err(invalid(pos, EXPECTED_MEMBER_NAME));
+        }
     }
-    let pos = skip_whitespace_counting(input, scan_string(input, pos)?.0, whitespace_runs);
+    pos = guesses.scan(input, pos, depth, ordinal)?.0;
     if input.get(pos) != Some(&b':') {
-        return Err(invalid(pos, EXPECTED_COLON));
+        pos = skip_whitespace_counting(input, pos, whitespace_runs);
+        if input.get(pos) != Some(&b':') {
+            return Err(invalid(pos, EXPECTED_COLON));
+        }
     }
-    Ok(skip_whitespace_counting(input, pos + 1, whitespace_runs))
+    Ok(pos + 1)
+}
+
+/// Guessed lengths of the strings about to be scanned, by their place in the body: the nesting
+/// depth, and the count of strings since the innermost object opened (the ordinal).
+///
+/// Request bodies are mostly arrays of records of one shape, and the strings at one place in
+/// each record - member names, and values such as identifiers and timestamps - mostly have one
+/// length. Scanning a string is otherwise the longest chain of dependent instructions per token
+/// (load the block, find the quote, add its offset: the next token waits for all of it). A
+/// guess turns that into a branch, predicted, that a comparison of the guessed bytes confirms
+/// off that chain. A wrong guess costs a misprediction, so a place is guessed only after its
+/// last two strings had the same length and no byte needing a look. On the bench body this
+/// makes skipping about 10% faster; on records whose strings all vary in length, a few percent
+/// slower.
+///
+/// Every scan of an object restarts the ordinal, so the members of sibling records share
+/// places; places far apart may share a slot, which only costs guesses.
+struct LengthGuesses {
+    /// Per place: the length through the closing quote of the last string seen there (0: not
+    /// plain, or too long to guess), and [`LengthGuesses::CONFIDENT`] when the string before
+    /// had that length too.
+    places: [u8; 256],
+}
+
+impl Default for LengthGuesses {
+    fn default() -> Self {
+        LengthGuesses { places: [0; 256] }
+    }
+}
+
+impl LengthGuesses {
+    const CONFIDENT: u8 = 0x80;
+    /// Longest guess, in bytes after the opening quote: two blocks.
+    const LONGEST: usize = 32;
+
+    /// [`scan_string`] for the string at `open_quote`, `depth` deep, after `ordinal` strings
+    /// since the innermost object opened; counts it in `ordinal`.
+    #[inline(always)]
+    fn scan(
+        &mut self,
+        input: &[u8],
+        open_quote: usize,
+        depth: usize,
+        ordinal: &mut usize,
+    ) -> Result<(usize, Contents), InvalidJson> {
+        let place = &mut self.places[depth.wrapping_mul(16).wrapping_add(*ordinal) % 256];
+        *ordinal += 1;
+        let last = *place;
+        let last_length = usize::from(last & !Self::CONFIDENT);
+        if last & Self::CONFIDENT != 0 && is_plain_string(input, open_quote + 1, last_length) {
+            return Ok((open_quote + 1 + last_length, Contents::Plain));
+        }
+        let (end, contents) = scan_string(input, open_quote)?;
+        let length = end - open_quote - 1;
+        *place = if contents == Contents::Plain && length <= Self::LONGEST {
+            let same = length == last_length;
+            length as u8 | if same { Self::CONFIDENT } else { 0 }
+        } else {
+            0
+        };
+        Ok((end, contents))
+    }
+}
+
+/// Whether the `length` bytes from `start` are string contents that need no look (no '\\', no
+/// control character, no non-ASCII byte) and a closing quote, the last. False beyond
+/// [`LengthGuesses::LONGEST`] and near the end of the input.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn is_plain_string(input: &[u8], start: usize, length: usize) -> bool {
+    let stops_at = |offset| sse2::Block::load(input, start + offset).map(sse2::Block::string_stops);
+    let stops = match length {
+        1..=16 => stops_at(0),
+        17..=32 => stops_at(0)
+            .zip(stops_at(16))
+            .map(|(low, high)| (low.0 | high.0 << 16, low.1 | high.1 << 16)),
+        _ => None,
+    };
+    let Some((quotes, others)) = stops else {
+        return false;
+    };
+    // Up to the guessed closing quote, the one byte to stop at is that quote.
+    let closing_quote = 1 << (length - 1);
+    ((quotes ^ closing_quote) | others) & (u32::MAX >> (32 - length)) == 0
+}
+
+/// Without 16-byte blocks, nothing is guessed.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn is_plain_string(_input: &[u8], _start: usize, _length: usize) -> bool {
+    false
 }
 
 const EVERY_BYTE: u64 = u64::from_le_bytes([1; 8]);
 const HIGH_BITS: u64 = EVERY_BYTE * 0x80;
 
+/// What a string holds besides printable ASCII.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Contents {
+    Plain,
+    /// Non-ASCII characters, and no escapes.
+    NonAscii,
+    /// Escapes: the string must be decoded to be compared with a pointer's token.
+    Escaped,
+}
+
 /// Validates the string whose opening quote is at `open_quote`. Returns the offset after the
-/// closing quote, and whether the string contains escapes.
+/// closing quote, and what the string holds.
 #[inline(always)]
-fn scan_string(input: &[u8], open_quote: usize) -> Result<(usize, bool), InvalidJson> {
+fn scan_string(input: &[u8], open_quote: usize) -> Result<(usize, Contents), InvalidJson> {
     let mut pos = open_quote + 1;
-    let mut escaped = false;
+    let mut contents = Contents::Plain;
     loop {
-        // Eight bytes at a time up to the next byte that needs a look: '"', '\\', a control
+        // Sixteen bytes at a time up to the next byte that needs a look: '"', '\\', a control
         // character, or a non-ASCII byte (to validate UTF-8). Most strings are plain ASCII and
         // short enough to be one block, where this beats one pass per class of stop byte.
+        #[cfg(target_arch = "x86_64")]
+        while let Some(block) = sse2::Block::load(input, pos) {
+            let (quotes, others) = block.string_stops();
+            // The usual case, a closing quote with nothing to look at before it, takes the
+            // shortest chain of dependent instructions from the block to the next position:
+            // the other stop bytes are only checked, by a branch that is predicted.
+            let through_first_quote = quotes ^ quotes.wrapping_sub(1);
+            if others & through_first_quote == 0 {
+                if quotes != 0 {
+                    return Ok((pos + quotes.trailing_zeros() as usize + 1, contents));
+                }
+                pos += sse2::Block::WIDTH;
+                continue;
+            }
+            pos += others.trailing_zeros() as usize;
+            break;
+        }
+        // Then (or where SSE2 is not baseline) eight bytes at a time, the same way.
         // A borrow can mark a byte after a true match, never before one, so the lowest mark is
         // exact - and only the lowest is used.
         while let Some(block) = input.get(pos..).and_then(<[u8]>::first_chunk::<8>) {
@@ -760,7 +1091,7 @@ fn scan_string(input: &[u8], open_quote: usize) -> Result<(usize, bool), Invalid
                 pos += (stops.trailing_zeros() / 8) as usize;
                 // The usual stop, the closing quote, without reading the byte again.
                 if stops & stops.wrapping_neg() & quotes != 0 {
-                    return Ok((pos + 1, escaped));
+                    return Ok((pos + 1, contents));
                 }
                 break;
             }
@@ -770,14 +1101,71 @@ fn scan_string(input: &[u8], open_quote: usize) -> Result<(usize, bool), Invalid
             return Err(invalid(pos, UNEXPECTED_END));
         };
         match byte {
-            b'"' => return Ok((pos + 1, escaped)),
+            b'"' => return Ok((pos + 1, contents)),
             b'\\' => {
-                escaped = true;
+                contents = Contents::Escaped;
                 pos = scan_escape(input, pos)?;
             }
             0x00..=0x1F => return Err(invalid(pos, CONTROL_IN_STRING)),
-            0x80..=0xFF => pos = scan_utf8(input, pos)?,
+            0x80..=0xFF => {
+                if contents == Contents::Plain {
+                    contents = Contents::NonAscii;
+                }
+                pos = scan_utf8(input, pos)?;
+            }
             _ => pos += 1,
+        }
+    }
+}
+
+/// The 16-byte blocks of the scanning helpers. SSE2 is part of the x86_64 baseline, so there is
+/// nothing to detect at run time; other targets use the 8-byte SWAR paths alone.
+#[cfg(target_arch = "x86_64")]
+mod sse2 {
+    use core::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+
+    /// Sixteen bytes of the input, loaded at once.
+    #[derive(Clone, Copy)]
+    pub(super) struct Block(__m128i);
+
+    /// One bit per byte of a block, byte 0 in bit 0.
+    #[inline(always)]
+    fn mask(bytes: __m128i) -> u32 {
+        // SAFETY (this and the other intrinsics below, which only compute on registers): SSE2
+        // is enabled on every x86_64 target.
+        unsafe { _mm_movemask_epi8(bytes) as u32 }
+    }
+
+    impl Block {
+        pub(super) const WIDTH: usize = 16;
+
+        /// The block at `pos`, if the input has 16 bytes there.
+        #[inline(always)]
+        pub(super) fn load(input: &[u8], pos: usize) -> Option<Block> {
+            let bytes = input.get(pos..)?.first_chunk::<16>()?;
+            // SAFETY: `bytes` is 16 readable bytes, and the load has no alignment requirement.
+            Some(Block(unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }))
+        }
+
+        /// The bytes a string scan must stop at: the quotes, and the others ('\\', below ' ',
+        /// non-ASCII).
+        #[inline(always)]
+        pub(super) fn string_stops(self) -> (u32, u32) {
+            // SAFETY: see `mask`.
+            unsafe {
+                let quotes = _mm_cmpeq_epi8(self.0, _mm_set1_epi8(b'"' as i8));
+                let backslashes = _mm_cmpeq_epi8(self.0, _mm_set1_epi8(b'\\' as i8));
+                // Signed: non-ASCII bytes are negative, so one comparison takes them with the
+                // control characters.
+                let control_or_high = _mm_cmplt_epi8(self.0, _mm_set1_epi8(0x20));
+                (
+                    mask(quotes),
+                    mask(_mm_or_si128(backslashes, control_or_high)),
+                )
+            }
         }
     }
 }
@@ -1343,6 +1731,77 @@ mod tests {
         );
     }
 
+    #[test]
+    fn deduplicate_keeps_one_of_each_hash() {
+        // Repeats, the hash 0 (the table's free mark), and long probe runs: small values all
+        // start probing at slot 0.
+        let mut hashes: Vec<u64> = (0..5000u64)
+            .map(|index| (index % 1234).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .chain((0..500).chain(0..500))
+            .chain([0, u64::MAX, 0, u64::MAX - 1, u64::MAX])
+            .collect();
+        let mut expected = hashes.clone();
+        expected.sort_unstable();
+        expected.dedup();
+        deduplicate(&mut hashes);
+        hashes.sort_unstable();
+        assert_eq!(hashes, expected);
+        for length in 0..3 {
+            let mut same = vec![7; length];
+            deduplicate(&mut same);
+            assert_eq!(same.len(), length.min(1));
+        }
+    }
+
+    #[test]
+    fn guessed_string_lengths_are_checked() {
+        // Records of one shape make the scanner guess string lengths (`LengthGuesses`). A last
+        // string of the guessed length or not, with a byte needing a look anywhere, must be
+        // judged as if nothing were guessed, by each path: keys, whole elements, skipping.
+        let replacements: [&[u8]; 8] = [
+            b"\x01",
+            b"\x80",
+            b"\"",
+            b"\\n",
+            b"\\",
+            "é".as_bytes(),
+            b"\\u00e9",
+            b"yy",
+        ];
+        for length in 1..40 {
+            let plain = "x".repeat(length);
+            let record = format!(r#"{{"id":"{plain}","n":["{plain}",1]}},"#);
+            // Replaced anywhere, or appended where the guessed closing quote would be.
+            for at in 0..=length {
+                for replacement in replacements {
+                    let mut last = plain.clone().into_bytes();
+                    last.splice(at..(at + 1).min(length), replacement.iter().copied());
+                    let mut body = b"{\"a\":[".to_vec();
+                    body.extend_from_slice(record.repeat(4).as_bytes());
+                    for part in [
+                        &b"{\"id\":\""[..],
+                        &last,
+                        b"\",\"n\":[\"",
+                        &last,
+                        b"\",1]}]}",
+                    ] {
+                        body.extend_from_slice(part);
+                    }
+                    let expected = serde_json::from_slice::<Value>(&body).ok();
+                    for (pointer, key) in [("/a", Some("/id")), ("/a", None), ("/missing", None)] {
+                        let rule = rule(&[pointer], key);
+                        let ours = count_points(&body, &rule);
+                        let body = String::from_utf8_lossy(&body);
+                        match &expected {
+                            Some(doc) => assert_eq!(ours, Ok(reference(doc, &rule)), "{body}"),
+                            None => assert!(ours.is_err(), "{body}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn member_name() -> impl Strategy<Value = String> {
         prop_oneof!["[ab]{0,2}", "[ab~/\"\\\\é😀\u{0}\n]{0,3}",]
     }
@@ -1530,6 +1989,54 @@ mod tests {
                 (Ok(_), Err(error)) => prop_assert!(false, "accepted invalid JSON: {}", error),
                 (Err(_), Err(_)) => {}
             }
+        }
+
+        #[test]
+        fn repeated_records_agree_with_a_document_tree(
+            record in json_value(),
+            copies in 3..7usize,
+            key in prop::option::of(prop_oneof![Just("/k"), Just("/v"), Just(""), Just("/0")]),
+            pretty in any::<bool>(),
+            mutation in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+        ) {
+            // Copies of one record make string lengths guessed; a mutation in a late copy
+            // then meets a guess.
+            let doc = serde_json::json!({"a": vec![record; copies]});
+            let rule = rule(&["/a"], key);
+            let mut body = serialise(&doc, pretty);
+            match mutation {
+                None => prop_assert_eq!(count_points(&body, &rule), Ok(reference(&doc, &rule))),
+                Some((at, byte)) => {
+                    let index = body.len() / 2 + at.index(body.len() / 2);
+                    body[index] = byte;
+                    let ours = count_points(&body, &rule);
+                    match (&ours, serde_json::from_slice::<Value>(&body)) {
+                        (Err(error), _) if error.reason == DUPLICATE_MEMBER => {}
+                        (Ok(_), Err(error)) if error.to_string().contains("number out of range") => {}
+                        (Ok(counted), Ok(parsed)) => {
+                            prop_assert_eq!(*counted, reference(&parsed, &rule));
+                        }
+                        (Err(error), Ok(_)) => prop_assert!(false, "rejected valid JSON: {}", error),
+                        (Ok(_), Err(error)) => prop_assert!(false, "accepted invalid JSON: {}", error),
+                        (Err(_), Err(_)) => {}
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn per_element_fast_path_agrees_with_the_cursor_path(
+            (doc, rule, pretty) in document_and_rule(),
+        ) {
+            // A pointer into the elements of a counted array (resolving nowhere: generated
+            // arrays are short, and member names have no digits) makes the scanner follow
+            // every element with cursors instead of `count_element`.
+            let body = serialise(&doc, pretty);
+            let mut followed = rule.clone();
+            for pointer in &rule.array_pointers {
+                followed.array_pointers.push(format!("{pointer}/999999"));
+            }
+            prop_assert_eq!(count_points(&body, &followed), count_points(&body, &rule));
         }
     }
 }
