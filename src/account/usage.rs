@@ -319,12 +319,18 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
         "DESC" | "desc" => true,
         _ => return Err(ApiError::invalid("sort_direction", "must be ASC or DESC")),
     };
+    // `to` is exclusive. Left out, it is now, and then it takes in the current millisecond:
+    // a call that ended just before this request shows, even within the same millisecond.
+    let to_ms = match get(&query, "to") {
+        None | Some("") => to.timestamp_millis() + 1,
+        Some(_) => to.timestamp_millis(),
+    };
     flush(call).await?;
     let app = call.app;
     let q = AuditQuery {
         visibility: visibility(&user),
         from_ms: from.timestamp_millis(),
-        to_ms: to.timestamp_millis(),
+        to_ms,
         service,
         operation,
         method_group,

@@ -618,7 +618,10 @@ impl Tollgate {
                 service: route.service,
                 operation: route.operation.to_string(),
                 method_group: route.method_group,
-                time_ms: Utc::now().timestamp_millis() - ctx.started.elapsed().as_millis() as i64,
+                // The call's start, to the microsecond before rounding down to its millisecond:
+                // never later than the millisecond a caller who has its answer reads at.
+                time_ms: (Utc::now().timestamp_micros() - ctx.started.elapsed().as_micros() as i64)
+                    .div_euclid(1000),
                 timezone: user.map(|u| u.timezone).unwrap_or(0),
                 points: ctx.points.points,
                 unique_points: ctx.points.unique_points,
