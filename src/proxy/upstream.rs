@@ -111,11 +111,10 @@ pub async fn exchange(
     on_head: impl FnOnce(&mut ResponseHeader, Duration),
 ) -> Result<Exchange, UpstreamFailure> {
     let deadline = Instant::now() + leg.total_timeout;
-    let (mut http, head, upstream_time) =
-        match until(deadline, send(&leg, req, body)).await {
-            Ok(result) => result?,
-            Err(_) => return Err(UpstreamFailure::Timeout),
-        };
+    let (mut http, head, upstream_time) = match until(deadline, send(&leg, req, body)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(UpstreamFailure::Timeout),
+    };
     let status = head.status.as_u16();
     let content_type = head
         .headers

@@ -2206,14 +2206,15 @@ mod tests {
         let ks = store
             .existing_day_keyspace("payload", day_of_ms(now))
             .unwrap();
-        let record = ks
-            .get(process_key(&first[0].audit.code))
-            .unwrap()
-            .unwrap();
+        let record = ks.get(process_key(&first[0].audit.code)).unwrap().unwrap();
         let v = decode_stages(&record)[0].clone().unwrap().input.unwrap();
         assert_eq!(v.first(), Some(&payloads::POINTER_V1));
         assert!(v.len() < 64, "a pointer of {} bytes", v.len());
-        assert!(record.len() < 160, "a process record of {} bytes", record.len());
+        assert!(
+            record.len() < 160,
+            "a process record of {} bytes",
+            record.len()
+        );
     }
 
     #[test]
@@ -2243,7 +2244,9 @@ mod tests {
         // Stage 3's output went with exchange 6, which had none: not exchange 5's left over.
         assert_eq!(store.payload(&code, Flow::Output, 3).unwrap(), None);
         // One record holds it all: the process is one key, its bodies in the files.
-        let ks = store.existing_day_keyspace("payload", day_of_ms(now)).unwrap();
+        let ks = store
+            .existing_day_keyspace("payload", day_of_ms(now))
+            .unwrap();
         assert_eq!(ks.iter().count(), 1);
     }
 

@@ -419,7 +419,10 @@ fn write_process(
     };
     let mut record: Option<ProcessRecord> = None;
     let mut stages = Stages::default();
-    if exchanges.iter().any(|e| calls[e.call].process.exchanges > 1) {
+    if exchanges
+        .iter()
+        .any(|e| calls[e.call].process.exchanges > 1)
+    {
         if let Some(v) = payloads.get(process_key(&code))? {
             if let Ok(stored) = decode_process(code.as_bytes(), &v) {
                 stages = decode_stages(&v);
@@ -446,10 +449,18 @@ fn write_process(
         }
     }
     if let Some(record) = record {
-        batch.insert(&payloads, process_key(&code), encode_process(&record, &stages));
+        batch.insert(
+            &payloads,
+            process_key(&code),
+            encode_process(&record, &stages),
+        );
     }
     if new_process {
-        batch.insert(&store.processes, code.as_bytes().as_slice(), day_key(day).as_slice());
+        batch.insert(
+            &store.processes,
+            code.as_bytes().as_slice(),
+            day_key(day).as_slice(),
+        );
     }
     Ok(())
 }
