@@ -290,7 +290,9 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or(now);
     let from = time("from", start_of_today)?;
-    let to = time("to", now)?;
+    // `to` is exclusive. Left out, it ends just after now's millisecond, so that a call which
+    // ended just before this request shows, even within the same millisecond.
+    let to = time("to", now + chrono::Duration::milliseconds(1))?;
     let offset = int_param(&query, "offset", 0, 0, 10_000_000)? as usize;
     let limit = int_param(&query, "limit", 100, 1, 10_000_000)? as usize;
     let service = enum_param::<ServiceName>(&query, "service_name")?;
@@ -319,18 +321,12 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
         "DESC" | "desc" => true,
         _ => return Err(ApiError::invalid("sort_direction", "must be ASC or DESC")),
     };
-    // `to` is exclusive. Left out, it is now, and then it takes in the current millisecond:
-    // a call that ended just before this request shows, even within the same millisecond.
-    let to_ms = match get(&query, "to") {
-        None | Some("") => to.timestamp_millis() + 1,
-        Some(_) => to.timestamp_millis(),
-    };
     flush(call).await?;
     let app = call.app;
     let q = AuditQuery {
         visibility: visibility(&user),
         from_ms: from.timestamp_millis(),
-        to_ms,
+        to_ms: to.timestamp_millis(),
         service,
         operation,
         method_group,

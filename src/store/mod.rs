@@ -347,10 +347,10 @@ struct StagePointers {
     output: Option<Vec<u8>>,
 }
 
-/// A process's stages 0..=3, kept in its process record: one write per exchange instead of
+/// A process's stages 0..=`MAX_STAGE`, kept in its process record: one write per exchange instead of
 /// three (record and two pointers), all under random tracecode keys, which were most of the
 /// store writer's time for captured calls.
-type Stages = [Option<StagePointers>; 4];
+type Stages = [Option<StagePointers>; crate::trace::MAX_STAGE as usize + 1];
 
 /// Tags in an audit day keyspace. The upper-case ones are the current layout; `r`, `u` and `c`
 /// are that of older stores, still read (`legacy_day`) until retention drops their days.
@@ -1327,7 +1327,9 @@ impl Store {
 
     // ---- processes and payloads ----
 
-    pub fn process(&self, code: &Uuid) -> Result<Option<ProcessRecord>> {
+    /// The payload keyspace of a process's day and its process record as stored, found through
+    /// the `processes` index.
+    fn process_entry(&self, code: &Uuid) -> Result<Option<(Keyspace, fjall::Slice)>> {
         let Some(day) = self.processes.get(code.as_bytes())? else {
             return Ok(None);
         };
@@ -1335,21 +1337,18 @@ impl Store {
         let Some(ks) = self.existing_day_keyspace("payload", day) else {
             return Ok(None);
         };
-        match ks.get(process_key(code))? {
-            Some(v) => Ok(Some(decode_process(code.as_bytes(), &v)?)),
+        Ok(ks.get(process_key(code))?.map(|record| (ks, record)))
+    }
+
+    pub fn process(&self, code: &Uuid) -> Result<Option<ProcessRecord>> {
+        match self.process_entry(code)? {
+            Some((_, record)) => Ok(Some(decode_process(code.as_bytes(), &record)?)),
             None => Ok(None),
         }
     }
 
     pub fn payload(&self, code: &Uuid, flow: Flow, stage: u8) -> Result<Option<Payload>> {
-        let Some(day) = self.processes.get(code.as_bytes())? else {
-            return Ok(None);
-        };
-        let day = day_from_key(day.as_ref().try_into().unwrap_or([0; 4]));
-        let Some(ks) = self.existing_day_keyspace("payload", day) else {
-            return Ok(None);
-        };
-        let Some(record) = ks.get(process_key(code))? else {
+        let Some((ks, record)) = self.process_entry(code)? else {
             return Ok(None);
         };
         let process = decode_process(code.as_bytes(), &record)?;

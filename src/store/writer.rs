@@ -438,7 +438,7 @@ fn write_process(
         if record.as_ref().is_none_or(|r| r.exchanges < number) {
             record = Some(call.process.clone());
         }
-        let slot = &mut stages[usize::from(call.stage.min(3))];
+        let slot = &mut stages[usize::from(call.stage.min(crate::trace::MAX_STAGE))];
         if slot.as_ref().is_none_or(|s| s.exchange <= number) {
             let [input, output] = std::mem::take(&mut exchange.pointers);
             *slot = Some(StagePointers {
