@@ -23,7 +23,8 @@
 //!   bodies in that day's files under `payloads/`, see `payloads`). Older stores wrote JSON or
 //!   stage-less records, with code flow stage -> pointer (or the body itself) beside them,
 //!   still read.
-//! - `processes`: code -> the day its payload keyspace is (so follow-ups find it).
+//! - `processes`: code -> the day its payload keyspace is, written by older stores; a process
+//!   is now found by asking the payload days newest first, and retention empties this.
 
 mod payloads;
 pub mod writer;
@@ -1327,17 +1328,26 @@ impl Store {
 
     // ---- processes and payloads ----
 
-    /// The payload keyspace of a process's day and its process record as stored, found through
-    /// the `processes` index.
+    /// The payload keyspace of a process's day and its process record as stored: the payload
+    /// days are asked newest first, each a memtable lookup and a bloom filter per table for a
+    /// day that does not hold it. Finding a process is rare (the data API, a follow-up after a
+    /// restart), while an index of code -> day cost every captured call a write at a random
+    /// key; stores that wrote that index (`processes`) read the same way.
     fn process_entry(&self, code: &Uuid) -> Result<Option<(Keyspace, fjall::Slice)>> {
-        let Some(day) = self.processes.get(code.as_bytes())? else {
-            return Ok(None);
-        };
-        let day = day_from_key(day.as_ref().try_into().unwrap_or([0; 4]));
-        let Some(ks) = self.existing_day_keyspace("payload", day) else {
-            return Ok(None);
-        };
-        Ok(ks.get(process_key(code))?.map(|record| (ks, record)))
+        let newest_first: Vec<Keyspace> = self
+            .days
+            .lock()
+            .range::<str, _>((std::ops::Bound::Included("payload_"), std::ops::Bound::Excluded("payload`")))
+            .rev()
+            .map(|(_, ks)| ks.clone())
+            .collect();
+        let key = process_key(code);
+        for ks in newest_first {
+            if let Some(record) = ks.get(&key)? {
+                return Ok(Some((ks, record)));
+            }
+        }
+        Ok(None)
     }
 
     pub fn process(&self, code: &Uuid) -> Result<Option<ProcessRecord>> {
@@ -1718,7 +1728,20 @@ mod tests {
                     call("alice", ms(recent), codes[2], 1, recent),
                 ],
             );
+            // The code -> day index older stores wrote beside each process.
+            for (code, day) in codes.iter().zip([ancient, old, recent]) {
+                store
+                    .processes
+                    .insert(code.as_bytes(), day_key(day))
+                    .unwrap();
+            }
             assert_eq!(store.audit(&everything("alice")).unwrap().records.len(), 3);
+            for code in &codes {
+                assert!(
+                    store.process(code).unwrap().is_some(),
+                    "found on its own day, whichever days are newer"
+                );
+            }
             let before = store.disk_bytes();
 
             // Payloads older than 30 days go, audit older than 60 days goes.
@@ -1741,10 +1764,11 @@ mod tests {
                 assert_eq!(store.process(code).unwrap(), None);
                 assert!(
                     !store.processes.contains_key(code.as_bytes()).unwrap(),
-                    "the process index forgets dropped days too"
+                    "the index older stores wrote forgets dropped days too"
                 );
             }
             assert!(store.processes.contains_key(codes[2].as_bytes()).unwrap());
+            assert!(store.process(&codes[2]).unwrap().is_some());
             assert!(store.payload(&codes[2], Flow::Input, 0).unwrap().is_some());
             let stats = store.stats("alice", ancient, recent).unwrap();
             let days: Vec<Day> = stats.iter().map(|r| r.0).collect();

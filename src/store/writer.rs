@@ -430,11 +430,9 @@ fn write_process(
             }
         }
     }
-    let mut new_process = false;
     for exchange in exchanges.iter_mut() {
         let call = &calls[exchange.call];
         let number = call.process.exchanges;
-        new_process |= number <= 1;
         if record.as_ref().is_none_or(|r| r.exchanges < number) {
             record = Some(call.process.clone());
         }
@@ -453,13 +451,6 @@ fn write_process(
             &payloads,
             process_key(&code),
             encode_process(&record, &stages),
-        );
-    }
-    if new_process {
-        batch.insert(
-            &store.processes,
-            code.as_bytes().as_slice(),
-            day_key(day).as_slice(),
         );
     }
     Ok(())
