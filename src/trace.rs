@@ -141,20 +141,19 @@ impl ProcessRegistry {
         load: impl FnOnce() -> Option<(String, String, i32, u32)>,
     ) -> Result<ProcessEntry, NotYours> {
         let mut shard = self.shard(&code).lock();
-        if !shard.contains_key(&code) {
-            let (owner, company_key, day, exchanges) = load().ok_or(NotYours)?;
-            shard.insert(
-                code,
-                ProcessEntry {
+        let entry = match shard.entry(code) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let (owner, company_key, day, exchanges) = load().ok_or(NotYours)?;
+                v.insert(ProcessEntry {
                     owner: owner.into(),
                     company_key: company_key.into(),
                     day,
                     exchanges,
                     last_used: std::time::Instant::now(),
-                },
-            );
-        }
-        let entry = shard.get_mut(&code).ok_or(NotYours)?;
+                })
+            }
+        };
         if !admin && &*entry.owner != caller {
             return Err(NotYours);
         }

@@ -274,7 +274,7 @@ fn a_thousand_parallel_calls_never_exceed_the_slots_or_the_daily_points() {
                                 too_many.fetch_add(1, Ordering::SeqCst);
                                 let retry =
                                     header(&r, "retry-after").and_then(|v| v.parse::<u64>().ok());
-                                if !retry.is_some_and(|s| s >= 1) {
+                                if retry.is_none_or(|s| s < 1) {
                                     unexpected.lock().unwrap().push(format!(
                                         "429 without Retry-After: {:?}",
                                         r.headers()

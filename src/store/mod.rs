@@ -46,6 +46,9 @@ use crate::model::{MethodGroup, Role, ServiceName};
 /// Days since 1970-01-01 (in whatever timezone the caller means).
 pub type Day = i32;
 
+/// One statistics cell as the ledger restores it: user, day, service, method group, counts.
+pub type StatsRow = (String, Day, ServiceName, MethodGroup, DayCounts);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
@@ -1158,7 +1161,7 @@ fn legacy_day(snap: &Snapshot, scope: &Scope, q: &AuditQuery, plan: &mut DayPlan
 impl Store {
     /// Opens (or creates) the store at `path`. Fails if another process holds it open.
     pub fn open(path: &Path) -> Result<Arc<Store>> {
-        std::fs::create_dir_all(path).map_err(|e| fjall::Error::from(e))?;
+        std::fs::create_dir_all(path).map_err(fjall::Error::from)?;
         let db = Database::builder(path).cache_size(64 << 20).open()?;
         let users = db.keyspace("users", KeyspaceCreateOptions::default)?;
         let stats = db.keyspace("stats", KeyspaceCreateOptions::default)?;
@@ -1200,10 +1203,6 @@ impl Store {
         };
         days.insert(name, ks.clone());
         Ok(ks)
-    }
-
-    fn existing_day_keyspace(&self, prefix: &str, day: Day) -> Option<Keyspace> {
-        self.days.lock().get(&day_name(prefix, day)).cloned()
     }
 
     /// Makes everything written so far durable (fsync): payload files first, so that no
@@ -1301,10 +1300,7 @@ impl Store {
     }
 
     /// Every (user, day, service, group) with points on a day >= `since`: the ledger's restore.
-    pub fn stats_since(
-        &self,
-        since: Day,
-    ) -> Result<Vec<(String, Day, ServiceName, MethodGroup, DayCounts)>> {
+    pub fn stats_since(&self, since: Day) -> Result<Vec<StatsRow>> {
         let mut out = Vec::new();
         for guard in self.stats.iter() {
             let (k, v) = guard.into_inner()?;
@@ -1337,13 +1333,16 @@ impl Store {
         let newest_first: Vec<Keyspace> = self
             .days
             .lock()
-            .range::<str, _>((std::ops::Bound::Included("payload_"), std::ops::Bound::Excluded("payload`")))
+            .range::<str, _>((
+                std::ops::Bound::Included("payload_"),
+                std::ops::Bound::Excluded("payload`"),
+            ))
             .rev()
             .map(|(_, ks)| ks.clone())
             .collect();
         let key = process_key(code);
         for ks in newest_first {
-            if let Some(record) = ks.get(&key)? {
+            if let Some(record) = ks.get(key)? {
                 return Ok(Some((ks, record)));
             }
         }
@@ -1922,7 +1921,7 @@ mod tests {
                 AuditSort::Duration => (String::new(), r.duration_us),
             }
         };
-        matched.sort_by(|x, y| (field(x), x.time_ms).cmp(&(field(y), y.time_ms)));
+        matched.sort_by_key(|r| (field(r), r.time_ms));
         if q.descending {
             matched.reverse();
         }
@@ -1989,12 +1988,16 @@ mod tests {
                 _ => Visibility::All,
             },
             from_ms: a.min(b),
-            to_ms: if r[3] % 9 == 0 { a.min(b) } else { a.max(b) },
+            to_ms: if r[3].is_multiple_of(9) {
+                a.min(b)
+            } else {
+                a.max(b)
+            },
             service: (r[2] >> 8 & 1 == 1).then(|| ServiceName::ALL[((r[2] >> 9) % 2) as usize]),
             method_group: (r[2] >> 10 & 1 == 1)
                 .then(|| MethodGroup::ALL[((r[2] >> 11) % 2) as usize]),
             operation: match (r[2] >> 12) % 5 {
-                0 | 1 | 2 => None,
+                0..=2 => None,
                 3 => Some("never_called".into()),
                 n => Some(OPERATIONS[(n as usize + (r[2] >> 20) as usize) % 3].into()),
             },
@@ -2226,9 +2229,7 @@ mod tests {
             assert_reads_back(&store, c);
         }
         // The bodies are in the files, not in the key-value store.
-        let ks = store
-            .existing_day_keyspace("payload", day_of_ms(now))
-            .unwrap();
+        let ks = store.day_keyspace("payload", day_of_ms(now)).unwrap();
         let record = ks.get(process_key(&first[0].audit.code)).unwrap().unwrap();
         let v = decode_stages(&record)[0].clone().unwrap().input.unwrap();
         assert_eq!(v.first(), Some(&payloads::POINTER_V1));
@@ -2267,9 +2268,7 @@ mod tests {
         // Stage 3's output went with exchange 6, which had none: not exchange 5's left over.
         assert_eq!(store.payload(&code, Flow::Output, 3).unwrap(), None);
         // One record holds it all: the process is one key, its bodies in the files.
-        let ks = store
-            .existing_day_keyspace("payload", day_of_ms(now))
-            .unwrap();
+        let ks = store.day_keyspace("payload", day_of_ms(now)).unwrap();
         assert_eq!(ks.iter().count(), 1);
     }
 
