@@ -115,7 +115,7 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
                 email: None,
                 phone: None,
                 timezone: *timezone,
-                token_version: 1,
+                token_version: crate::auth::first_token_version(),
                 password_changed: true,
                 quotas: Vec::new(),
             };

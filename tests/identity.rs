@@ -1115,6 +1115,27 @@ fn the_user_command_line_reaches_a_running_server_and_revokes_at_once() {
         401
     );
     assert!(!cli_ok(&t, &["list"], None).contains("dave"));
+
+    // A new account under the removed name is a new account: the old tokens stay dead, and
+    // never speak with the new account's roles.
+    cli_ok(
+        &t,
+        &[
+            "add",
+            "dave",
+            "--company",
+            "other_co",
+            "--roles",
+            "ADMIN",
+            "--password",
+            "dave-password-3",
+        ],
+        None,
+    );
+    assert_refused_everywhere(&t, &dave, "a removed user's token after the name is reused");
+    assert_eq!(validate(&t, &dave).1["valid"], false);
+    let new_dave = t.token_for("dave", "dave-password-3");
+    assert_accepted_everywhere(&t, &new_dave, "the new dave");
 }
 
 #[test]
@@ -1322,4 +1343,63 @@ fn the_signing_secret_is_private_random_and_kept() {
     a.spawn();
     assert_eq!(secret_of(&a), sa);
     assert_eq!(a.get("/account/info", &token).status(), 200);
+}
+
+/// The status and JSON body of a raw HTTP/1.1 answer.
+fn parse_raw_answer(raw: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn account_bodies_that_cannot_be_read_get_an_answer_in_the_api_shape() {
+    let t = Tollgate::start();
+    // Malformed chunked bodies: a 400 naming the body, never a silent close.
+    for chunk_size in ["zz", "-1", "ffffffffffffffffff"] {
+        for path in ["/account/token/generation", "/account/token/validation"] {
+            let request = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n{chunk_size}\r\nabc\r\n0\r\n\r\n"
+            );
+            let raw = raw_exchange(t.port, request.as_bytes(), Duration::from_secs(5));
+            let (status, body) = parse_raw_answer(&raw);
+            assert_eq!(
+                status,
+                400,
+                "{path} with chunk size {chunk_size:?}: {}",
+                String::from_utf8_lossy(&raw)
+            );
+            assert_error_shape(&body, "ACCOUNT");
+            assert!(
+                body["message"].as_str().unwrap().starts_with("body: "),
+                "{body}"
+            );
+        }
+    }
+    // Over the account API's limit: 413 on every operation that reads a body, token
+    // validation (which also takes a bare token as text) included.
+    let huge = format!("\"{}\"", "a".repeat(1 << 20));
+    for path in ["/account/token/validation", "/account/token/generation"] {
+        let r = client()
+            .post(t.url(path))
+            .header("Content-Type", "application/json")
+            .body(huge.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 413, "{path}");
+        let body: Value = r.json().unwrap();
+        assert_error_shape(&body, "ACCOUNT");
+        assert!(
+            body["message"].as_str().unwrap().contains("larger than"),
+            "{body}"
+        );
+    }
+    // The server goes on answering.
+    assert_eq!(validate(&t, &t.token("alice")).1["valid"], true);
 }

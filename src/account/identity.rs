@@ -85,7 +85,7 @@ pub async fn token_generation(call: &mut Call<'_>) -> Result<AccountResponse, Ap
 }
 
 pub fn token_validation(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
-    let body = &call.req.body;
+    let body = call.raw_body()?;
     // The official client sends a JSON string; a bare token as text is accepted too.
     let token: String = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::String(s)) => s,

@@ -27,8 +27,9 @@ pub struct AccountRequest<'a> {
     pub query: &'a str,
     pub authorization: Option<&'a [u8]>,
     pub content_type: Option<&'a [u8]>,
-    /// The body; a body over the account API's limit arrives as the marker `\0too-large`.
-    pub body: Bytes,
+    /// The body, or why it could not be read (too large, malformed chunks, the client stopped
+    /// sending): the error an operation that reads a body answers with.
+    pub body: Result<Bytes, ApiError>,
     pub client_ip: Option<IpAddr>,
     pub code: Uuid,
 }
@@ -85,7 +86,11 @@ impl Call<'_> {
     }
 
     fn body<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        parse_json(&self.req.body)
+        parse_json(self.raw_body()?)
+    }
+
+    fn raw_body(&self) -> Result<&Bytes, ApiError> {
+        self.req.body.as_ref().map_err(Clone::clone)
     }
 
     fn query(&self) -> Vec<(String, String)> {
@@ -113,12 +118,6 @@ impl Call<'_> {
 
 /// Parses JSON into `T`, naming the field and the rule when it does not fit.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body == b"\0too-large" {
-        return Err(ApiError::new(
-            413,
-            "body: larger than the account API accepts (1 MiB)",
-        ));
-    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

@@ -100,11 +100,11 @@ impl Keys {
         encode(&header, claims, &self.signing).expect("HS256 signing cannot fail")
     }
 
-    /// Verifies signature, algorithm and expiry (to the second, no leeway: a token is valid up
-    /// to and including its `exp` second).
+    /// Verifies signature, algorithm and expiry (no leeway: a token is valid before the instant
+    /// `exp` names and invalid from it on, as RFC 7519 has it).
     pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
         if let Some(claims) = self.verified.get(token) {
-            return if claims.exp < jsonwebtoken::get_current_timestamp() {
+            return if expired(claims.exp) {
                 Err(TokenError::Expired)
             } else {
                 Ok(claims)
@@ -126,7 +126,7 @@ impl Keys {
             Some(kid) => self.verifying.get(kid).ok_or(TokenError::UnknownKey)?,
             None => return Err(TokenError::UnknownKey),
         };
-        decode::<Claims>(token, key, &self.validation)
+        let claims = decode::<Claims>(token, key, &self.validation)
             .map(|d| d.claims)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
@@ -136,8 +136,19 @@ impl Keys {
                     ErrorKind::InvalidAlgorithm => TokenError::WrongAlgorithm,
                     _ => TokenError::Malformed,
                 }
-            })
+            })?;
+        // The library lets a token through the whole of its `exp` second.
+        if expired(claims.exp) {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
     }
+}
+
+/// Whether the instant `exp` (seconds since the epoch) has come: the current second is `exp`
+/// or later.
+fn expired(exp: u64) -> bool {
+    exp <= jsonwebtoken::get_current_timestamp()
 }
 
 #[cfg(test)]
@@ -173,10 +184,11 @@ mod tests {
     #[test]
     fn a_remembered_token_still_expires_to_the_second() {
         let keys = Keys::new(&[7u8; 32], &[]);
-        let token = keys.issue(&claims(now() + 1));
+        let exp = now() + 2;
+        let token = keys.issue(&claims(exp));
         assert!(keys.verify(&token).is_ok());
-        // Valid through its exp second, expired after it.
-        let expired_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now() + 2);
+        // Valid before the instant exp, expired from it on.
+        let expired_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp);
         while std::time::SystemTime::now() < expired_at {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -212,6 +224,11 @@ mod tests {
         let keys = Keys::new(&[7u8; 32], &[]);
         assert_eq!(
             keys.verify(&keys.issue(&claims(now() - 1))),
+            Err(TokenError::Expired)
+        );
+        // Its exp second has begun: the instant has passed.
+        assert_eq!(
+            keys.verify(&keys.issue(&claims(now()))),
             Err(TokenError::Expired)
         );
     }

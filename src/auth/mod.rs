@@ -31,6 +31,14 @@ pub const MAX_TTL_SECONDS: u64 = 31_556_926;
 /// The environment variable that may carry the signing secret instead of the config.
 pub const SECRET_ENV: &str = "TOLLGATE_JWT_SECRET";
 
+/// The token version of a new account: random, so that the tokens of an account removed
+/// earlier under the same username (their versions counted up from that account's own start)
+/// do not come back to life with the new account's roles.
+pub fn first_token_version() -> u32 {
+    // Below 2^31, so version bumps never wrap; never 0.
+    (rand::thread_rng().next_u32() >> 1).max(1)
+}
+
 pub struct Authority {
     keys: Keys,
     store: Arc<Store>,
@@ -131,7 +139,7 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                 email: seed.email.clone(),
                 phone: seed.phone.clone(),
                 timezone: seed.timezone,
-                token_version: 1,
+                token_version: first_token_version(),
                 password_changed: false,
                 quotas: Vec::new(),
             },

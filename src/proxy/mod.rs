@@ -198,15 +198,26 @@ impl Tollgate {
     }
 
     async fn serve_account(&self, session: &mut Session, ctx: &mut Ctx) {
-        let body =
-            match read_body(session, self.app.config.limits.max_body_bytes.min(1 << 20)).await {
-                Ok(b) => b,
-                Err(BodyError::TooLarge) => {
-                    session.set_keepalive(None);
-                    Bytes::from_static(b"\0too-large")
-                }
-                Err(BodyError::Gone) => return,
-            };
+        let limit = self
+            .app
+            .config
+            .limits
+            .max_body_bytes
+            .min(ACCOUNT_BODY_LIMIT);
+        let body = match read_body(session, limit).await {
+            Ok(b) => Ok(b),
+            // Either way the rest of the body is unread: the connection cannot be reused.
+            Err(e) => {
+                session.set_keepalive(None);
+                Err(match e {
+                    BodyError::TooLarge => ApiError::new(
+                        413,
+                        format!("body: larger than the account API accepts ({limit} bytes)"),
+                    ),
+                    BodyError::Gone => ApiError::bad_request(BODY_BROKEN_OFF),
+                })
+            }
+        };
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
         let request = AccountRequest {
@@ -383,9 +394,8 @@ impl Tollgate {
                 )));
             }
             Err(BodyError::Gone) => {
-                return Err(plain(ApiError::bad_request(
-                    "body: the client stopped sending",
-                )))
+                session.set_keepalive(None);
+                return Err(plain(ApiError::bad_request(BODY_BROKEN_OFF)));
             }
         };
 
@@ -714,6 +724,12 @@ fn rate_limit_headers(
         None => Vec::new(),
     }
 }
+
+/// The largest body the account API reads (its requests are small JSON documents).
+const ACCOUNT_BODY_LIMIT: usize = 1 << 20;
+
+const BODY_BROKEN_OFF: &str =
+    "body: broken off (malformed chunked encoding, or the client stopped sending)";
 
 enum BodyError {
     TooLarge,
