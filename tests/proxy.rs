@@ -857,6 +857,48 @@ fn an_upstream_reset_mid_answer_cuts_the_callers_answer_short() {
     );
 }
 
+#[test]
+fn a_chunked_answer_that_breaks_off_never_ends_as_if_whole() {
+    for fault in [Fault::ResetMidChunked, Fault::BadChunk] {
+        let upstream = FaultUpstream::start(fault);
+        let t = Tollgate::start_extra(&fault_route("cut", upstream.port, ""));
+        let alice = t.token("alice");
+        let mut c = Raw::connect(t.port);
+        c.send(format!("POST /universal/cut/calculation HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes());
+        let (status, headers) = c.read_head().expect("the head was sent before the cut");
+        assert_eq!(status, 200);
+        assert!(
+            headers
+                .iter()
+                .any(|(k, v)| k == "transfer-encoding" && v == "chunked"),
+            "{headers:?}"
+        );
+        let started = Instant::now();
+        while c.fill() {}
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the cut took {:?} to reach the caller",
+            started.elapsed()
+        );
+        let rest = String::from_utf8_lossy(&c.buf).to_string();
+        assert!(
+            !rest.ends_with("0\r\n\r\n"),
+            "a cut chunked answer ended with its last chunk, as if whole: {rest:?}"
+        );
+        // Tollgate keeps serving.
+        assert_eq!(
+            t.post_json("/universal/plan/calculation", &alice, &json!({}))
+                .status(),
+            200
+        );
+        assert!(
+            !t.log().contains("Fail to filter request"),
+            "a cut answer is counted, not logged as an error:\n{}",
+            t.log()
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // System endpoints
 

@@ -81,6 +81,9 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// The upstream's answer broke off after its head: not charged whatever its status.
     upstream_failed: bool,
+    /// The answer's head went to the caller and its body broke off (the upstream's failed, or
+    /// the caller left): the connection is dropped, never ended as if the answer were whole.
+    broken_off: bool,
     /// The status this call answered with (0: none was written).
     status: u16,
     local_day: i32,
@@ -540,11 +543,13 @@ impl Tollgate {
                         upstream::end_response(session, held).await;
                     }
                     // Broken off: logging() settles it.
-                    None => app
-                        .metrics
-                        .upstream_errors
-                        .with_label_values(&["aborted"])
-                        .inc(),
+                    None => {
+                        ctx.broken_off = true;
+                        app.metrics
+                            .upstream_errors
+                            .with_label_values(&["aborted"])
+                            .inc();
+                    }
                 }
                 Ok(())
             }
@@ -836,6 +841,7 @@ impl ProxyHttp for Tollgate {
             output: None,
             upstream_status: None,
             upstream_failed: false,
+            broken_off: false,
             status: 0,
             local_day: 0,
             _in_flight: None,
@@ -851,7 +857,21 @@ impl ProxyHttp for Tollgate {
         if let Err((error, headers)) = self.proxy_call(session, ctx).await {
             self.reject(session, ctx, error, &headers).await;
         }
+        if ctx.broken_off {
+            // An error, so that pingora drops the connection: answering `true` would have it
+            // end the body (a chunked answer's last chunk), and the caller take a cut answer
+            // for a whole one.
+            return pingora::Error::e_explain(
+                pingora::ErrorType::ConnectionClosed,
+                "the answer broke off after its head was sent",
+            );
+        }
         Ok(true)
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _e: &pingora::Error) -> bool {
+        // Counted in the upstream errors metric ("aborted") already.
+        ctx.broken_off
     }
 
     async fn upstream_peer(
@@ -873,6 +893,8 @@ impl ProxyHttp for Tollgate {
         ctx: &mut Ctx,
     ) -> FailToProxy {
         let status = match e.etype() {
+            // The head is out: nothing more can be said to the caller.
+            _ if ctx.broken_off => 0,
             pingora::ErrorType::HTTPStatus(code) => *code,
             _ if e.esource() == &pingora::ErrorSource::Downstream => 0,
             _ => 500,

@@ -445,7 +445,13 @@ pub enum Fault {
     ResetMidResponse,
     /// Reads the request and closes without a word.
     CloseSilently,
+    /// Starts a chunked answer, sends one chunk, then resets the connection.
+    ResetMidChunked,
+    /// Starts a chunked answer, sends one chunk, then a chunk whose size is not hex.
+    BadChunk,
 }
+
+const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
 
 /// A raw TCP upstream that misbehaves on purpose; stops when dropped.
 pub struct FaultUpstream {
@@ -478,6 +484,16 @@ impl FaultUpstream {
                                 drop(s);
                             }
                             Fault::CloseSilently => drop(s),
+                            Fault::ResetMidChunked => {
+                                let _ = s.write_all(CHUNKED_HEAD);
+                                let _ = socket_linger_zero(&s);
+                                drop(s);
+                            }
+                            Fault::BadChunk => {
+                                let _ = s.write_all(CHUNKED_HEAD);
+                                let _ = s.write_all(b"zz\r\nabc\r\n0\r\n\r\n");
+                                held.push(s);
+                            }
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
