@@ -1403,3 +1403,27 @@ fn account_bodies_that_cannot_be_read_get_an_answer_in_the_api_shape() {
     // The server goes on answering.
     assert_eq!(validate(&t, &t.token("alice")).1["valid"], true);
 }
+
+#[test]
+fn wrong_current_passwords_count_as_failed_logins() {
+    let t = throttled(3, 100_000);
+    let bob = t.token("bob");
+    for _ in 0..3 {
+        let r = change_password(&t, &bob, "not-the-password", "bob-new-password-2");
+        assert_eq!(r.status(), 401);
+    }
+    // A token is no way around the allowance: the right password waits too, here and at login.
+    let message = assert_throttled(
+        change_password(&t, &bob, "bob-password-1", "bob-new-password-2"),
+        "a password change after the allowance",
+    );
+    assert!(message.starts_with("current_password: "), "{message}");
+    assert_throttled(
+        login(
+            &t,
+            &json!({"username": "bob", "password": "bob-password-1"}),
+        ),
+        "bob's login after guesses through the password change",
+    );
+    assert_accepted_everywhere(&t, &bob, "bob's token, unchanged");
+}

@@ -857,6 +857,17 @@ fn a_stranger_cannot_follow_up_anothers_process_and_the_upstream_never_hears_of_
     );
     assert_eq!(t.demo_stats()["requests"][&path], Value::Null);
 
+    // Another spelling of the same UUID is not the process, even for its owner: the path
+    // would reach the upstream in a spelling it never issued.
+    for spelling in [start.code.to_uppercase(), start.code.replace('-', "")] {
+        let other = path.replace(start.code.as_str(), &spelling);
+        let r = send(&t, reqwest::Method::GET, &other, &alice, None, b"", &[]);
+        assert_eq!(r.status, 404, "{other}");
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_error_shape(&body, "UNIVERSAL");
+        assert_eq!(t.demo_stats()["requests"][&other], Value::Null);
+    }
+
     // The owner still can, and the strangers' attempts took no stage.
     let own = send(&t, reqwest::Method::GET, &path, &alice, None, b"", &[]);
     assert_eq!(own.status, 200);

@@ -116,7 +116,12 @@ pub async fn password_change(call: &mut Call<'_>) -> Result<AccountResponse, Api
     let token = call
         .app
         .authority
-        .change_password(&user, &req.current_password, &req.new_password)
+        .change_password(
+            &user,
+            &req.current_password,
+            &req.new_password,
+            call.req.client_ip,
+        )
         .await?;
     Ok(AccountResponse::json(&token))
 }

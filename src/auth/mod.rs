@@ -306,19 +306,31 @@ impl Authority {
     }
 
     /// Changes the caller's password, revoking every token issued before, and returns a new one.
+    /// A wrong current password counts as a failed login: a stolen token must not become a way
+    /// to guess the password without limit.
     pub async fn change_password(
         &self,
         user: &UserRecord,
         current: &str,
         new: &str,
+        address: Option<IpAddr>,
     ) -> Result<String, ApiError> {
+        if let Some(wait) = self.throttle.refused(&user.username, address) {
+            return Err(ApiError::too_many(
+                "current_password: too many failed attempts; try again later",
+                wait,
+            ));
+        }
         let verified = user.password_hash.clone();
         let stored = verified.clone();
         let (current, new) = (current.to_string(), new.to_string());
         let new_hash = self
             .hash_work(move || password::verify(&current, &stored).then(|| password::hash(&new)))
             .await?
-            .ok_or_else(|| ApiError::unauthorized("current_password: does not match"))?;
+            .ok_or_else(|| {
+                self.throttle.failed(&user.username, address);
+                ApiError::unauthorized("current_password: does not match")
+            })?;
         let updated = self
             .update(&user.username, |u| {
                 // Changed meanwhile: the current password checked above is no longer current.

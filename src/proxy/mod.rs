@@ -149,7 +149,7 @@ impl Tollgate {
                     }
                 }
                 let id = r.pattern.matches(path, r.process_id.as_deref())?;
-                Some((i, id.map(|id| Uuid::parse_str(id).map_err(|_| ()))))
+                Some((i, id.map(canonical_tracecode)))
             })
     }
 
@@ -665,6 +665,19 @@ impl std::fmt::Display for Ms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let us = (self.0.as_nanos() + 500) / 1000;
         write!(f, "{}.{:03}", us / 1000, us % 1000)
+    }
+}
+
+/// A process id as Tollgate issues tracecodes (lower-case, hyphenated). Other spellings of the
+/// same UUID are refused rather than matched: the path goes upstream as the caller wrote it,
+/// and the upstream knows the process by the spelling it was given.
+fn canonical_tracecode(id: &str) -> Result<Uuid, ()> {
+    let code = Uuid::try_parse(id).map_err(|_| ())?;
+    let mut buf = Uuid::encode_buffer();
+    if code.hyphenated().encode_lower(&mut buf) == id {
+        Ok(code)
+    } else {
+        Err(())
     }
 }
 
