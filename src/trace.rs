@@ -24,9 +24,21 @@ pub fn new_tracecode() -> Uuid {
     Uuid::new_v4()
 }
 
-/// `company_|_username`, or the fallback when no user is known.
+/// The longest `client` the API's Tracedata allows.
+pub const MAX_CLIENT_CHARS: usize = 256;
+
+/// `company_|_username`. Both parts may be 256 characters, the label at most
+/// [`MAX_CLIENT_CHARS`]: a label that would be longer (only accounts made before the account
+/// API refused such pairs) keeps the username whole and as much of the company key as fits.
 pub fn client_label(company_key: &str, username: &str) -> String {
-    format!("{company_key}_|_{username}")
+    const SEPARATOR: &str = "_|_";
+    let room = MAX_CLIENT_CHARS.saturating_sub(SEPARATOR.len() + username.chars().count());
+    let company: String = company_key.chars().take(room.max(1)).collect();
+    let mut label = format!("{company}{SEPARATOR}{username}");
+    if label.chars().count() > MAX_CLIENT_CHARS {
+        label = label.chars().take(MAX_CLIENT_CHARS).collect();
+    }
+    label
 }
 
 /// The caller's label before anyone is authenticated.
@@ -398,6 +410,22 @@ impl PartialJson<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_label_fits_the_tracedata_limit_and_keeps_the_username() {
+        assert_eq!(client_label("acme", "alice"), "acme_|_alice");
+        let (company, user) = ("c".repeat(256), "u".repeat(200));
+        let label = client_label(&company, &user);
+        assert_eq!(label.len(), MAX_CLIENT_CHARS);
+        assert!(label.ends_with(&format!("_|_{user}")), "{label}");
+        let exact = client_label(&"c".repeat(53), &user);
+        assert_eq!(exact, format!("{}_|_{user}", "c".repeat(53)));
+        // A username of the full 256 leaves room for nothing else: still at most 256.
+        assert_eq!(
+            client_label(&company, &"u".repeat(256)).chars().count(),
+            MAX_CLIENT_CHARS
+        );
+    }
 
     #[test]
     fn cut_json_is_masked_as_far_as_it_goes_and_never_keeps_a_redacted_value() {

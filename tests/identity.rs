@@ -1193,6 +1193,12 @@ fn account_info_reads_and_writes_the_stored_fields() {
         (with("phone", json!("1".repeat(33))), 400, "phone"),
         (with("username", json!("a")), 400, "username"),
         (with("company_key", json!("ac")), 400, "company_key"),
+        // Each part may be 256; together they must fit the tracedata client (256).
+        (
+            with("company_key", json!("c".repeat(252))),
+            400,
+            "company_key",
+        ),
         (with("username", json!("bob")), 403, "username"),
         (with("company_key", json!("evil_corp")), 403, "company_key"),
         (json!({"name": "Alice"}), 400, "username"),

@@ -8,6 +8,7 @@ use crate::auth::{DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, MIN_TTL_SECONDS};
 use crate::error::ApiError;
 use crate::model::Role;
 use crate::store::UserRecord;
+use crate::trace;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,6 +150,17 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let info: AccountInfo = call.body()?;
     check_word("username", &info.username, 2, 256)?;
     check_word("company_key", &info.company_key, 3, 256)?;
+    let label = info.company_key.chars().count() + 3 + info.username.chars().count();
+    if label > trace::MAX_CLIENT_CHARS {
+        return Err(ApiError::invalid(
+            "company_key",
+            format!(
+                "with the username, at most {} characters in all (the tracedata client is \
+                 company_key_|_username, {label} here)",
+                trace::MAX_CLIENT_CHARS - 3
+            ),
+        ));
+    }
     // Empty strings from a form mean "not set" as much as null does.
     let none_if_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
     let (name, email, phone) = (
