@@ -76,8 +76,9 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), 
     let date = |field: &str| -> Result<Option<NaiveDate>, ApiError> {
         get(&query, field)
             .map(|v| {
-                NaiveDate::parse_from_str(v, "%Y-%m-%d")
-                    .map_err(|_| ApiError::invalid(field, "must be a date YYYY-MM-DD"))
+                iso_date(v).ok_or_else(|| {
+                    ApiError::invalid(field, "must be a date YYYY-MM-DD (years 0001 to 9999)")
+                })
             })
             .transpose()
     };
@@ -88,11 +89,27 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), 
     }
     if (to - from).num_days() + 1 > MAX_PERIOD_DAYS {
         return Err(ApiError::invalid(
-            "to",
+            "from, to",
             format!("the period may span at most {MAX_PERIOD_DAYS} days"),
         ));
     }
     Ok((from, to))
+}
+
+/// A calendar date written exactly as `YYYY-MM-DD` (what the client's `date.isoformat()`
+/// sends): no sign, no single-digit month or day, no year 0.
+fn iso_date(v: &str) -> Option<NaiveDate> {
+    let b = v.as_bytes();
+    let shape = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if !shape || v.starts_with("0000") {
+        return None;
+    }
+    NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()
 }
 
 fn daily_rows(
@@ -424,15 +441,19 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                     "the capture was truncated; only ORIGIN can be served",
                 ));
             }
-            let value: Value = serde_json::from_slice(&payload.body).map_err(|_| {
+            let not_json = |_| {
                 ApiError::invalid(
                     "data_flow_convert",
                     "the captured payload is not JSON; use ORIGIN",
                 )
-            })?;
+            };
             if convert == "JSON" {
-                AccountResponse::json(&value)
+                // Checked, then served as captured: parsing into values and printing them
+                // again would round long numbers and reorder members.
+                serde_json::from_slice::<serde::de::IgnoredAny>(&payload.body).map_err(not_json)?;
+                AccountResponse::file("application/json", payload.body.clone(), None)
             } else {
+                let value: Value = serde_json::from_slice(&payload.body).map_err(not_json)?;
                 let bytes =
                     report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))?;
                 let name = format!(
@@ -456,6 +477,29 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn period_dates_are_exactly_yyyy_mm_dd() {
+        assert_eq!(iso_date("2024-02-29"), NaiveDate::from_ymd_opt(2024, 2, 29));
+        assert_eq!(iso_date("0001-01-01"), NaiveDate::from_ymd_opt(1, 1, 1));
+        for bad in [
+            "2024-1-1",
+            "+2026-11-29",
+            " 2024-01-01",
+            "2024-01-01 ",
+            "0000-01-01",
+            "-001-01-01",
+            "2024-02-30",
+            "2023-02-29",
+            "2024/01/01",
+            "20240101",
+            "",
+            "2024-01-01T00:00",
+            "９９９９-01-01",
+        ] {
+            assert_eq!(iso_date(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn every_time_form_the_client_sends_parses() {
