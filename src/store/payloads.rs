@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -37,8 +37,11 @@ const OPEN_DAYS: usize = 3;
 
 /// The batch's bodies are appended in writes of up to this. On this project's test machine a
 /// batch's 20 MB in one write cost the kernel three to four times the system time of 1 MiB
-/// writes (2x at 4 MiB), and a buffer this size stays in cache while it fills.
+/// writes (2x at 4 MiB).
 const WRITE_BYTES: usize = 1 << 20;
+
+/// The most pieces one `writev` takes (Linux's IOV_MAX).
+const MAX_SLICES: usize = 1024;
 
 /// How far the written bytes of a file may run ahead of the disk before the writer hands them
 /// to it (see `DayFile::write_behind`).
@@ -153,6 +156,19 @@ pub(super) fn read(dir: &Path, day: Day, p: &Pointer) -> Result<Option<bytes::By
     }
 }
 
+/// Writes every byte of `slices` (emptied on the way), a few system calls for many bodies.
+fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Bytes of all payload files, for `Store::disk_bytes`.
 pub(super) fn disk_bytes(dir: &Path) -> u64 {
     list(dir)
@@ -177,8 +193,10 @@ struct DayFile {
     /// The file's length: all of it written by this store instance, through `file`.
     len_bytes: u64,
     /// Bodies staged and not yet written, in the order of their pointers' offsets (less than
-    /// `WRITE_BYTES` of them, unless one body alone is more).
-    pending: Vec<u8>,
+    /// `WRITE_BYTES` of them, unless one body alone is more): the captured bytes themselves,
+    /// shared, written straight from where the proxy put them.
+    pending: Vec<bytes::Bytes>,
+    pending_bytes: usize,
     /// Written since the last `sync_data`.
     unsynced: bool,
     /// Where the bytes handed to the disk (`write_behind`) end, and where those before them,
@@ -189,14 +207,27 @@ struct DayFile {
 
 impl DayFile {
     fn write_pending(&mut self) -> std::io::Result<()> {
-        for chunk in self.pending.chunks(WRITE_BYTES) {
-            self.file.write_all(chunk)?;
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(self.pending.len().min(MAX_SLICES));
+        let mut queued = 0;
+        for piece in self
+            .pending
+            .iter()
+            .flat_map(|body| body.chunks(WRITE_BYTES))
+        {
+            slices.push(IoSlice::new(piece));
+            queued += piece.len();
+            if queued >= WRITE_BYTES || slices.len() == MAX_SLICES {
+                write_all_vectored(&mut self.file, &mut slices)?;
+                slices.clear();
+                queued = 0;
+            }
         }
+        write_all_vectored(&mut self.file, &mut slices)?;
+        drop(slices);
         self.unsynced = true;
-        self.len_bytes += self.pending.len() as u64;
+        self.len_bytes += self.pending_bytes as u64;
         self.pending.clear();
-        // After an outsized body, give its memory back.
-        self.pending.shrink_to(2 * WRITE_BYTES);
+        self.pending_bytes = 0;
         if self.len_bytes - self.submitted_bytes >= WRITE_BEHIND_BYTES {
             self.write_behind();
         }
@@ -268,13 +299,14 @@ impl PayloadFiles {
         let day_file = self.day_file(day)?;
         let pointer = Pointer {
             file: day_file.number,
-            offset_bytes: day_file.len_bytes + day_file.pending.len() as u64,
+            offset_bytes: day_file.len_bytes + day_file.pending_bytes as u64,
             len_bytes: p.body.len() as u64,
             truncated: p.truncated,
             content_type: p.content_type.clone(),
         };
-        day_file.pending.extend_from_slice(&p.body);
-        if day_file.pending.len() >= WRITE_BYTES {
+        day_file.pending.push(p.body.clone());
+        day_file.pending_bytes += p.body.len();
+        if day_file.pending_bytes >= WRITE_BYTES {
             if let Err(e) = day_file.write_pending() {
                 self.forget(day);
                 return Err(io(e));
@@ -316,6 +348,7 @@ impl PayloadFiles {
     pub fn abandon(&mut self) {
         for f in self.open.values_mut() {
             f.pending.clear();
+            f.pending_bytes = 0;
         }
     }
 
@@ -398,7 +431,8 @@ impl PayloadFiles {
             number,
             file,
             len_bytes: 0,
-            pending: Vec::with_capacity(WRITE_BYTES),
+            pending: Vec::new(),
+            pending_bytes: 0,
             unsynced: false,
             submitted_bytes: 0,
             dropped_bytes: 0,
