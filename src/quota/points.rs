@@ -2341,7 +2341,13 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        // 512 cases, or PROPTEST_CASES for a longer search.
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(512)
+        ))]
 
         #[test]
         fn agrees_with_a_document_tree((doc, rule, pretty) in document_and_rule()) {
@@ -2406,11 +2412,21 @@ mod tests {
                 None => prop_assert_eq!(count_points(&body, &rule), Ok(reference(&doc, &rule))),
                 Some((at, byte)) => {
                     let index = body.len() / 2 + at.index(body.len() / 2);
+                    let numeric = |b: u8| b.is_ascii_digit() || b"eE.+-".contains(&b);
+                    // A number's text changed into another spelling of the same float ("1e5"
+                    // into "1E5"): the tree sees one value where the counter, comparing bytes
+                    // as documented, sees two.
+                    let respelled_number = numeric(body[index]) && numeric(byte);
                     body[index] = byte;
                     let ours = count_points(&body, &rule);
                     match (&ours, serde_json::from_slice::<Value>(&body)) {
                         (Err(error), _) if error.reason == DUPLICATE_MEMBER => {}
                         (Ok(_), Err(error)) if error.to_string().contains("number out of range") => {}
+                        (Ok(counted), Ok(parsed)) if respelled_number => {
+                            let expected = reference(&parsed, &rule);
+                            prop_assert_eq!(counted.points, expected.points);
+                            prop_assert!(counted.unique_points >= expected.unique_points);
+                        }
                         (Ok(counted), Ok(parsed)) => {
                             prop_assert_eq!(*counted, reference(&parsed, &rule));
                         }
