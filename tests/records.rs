@@ -1147,6 +1147,16 @@ fn audit_pages_filters_and_validates_its_parameters() {
         (vec![("operation_id", "ab")], "operation_id"),
         (vec![("from", "yesterday")], "from"),
         (vec![("to", "2025-13-01T00:00:00Z")], "to"),
+        // Either order: no silent pick of one of two values.
+        (
+            vec![("offset", "0"), ("offset", "-1")],
+            "offset: given more than once",
+        ),
+        (vec![("offset", "-1"), ("offset", "0")], "offset"),
+        (
+            vec![("sort_field", "time"), ("sort_field", "time")],
+            "sort_field: given more than once",
+        ),
     ] {
         let (status, body) = audit_status(&t, &alice, &query);
         assert_eq!(status, 400, "{query:?}: {body}");
@@ -1607,6 +1617,13 @@ fn statistics_count_points_per_day_service_and_method_group_live() {
         ("from=today".to_string(), "from"),
         ("to=2025-1-5x".to_string(), "to"),
         ("from=2025-01-01T00:00:00Z".to_string(), "from"),
+        ("from=2025-1-1".to_string(), "from"),
+        ("from=%2B2025-01-01".to_string(), "from"),
+        ("from=0000-01-01&to=0000-01-02".to_string(), "from"),
+        (
+            format!("from={today}&from={today}"),
+            "from: given more than once",
+        ),
     ] {
         let (status, body) = stats(&t, &alice, &query);
         assert_eq!(status, 400, "{query}: {body}");

@@ -93,8 +93,16 @@ impl Call<'_> {
         self.req.body.as_ref().map_err(Clone::clone)
     }
 
-    fn query(&self) -> Vec<(String, String)> {
-        parse_query(self.req.query)
+    /// The query's parameters; a name given twice is refused rather than one of its values
+    /// picked silently.
+    fn query(&self) -> Result<Vec<(String, String)>, ApiError> {
+        let query = parse_query(self.req.query);
+        for (i, (name, _)) in query.iter().enumerate() {
+            if query[..i].iter().any(|(earlier, _)| earlier == name) {
+                return Err(ApiError::invalid(name, "given more than once"));
+            }
+        }
+        Ok(query)
     }
 
     fn tracedata(&self) -> Tracedata {

@@ -71,7 +71,7 @@ pub fn quota(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
 
 /// The statistics/report period: inclusive local dates, defaulting to this month so far.
 fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), ApiError> {
-    let query = call.query();
+    let query = call.query()?;
     let today = Utc::now().with_timezone(&offset_of(user)).date_naive();
     let date = |field: &str| -> Result<Option<NaiveDate>, ApiError> {
         get(&query, field)
@@ -282,7 +282,7 @@ fn visibility(user: &UserRecord) -> Visibility {
 
 pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = call.caller()?;
-    let query = call.query();
+    let query = call.query()?;
     let tz = offset_of(&user);
     let now = Utc::now();
     let time = |field: &str, default: DateTime<Utc>| -> Result<DateTime<Utc>, ApiError> {
@@ -384,7 +384,7 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
     let user = call.caller()?;
     let code =
         Uuid::parse_str(raw_code).map_err(|_| ApiError::invalid("tracecode", "must be a UUID"))?;
-    let query = call.query();
+    let query = call.query()?;
     let flow = match get(&query, "data_flow_type").unwrap_or("INPUT") {
         "INPUT" => Flow::Input,
         "OUTPUT" => Flow::Output,
