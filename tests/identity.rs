@@ -1433,3 +1433,35 @@ fn wrong_current_passwords_count_as_failed_logins() {
     );
     assert_accepted_everywhere(&t, &bob, "bob's token, unchanged");
 }
+
+#[test]
+fn an_unknown_account_operation_names_the_caller_whose_token_is_good() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    for (method, path) in [
+        (reqwest::Method::POST, "/account/info"),
+        (reqwest::Method::GET, "/account/no_such_operation"),
+    ] {
+        let r = client()
+            .request(method.clone(), t.url(path))
+            .bearer_auth(&alice)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 404, "{method} {path}");
+        let body: Value = r.json().unwrap();
+        assert_error_shape(&body, "ACCOUNT");
+        assert_eq!(
+            body["detail"]["tracedata"]["client"], "acme_|_alice",
+            "{body}"
+        );
+        // Without a good token: anonymous, and still a 404.
+        let r = client()
+            .request(method.clone(), t.url(path))
+            .bearer_auth("not-a-token")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 404, "{method} {path}");
+        let body: Value = r.json().unwrap();
+        assert_eq!(body["detail"]["tracedata"]["client"], "anonymous", "{body}");
+    }
+}

@@ -202,6 +202,11 @@ pub async fn handle(app: &App, req: AccountRequest<'_>) -> AccountResponse {
     match result {
         Ok(response) => response,
         Err(error) => {
+            // An error before the operation looked at the token (no such operation, a bad
+            // query) still names a caller whose token is good.
+            if call.user.is_none() {
+                call.user = app.authority.authenticate(call.req.authorization).ok();
+            }
             let body = error.body(&call.tracedata());
             let mut headers = Vec::new();
             if let Some(s) = error.retry_after_seconds {
