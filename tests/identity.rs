@@ -314,6 +314,8 @@ fn truncated_json_is_a_400_naming_the_body() {
         &b"{\"username\": \"alice\", "[..],
         b"{\"username\": \"al",
         b"{",
+        // The fields in order, as an array: not a TokenRequest.
+        b" [\"alice\", \"alice-password-1\", 3600]",
     ] {
         let r = login_raw(&t, raw);
         assert_eq!(r.status(), 400);
@@ -1191,6 +1193,13 @@ fn account_info_reads_and_writes_the_stored_fields() {
         (with("name", json!("n".repeat(257))), 400, "name"),
         (with("phone", json!("1234")), 400, "phone"),
         (with("phone", json!("1".repeat(33))), 400, "phone"),
+        (
+            with("phone", json!("\u{0}\u{0}\u{0}\u{0}\u{0}")),
+            400,
+            "phone",
+        ),
+        (with("name", json!("Al\u{7}ice")), 400, "name"),
+        (with("email", json!("al\u{0}ice@acme.com")), 400, "email"),
         (with("username", json!("a")), 400, "username"),
         (with("company_key", json!("ac")), 400, "company_key"),
         // Each part may be 256; together they must fit the tracedata client (256).

@@ -770,6 +770,30 @@ fn a_hanging_upstream_is_a_504_after_the_route_timeout() {
 }
 
 #[test]
+fn a_204_with_a_length_in_its_head_reaches_the_caller_without_one() {
+    let upstream = FaultUpstream::start(Fault::NoContentWithLength);
+    let t = Tollgate::start_extra(&fault_route("empty", upstream.port, ""));
+    let alice = t.token("alice");
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let r = quick
+        .post(t.url("/universal/empty/calculation"))
+        .bearer_auth(&alice)
+        .json(&json!({}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    assert_eq!(r.bytes().expect("the answer ends at its head").len(), 0);
+}
+
+#[test]
 fn an_upstream_closing_before_its_answer_is_a_502() {
     let close = FaultUpstream::start(Fault::CloseSilently);
     let t = Tollgate::start_extra(&fault_route("close", close.port, ""));

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_len, check_word, AccountResponse, Call};
+use super::{check_len, check_text, check_word, AccountResponse, Call};
 use crate::auth::{DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS, MIN_TTL_SECONDS};
 use crate::error::ApiError;
 use crate::model::Role;
@@ -169,10 +169,10 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
         none_if_empty(info.phone),
     );
     if let Some(n) = &name {
-        check_len("name", n, 2, 256)?;
+        check_text("name", n, 2, 256)?;
     }
     if let Some(e) = &email {
-        check_len("email", e, 5, 256)?;
+        check_text("email", e, 5, 256)?;
         if !is_email(e) {
             return Err(ApiError::invalid(
                 "email",
@@ -181,7 +181,7 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
         }
     }
     if let Some(p) = &phone {
-        check_len("phone", p, 5, 32)?;
+        check_text("phone", p, 5, 32)?;
     }
     let timezone = info.timezone.unwrap_or(0);
     if !(-12..=12).contains(&timezone) {

@@ -126,6 +126,10 @@ impl Call<'_> {
 
 /// Parses JSON into `T`, naming the field and the rule when it does not fit.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // The request models are objects; serde would also fill one from an array, in order.
+    if body.trim_ascii_start().first() == Some(&b'[') {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -171,6 +175,19 @@ fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), Api
         return Err(ApiError::invalid(
             field,
             format!("must be {min}..{max} characters, got {n}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a stored text field: its length, and no control characters (NUL, BEL, line breaks
+/// and the like have no place in a name, an e-mail address or a phone number).
+fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    check_len(field, value, min, max)?;
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
         ));
     }
     Ok(())

@@ -125,6 +125,12 @@ pub async fn exchange(
     for h in ["connection", "keep-alive", "proxy-connection"] {
         out.remove_header(h);
     }
+    if status == 204 {
+        // A 204 has no body whatever its head says (RFC 9110 15.3.5), and none is read from
+        // the upstream: a length left in the head would leave the caller waiting for it.
+        out.remove_header(&http::header::CONTENT_LENGTH);
+        out.remove_header(&http::header::TRANSFER_ENCODING);
+    }
     on_head(&mut out, upstream_time);
     let mut ex = Exchange {
         status,

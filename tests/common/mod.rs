@@ -449,6 +449,8 @@ pub enum Fault {
     ResetMidChunked,
     /// Starts a chunked answer, sends one chunk, then a chunk whose size is not hex.
     BadChunk,
+    /// Answers 204 with a Content-Length (which a 204 never has a body for) and stays open.
+    NoContentWithLength,
 }
 
 const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
@@ -488,6 +490,12 @@ impl FaultUpstream {
                                 let _ = s.write_all(CHUNKED_HEAD);
                                 let _ = socket_linger_zero(&s);
                                 drop(s);
+                            }
+                            Fault::NoContentWithLength => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                                );
+                                held.push(s);
                             }
                             Fault::BadChunk => {
                                 let _ = s.write_all(CHUNKED_HEAD);
