@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chrono::Utc;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -40,6 +40,7 @@ use crate::quota::LedgerKey;
 use crate::store::writer::CallRecord;
 use crate::store::{AuditRecord, Payload, ProcessRecord, UserRecord};
 use crate::trace::{self, Tracedata};
+use upstream::RequestBody;
 
 pub const TRACECODE_HEADER: &str = "x-tracecode";
 pub const CLIENT_HEADER: &str = "x-client";
@@ -84,6 +85,8 @@ pub struct Ctx {
     /// The answer's head went to the caller and its body broke off (the upstream's failed, or
     /// the caller left): the connection is dropped, never ended as if the answer were whole.
     broken_off: bool,
+    /// Answered 413 with the body still coming: read and drop some of it before closing.
+    linger: bool,
     /// The status this call answered with (0: none was written).
     status: u16,
     local_day: i32,
@@ -208,10 +211,11 @@ impl Tollgate {
             .max_body_bytes
             .min(ACCOUNT_BODY_LIMIT);
         let body = match read_body(session, limit).await {
-            Ok(b) => Ok(b),
+            Ok(mut b) => Ok(b.whole().clone()),
             // Either way the rest of the body is unread: the connection cannot be reused.
             Err(e) => {
                 session.set_keepalive(None);
+                ctx.linger = matches!(e, BodyError::TooLarge);
                 Err(match e {
                     BodyError::TooLarge => ApiError::new(
                         413,
@@ -380,10 +384,11 @@ impl Tollgate {
         });
 
         // The whole body, before anything reaches the upstream.
-        let body = match read_body(session, app.config.limits.max_body_bytes).await {
+        let mut body = match read_body(session, app.config.limits.max_body_bytes).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 session.set_keepalive(None);
+                ctx.linger = true;
                 app.metrics
                     .rejections
                     .with_label_values(&["body_too_large"])
@@ -403,7 +408,13 @@ impl Tollgate {
         };
 
         // Points, then the one atomic admission.
-        ctx.points = count_points(&body, &route.points).map_err(|e| {
+        // Counting needs the body in one piece; a route without a points rule never joins it.
+        let counted = if route.points.array_pointers.is_empty() {
+            Ok(Points::default())
+        } else {
+            count_points(body.whole(), &route.points)
+        };
+        ctx.points = counted.map_err(|e| {
             app.metrics
                 .rejections
                 .with_label_values(&["invalid_json"])
@@ -456,7 +467,7 @@ impl Tollgate {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string),
                 truncated: body.len() > cap,
-                body: body.slice(..body.len().min(cap)),
+                body: body.prefix(cap),
             });
         }
         let client = user
@@ -755,7 +766,7 @@ enum BodyError {
 }
 
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`.
-async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, BodyError> {
+async fn read_body(session: &mut Session, limit: usize) -> Result<RequestBody, BodyError> {
     let req = session.req_header();
     let declared = req
         .headers
@@ -770,7 +781,7 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, BodyErr
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if session.is_body_empty() {
-        return Ok(Bytes::new());
+        return Ok(RequestBody::default());
     }
     if expects_continue {
         // Pingora would close the connection after answering before the body was read; the
@@ -780,35 +791,47 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, BodyErr
         session.set_close_on_response_before_downstream_finish(true);
         sent.map_err(|_| BodyError::Gone)?;
     }
-    let mut first: Option<Bytes> = None;
-    let mut buf: Option<BytesMut> = None;
-    let mut total = 0usize;
-    while let Some(chunk) = session
+    let mut body = RequestBody::default();
+    while let Some(piece) = session
         .read_request_body()
         .await
         .map_err(|_| BodyError::Gone)?
     {
-        total += chunk.len();
-        if total > limit {
+        if body.len() + piece.len() > limit {
             return Err(BodyError::TooLarge);
         }
-        // The common single-chunk body is kept as is; only larger ones are copied together.
-        match (&mut first, &mut buf) {
-            (None, None) => first = Some(chunk),
-            (Some(f), None) => {
-                let mut b = BytesMut::with_capacity(declared.unwrap_or(total * 2).max(total));
-                b.extend_from_slice(f);
-                b.extend_from_slice(&chunk);
-                buf = Some(b);
-            }
-            (_, Some(b)) => b.extend_from_slice(&chunk),
+        body.push(piece);
+    }
+    Ok(body)
+}
+
+/// How long, and for how many bytes, a connection answered 413 keeps reading what its client
+/// is still sending before it closes.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 << 20;
+
+/// After a 413 answered before the body was read: reads and drops what the client goes on
+/// sending, for a moment, so that its writes do not meet a closed socket (a reset, which can
+/// discard the answer before the client reads it). A client that sent `Expect: 100-continue`
+/// was never asked for the body, and sends none.
+async fn linger(session: &mut Session) {
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match pingora::time::timeout(left, session.read_request_body()).await {
+            Ok(Ok(Some(piece))) => drained += piece.len(),
+            _ => break,
         }
     }
-    Ok(match (first, buf) {
-        (_, Some(b)) => b.freeze(),
-        (Some(f), None) => f,
-        (None, None) => Bytes::new(),
-    })
 }
 
 /// Writes a complete local answer with its length, so the connection stays reusable.
@@ -855,6 +878,7 @@ impl ProxyHttp for Tollgate {
             upstream_status: None,
             upstream_failed: false,
             broken_off: false,
+            linger: false,
             status: 0,
             local_day: 0,
             _in_flight: None,
@@ -865,10 +889,11 @@ impl ProxyHttp for Tollgate {
         ctx.started = Instant::now();
         if session.req_header().uri.path().starts_with("/account/") {
             self.serve_account(session, ctx).await;
-            return Ok(true);
-        }
-        if let Err((error, headers)) = self.proxy_call(session, ctx).await {
+        } else if let Err((error, headers)) = self.proxy_call(session, ctx).await {
             self.reject(session, ctx, error, &headers).await;
+        }
+        if ctx.linger {
+            linger(session).await;
         }
         if ctx.broken_off {
             // An error, so that pingora drops the connection: answering `true` would have it

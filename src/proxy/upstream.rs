@@ -100,6 +100,72 @@ pub struct Leg<'a> {
     pub max_capture_bytes: usize,
 }
 
+/// A request body as it was read, in the pieces pingora read it in (up to 64 KiB each), joined
+/// into one only when something needs it whole: counting points does, forwarding does not.
+#[derive(Debug, Clone, Default)]
+pub struct RequestBody {
+    pieces: Vec<Bytes>,
+    len: usize,
+}
+
+impl RequestBody {
+    pub fn push(&mut self, piece: Bytes) {
+        self.len += piece.len();
+        if !piece.is_empty() {
+            self.pieces.push(piece);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The body in one piece, joined (one copy) the first time it is asked for.
+    pub fn whole(&mut self) -> &Bytes {
+        if self.pieces.len() != 1 {
+            let mut joined = BytesMut::with_capacity(self.len);
+            for piece in &self.pieces {
+                joined.extend_from_slice(piece);
+            }
+            self.pieces = vec![joined.freeze()];
+        }
+        &self.pieces[0]
+    }
+
+    /// The first `n` bytes (all of them when shorter), copied only when they span pieces.
+    pub fn prefix(&self, n: usize) -> Bytes {
+        match self.pieces.first() {
+            None => Bytes::new(),
+            Some(first) if first.len() >= n || self.pieces.len() == 1 => {
+                first.slice(..n.min(first.len()))
+            }
+            Some(_) => {
+                let mut out = BytesMut::with_capacity(n.min(self.len));
+                for piece in &self.pieces {
+                    let room = n - out.len();
+                    if room == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&piece[..room.min(piece.len())]);
+                }
+                out.freeze()
+            }
+        }
+    }
+}
+
+impl From<Bytes> for RequestBody {
+    fn from(piece: Bytes) -> RequestBody {
+        let mut body = RequestBody::default();
+        body.push(piece);
+        body
+    }
+}
+
 /// Sends `req` + `body` upstream and relays the answer to `session`. `on_head` may add headers
 /// to the caller's response head (it gets the upstream time). Errors before the response head
 /// are returned for the caller to answer; after it, the caller connection is simply ended.
@@ -107,7 +173,7 @@ pub async fn exchange(
     leg: Leg<'_>,
     session: &mut Session,
     req: RequestHeader,
-    body: Bytes,
+    body: RequestBody,
     on_head: impl FnOnce(&mut ResponseHeader, Duration),
 ) -> Result<Exchange, UpstreamFailure> {
     let deadline = Instant::now() + leg.total_timeout;
@@ -202,7 +268,7 @@ fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
 async fn send(
     leg: &Leg<'_>,
     req: RequestHeader,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
     let (mut http, reused) = leg
         .connector
@@ -247,13 +313,14 @@ async fn send(
 async fn write_and_read_head(
     http: &mut HttpSession,
     req: RequestHeader,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<ResponseHeader, bool> {
     http.write_request_header(Box::new(req))
         .await
         .map_err(|_| false)?;
-    if !body.is_empty() {
-        http.write_request_body(body, true)
+    let last = body.pieces.len().saturating_sub(1);
+    for (i, piece) in body.pieces.into_iter().enumerate() {
+        http.write_request_body(piece, i == last)
             .await
             .map_err(|_| false)?;
     }
@@ -265,5 +332,46 @@ async fn write_and_read_head(
         if !head.status.is_informational() {
             return Ok(head.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(parts: &[&str]) -> RequestBody {
+        let mut body = RequestBody::default();
+        for p in parts {
+            body.push(Bytes::from(p.to_string()));
+        }
+        body
+    }
+
+    #[test]
+    fn a_body_in_pieces_joins_once_and_gives_any_prefix() {
+        let mut body = pieces(&["abc", "", "defg", "h"]);
+        assert_eq!(body.len(), 8);
+        assert_eq!(body.pieces.len(), 3, "empty pieces are not kept");
+        for (n, want) in [
+            (0, ""),
+            (2, "ab"),
+            (3, "abc"),
+            (5, "abcde"),
+            (8, "abcdefgh"),
+            (99, "abcdefgh"),
+        ] {
+            assert_eq!(body.prefix(n), want.as_bytes(), "prefix({n})");
+        }
+        assert_eq!(body.whole().as_ref(), b"abcdefgh");
+        assert_eq!(body.pieces.len(), 1);
+        assert_eq!(body.prefix(4), "abcd".as_bytes());
+        let mut empty = RequestBody::default();
+        assert!(empty.is_empty());
+        assert_eq!(empty.whole().as_ref(), b"");
+        assert_eq!(empty.prefix(10), Bytes::new());
+        assert_eq!(
+            RequestBody::from(Bytes::from_static(b"xyz")).prefix(2),
+            "xy".as_bytes()
+        );
     }
 }
