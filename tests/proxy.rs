@@ -770,6 +770,40 @@ fn a_hanging_upstream_is_a_504_after_the_route_timeout() {
 }
 
 #[test]
+fn a_body_that_stops_coming_is_a_400_after_the_client_read_timeout() {
+    let t = Tollgate::start_extra("[limits]\nclient_read_timeout_ms = 300\n");
+    let alice = t.token("alice");
+    for (path, auth) in [
+        (
+            "/universal/plan/calculation",
+            format!("Authorization: Bearer {alice}\r\n"),
+        ),
+        ("/account/token/generation", String::new()),
+    ] {
+        let started = Instant::now();
+        let mut c = Raw::connect(t.port);
+        c.send(format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\"").as_bytes());
+        let (status, _) = c.read_head().expect("an answer, not a silent close");
+        assert_eq!(status, 400, "{path}");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(3),
+            "{path}: answered after {elapsed:?} with a 300 ms read timeout"
+        );
+    }
+    // A client that keeps sending is not cut off.
+    assert_eq!(
+        t.post_json(
+            "/universal/plan/calculation",
+            &alice,
+            &json!({"locations": []})
+        )
+        .status(),
+        200
+    );
+}
+
+#[test]
 fn a_204_with_a_length_in_its_head_reaches_the_caller_without_one() {
     let upstream = FaultUpstream::start(Fault::NoContentWithLength);
     let t = Tollgate::start_extra(&fault_route("empty", upstream.port, ""));

@@ -45,6 +45,9 @@ pub struct Server {
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_capture_bytes: usize,
+    /// How long a read of the caller's request may wait for bytes before the call is given
+    /// up (a client that stopped sending mid-body gets a 400).
+    pub client_read_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -270,6 +270,13 @@ impl Validator {
                 0,
                 1 << 32,
             ) as usize,
+            client_read_timeout: Duration::from_millis(self.range(
+                "limits.client_read_timeout_ms",
+                f.limits.client_read_timeout_ms,
+                60_000,
+                1,
+                3_600_000,
+            ) as u64),
         };
         let upstreams: Vec<Upstream> = f
             .upstreams

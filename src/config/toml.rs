@@ -44,6 +44,7 @@ pub struct Server {
 pub struct Limits {
     pub max_body_bytes: Option<i64>,
     pub max_capture_bytes: Option<i64>,
+    pub client_read_timeout_ms: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

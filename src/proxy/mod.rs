@@ -887,6 +887,7 @@ impl ProxyHttp for Tollgate {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.started = Instant::now();
+        session.set_read_timeout(Some(self.app.config.limits.client_read_timeout));
         if session.req_header().uri.path().starts_with("/account/") {
             self.serve_account(session, ctx).await;
         } else if let Err((error, headers)) = self.proxy_call(session, ctx).await {
