@@ -153,10 +153,17 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 direct=$(echo "${TIMES[direct]}" | median)
-printf 'POST of %s bytes (%s locations), median of %s rounds, binary %s\n' \
+printf 'POST of %s bytes (%s locations), %s rounds, binary %s\n' \
     "$BYTES" "$LOCATIONS" "$ROUNDS" "$BIN"
-printf '%-12s %10s %10s\n' target ms "x direct"
+# "x direct" divides the medians; "x direct per round" is the median of each round's own ratio
+# (the targets of a round run back to back), which drifts less with the machine's other load.
+printf '%-12s %10s %10s %10s %20s\n' target "median ms" "min ms" "x direct" "x direct per round"
 for t in "${targets[@]}"; do
     m=$(echo "${TIMES[$t]}" | median)
-    awk -v t="$t" -v m="$m" -v d="$direct" 'BEGIN { printf "%-12s %10.1f %10.2f\n", t, m * 1000, m / d }'
+    low=$(echo "${TIMES[$t]}" | tr ' ' '\n' | grep -v '^$' | sort -g | head -1)
+    per_round=$(awk -v a="${TIMES[$t]}" -v b="${TIMES[direct]}" \
+        'BEGIN { n = split(a, x, " "); split(b, y, " "); for (i = 1; i <= n; i++) print x[i] / y[i] }' |
+        median)
+    awk -v t="$t" -v m="$m" -v l="$low" -v d="$direct" -v r="$per_round" \
+        'BEGIN { printf "%-12s %10.1f %10.1f %10.2f %20.2f\n", t, m * 1000, l * 1000, m / d, r }'
 done
