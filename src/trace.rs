@@ -27,14 +27,24 @@ pub fn new_tracecode() -> Uuid {
 /// The longest `client` the API's Tracedata allows.
 pub const MAX_CLIENT_CHARS: usize = 256;
 
+const CLIENT_SEPARATOR: &str = "_|_";
+
+/// Characters in the whole `company_|_username` label, before any shortening.
+pub fn client_label_chars(company_key: &str, username: &str) -> usize {
+    company_key.chars().count() + CLIENT_SEPARATOR.len() + username.chars().count()
+}
+
 /// `company_|_username`. Both parts may be 256 characters, the label at most
 /// [`MAX_CLIENT_CHARS`]: a label that would be longer (only accounts made before the account
 /// API refused such pairs) keeps the username whole and as much of the company key as fits.
 pub fn client_label(company_key: &str, username: &str) -> String {
-    const SEPARATOR: &str = "_|_";
-    let room = MAX_CLIENT_CHARS.saturating_sub(SEPARATOR.len() + username.chars().count());
+    // Bytes bound characters: the common label needs no counting (it is made on every call).
+    if company_key.len() + CLIENT_SEPARATOR.len() + username.len() <= MAX_CLIENT_CHARS {
+        return format!("{company_key}{CLIENT_SEPARATOR}{username}");
+    }
+    let room = MAX_CLIENT_CHARS.saturating_sub(CLIENT_SEPARATOR.len() + username.chars().count());
     let company: String = company_key.chars().take(room.max(1)).collect();
-    let mut label = format!("{company}{SEPARATOR}{username}");
+    let mut label = format!("{company}{CLIENT_SEPARATOR}{username}");
     if label.chars().count() > MAX_CLIENT_CHARS {
         label = label.chars().take(MAX_CLIENT_CHARS).collect();
     }

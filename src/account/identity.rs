@@ -150,14 +150,14 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let info: AccountInfo = call.body()?;
     check_word("username", &info.username, 2, 256)?;
     check_word("company_key", &info.company_key, 3, 256)?;
-    let label = info.company_key.chars().count() + 3 + info.username.chars().count();
+    let label = trace::client_label_chars(&info.company_key, &info.username);
     if label > trace::MAX_CLIENT_CHARS {
         return Err(ApiError::invalid(
             "company_key",
             format!(
-                "with the username, at most {} characters in all (the tracedata client is \
-                 company_key_|_username, {label} here)",
-                trace::MAX_CLIENT_CHARS - 3
+                "with the username, the tracedata client company_key_|_username must be at \
+                 most {} characters ({label} here)",
+                trace::MAX_CLIENT_CHARS
             ),
         ));
     }

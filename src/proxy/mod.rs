@@ -765,6 +765,12 @@ enum BodyError {
     Gone,
 }
 
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`.
 async fn read_body(session: &mut Session, limit: usize) -> Result<RequestBody, BodyError> {
     let req = session.req_header();
@@ -776,10 +782,7 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<RequestBody, B
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge);
     }
-    let expects_continue = req
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expects_continue = expects_continue(req);
     if session.is_body_empty() {
         return Ok(RequestBody::default());
     }
@@ -815,12 +818,7 @@ const LINGER_BYTES: usize = 64 << 20;
 /// discard the answer before the client reads it). A client that sent `Expect: 100-continue`
 /// was never asked for the body, and sends none.
 async fn linger(session: &mut Session) {
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
+    if expects_continue(session.req_header()) {
         return;
     }
     let deadline = Instant::now() + LINGER;
