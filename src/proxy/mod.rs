@@ -14,6 +14,7 @@
 //! per-request context, so even when `logging` does not run (a panic, a shutdown that drops
 //! the call) dropping the context refunds it and frees the slot.
 
+mod pool;
 pub mod upstream;
 
 use std::net::IpAddr;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
-use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -49,8 +50,8 @@ pub const UNIQUE_POINTS_HEADER: &str = "x-unique-points";
 
 pub struct Tollgate {
     app: Arc<App>,
-    connector: Connector,
-    peers: Vec<HttpPeer>,
+    transport: TransportConnector,
+    upstreams: Vec<pool::Upstream>,
     /// Per route that sets `requests_per_second`: one rate limiter keyed by user.
     rate_limits: Vec<Option<governor::DefaultKeyedRateLimiter<Arc<str>>>>,
     /// Some route names a process id, so a process may be followed up and new ones must be
@@ -95,17 +96,9 @@ pub struct Ctx {
 
 impl Tollgate {
     pub fn new(app: Arc<App>) -> Tollgate {
-        let keepalive = app
-            .config
-            .upstreams
-            .iter()
-            .map(|u| u.keepalive)
-            .max()
-            .unwrap_or(128);
-        let connector = Connector::new(Some(pingora::connectors::ConnectorOptions::new(
-            keepalive.max(1),
-        )));
-        let peers = app
+        // Idle connections are kept by `pool`, never by the transport's own pool.
+        let transport = TransportConnector::new(None);
+        let upstreams = app
             .config
             .upstreams
             .iter()
@@ -114,7 +107,7 @@ impl Tollgate {
                 peer.options.connection_timeout = Some(u.connect_timeout);
                 peer.options.total_connection_timeout = Some(u.connect_timeout);
                 peer.options.idle_timeout = Some(u.idle_timeout);
-                peer
+                pool::Upstream::new(peer, u.keepalive, u.idle_timeout)
             })
             .collect();
         let rate_limits = app
@@ -131,8 +124,8 @@ impl Tollgate {
         let follow_ups = app.config.routes.iter().any(|r| r.process_id.is_some());
         Tollgate {
             app,
-            connector,
-            peers,
+            transport,
+            upstreams,
             rate_limits,
             follow_ups,
         }
@@ -493,9 +486,8 @@ impl Tollgate {
         .map_err(|_| plain(ApiError::bad_request("request head cannot be forwarded")))?;
         let upstream_cfg = &app.config.upstreams[route.upstream];
         let leg = upstream::Leg {
-            connector: &self.connector,
-            peer: &self.peers[route.upstream],
-            idle_timeout: upstream_cfg.idle_timeout,
+            transport: &self.transport,
+            upstream: &self.upstreams[route.upstream],
             total_timeout: route.total_timeout.unwrap_or(upstream_cfg.total_timeout),
             max_capture_bytes: if route.capture {
                 app.config.limits.max_capture_bytes

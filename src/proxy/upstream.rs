@@ -6,11 +6,12 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
-use pingora::upstreams::peer::HttpPeer;
+
+use super::pool::Upstream;
 
 /// How the upstream leg failed, for the caller's status and the metrics' `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,9 +94,8 @@ pub fn upstream_request(
 }
 
 pub struct Leg<'a> {
-    pub connector: &'a Connector,
-    pub peer: &'a HttpPeer,
-    pub idle_timeout: Duration,
+    pub transport: &'a TransportConnector,
+    pub upstream: &'a Upstream,
     pub total_timeout: Duration,
     pub max_capture_bytes: usize,
 }
@@ -233,9 +233,7 @@ pub async fn exchange(
         }
     }
     ex.held_end = Some(last);
-    leg.connector
-        .release_http_session(http, leg.peer, Some(leg.idle_timeout))
-        .await;
+    leg.upstream.release(http).await;
     Ok(ex)
 }
 
@@ -268,8 +266,8 @@ async fn send(
     body: RequestBody,
 ) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
     let (mut http, reused) = leg
-        .connector
-        .get_http_session(leg.peer)
+        .upstream
+        .session(leg.transport)
         .await
         .map_err(|_| UpstreamFailure::Connect)?;
     let sent = Instant::now();
@@ -287,11 +285,11 @@ async fn send(
     let result = write_and_read_head(&mut http, req.clone(), body.clone()).await;
     let head = match result {
         Ok(head) => head,
-        // A pooled connection the upstream closed while idle: retry once on a fresh one.
+        // A pooled connection the upstream closed while idle: retry once on a new one.
         Err(written) if reused && (replayable || !written) => {
-            let (mut fresh, _) = leg
-                .connector
-                .get_http_session(leg.peer)
+            let mut fresh = leg
+                .upstream
+                .connect(leg.transport)
                 .await
                 .map_err(|_| UpstreamFailure::Connect)?;
             let head = write_and_read_head(&mut fresh, req, body)
