@@ -577,7 +577,28 @@ fn five_megabyte_bodies_pass_byte_exact_with_length_or_chunked() {
     assert_eq!(back.len(), data.len());
     assert!(back[..] == data[..], "the chunked body came back altered");
 
-    assert_eq!(t.demo_stats()["bodies_bytes"], 2 * (5 << 20));
+    // A body in more pieces than one writev takes (IOV_MAX, 1024): 3000
+    // one-byte chunks.
+    let small = noise(3000);
+    let mut c = Raw::connect(t.port);
+    let mut request = format!(
+        "POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for byte in &small {
+        request.extend_from_slice(b"1\r\n");
+        request.push(*byte);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    c.send(&request);
+    let r = c
+        .read_response()
+        .expect("no answer to the many-chunked body");
+    assert_eq!(r.status, 200);
+    assert!(r.body == small, "the many-chunked body came back altered");
+
+    assert_eq!(t.demo_stats()["bodies_bytes"], 2 * (5 << 20) + 3000);
 }
 
 #[test]
@@ -825,6 +846,43 @@ fn a_204_with_a_length_in_its_head_reaches_the_caller_without_one() {
         r.headers()
     );
     assert_eq!(r.bytes().expect("the answer ends at its head").len(), 0);
+}
+
+#[test]
+fn a_head_request_gets_the_upstreams_head_without_waiting_for_a_body() {
+    let upstream = FaultUpstream::start(Fault::HeadOnly);
+    // Each call on a new upstream connection: the fault upstream answers one request each.
+    let route = fault_route("head", upstream.port, "")
+        .replace("method = \"POST\"", "method = \"HEAD\"")
+        .replace(
+            "connect_timeout_ms = 500",
+            "connect_timeout_ms = 500\nkeepalive = 0",
+        );
+    let t = Tollgate::start_extra(&route);
+    let alice = t.token("alice");
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    // The second call rides the caller's same connection: it is answered only once the first
+    // call is over, which it must be at its head, not after waiting out a body.
+    for _ in 0..2 {
+        let r = quick
+            .head(t.url("/universal/head/calculation"))
+            .bearer_auth(&alice)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "content-length").as_deref(), Some("5"));
+        tracecode(&r);
+        assert_eq!(r.bytes().unwrap().len(), 0);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at once, not after a timeout: {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

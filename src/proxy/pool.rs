@@ -54,23 +54,21 @@ impl Upstream {
         }
     }
 
-    /// A session on an idle connection (`true`), else on a new one.
-    pub async fn session(
-        &self,
-        transport: &TransportConnector,
-    ) -> pingora::Result<(HttpSession, bool)> {
+    /// An idle connection (`true`), else a new one.
+    pub async fn stream(&self, transport: &TransportConnector) -> pingora::Result<(Stream, bool)> {
         if let Some(stream) = self.take_idle() {
-            return Ok((self.wrap(stream), true));
+            return Ok((stream, true));
         }
         Ok((self.connect(transport).await?, false))
     }
 
-    /// A session on a new connection.
-    pub async fn connect(&self, transport: &TransportConnector) -> pingora::Result<HttpSession> {
-        Ok(self.wrap(transport.new_stream(&self.peer).await?))
+    /// A new connection.
+    pub async fn connect(&self, transport: &TransportConnector) -> pingora::Result<Stream> {
+        transport.new_stream(&self.peer).await
     }
 
-    fn wrap(&self, stream: Stream) -> HttpSession {
+    /// An HTTP/1 client session on `stream`.
+    pub fn session(&self, stream: Stream) -> HttpSession {
         HttpSession::H1(Http1Session::new_with_options(stream, &self.peer))
     }
 
@@ -187,7 +185,8 @@ mod tests {
     }
 
     async fn get(up: &Upstream, transport: &TransportConnector) -> bool {
-        let (mut http, reused) = up.session(transport).await.unwrap();
+        let (stream, reused) = up.stream(transport).await.unwrap();
+        let mut http = up.session(stream);
         let mut req = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header("Host", "x").unwrap();
         http.write_request_header(Box::new(req)).await.unwrap();
@@ -257,7 +256,7 @@ mod tests {
         let up = upstream(addr, 2, Duration::from_secs(60));
         let mut open = Vec::new();
         for _ in 0..4 {
-            open.push(up.session(&transport).await.unwrap().0);
+            open.push(up.session(up.stream(&transport).await.unwrap().0));
         }
         for mut http in open {
             let mut req = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();

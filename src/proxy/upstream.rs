@@ -3,12 +3,14 @@
 //! cannot replay a buffered body over 64 KiB. It writes the request on a pooled connection,
 //! reads the response head, and streams the response body to the caller while capturing a copy.
 
+use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::Stream;
 use pingora::proxy::Session;
 
 use super::pool::Upstream;
@@ -265,9 +267,9 @@ async fn send(
     req: RequestHeader,
     body: RequestBody,
 ) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
-    let (mut http, reused) = leg
+    let (stream, reused) = leg
         .upstream
-        .session(leg.transport)
+        .stream(leg.transport)
         .await
         .map_err(|_| UpstreamFailure::Connect)?;
     let sent = Instant::now();
@@ -282,51 +284,88 @@ async fn send(
             | http::Method::DELETE
             | http::Method::OPTIONS
     );
-    let result = write_and_read_head(&mut http, req.clone(), body.clone()).await;
-    let head = match result {
-        Ok(head) => head,
+    let request = Request::new(req, body).ok_or(UpstreamFailure::Protocol)?;
+    let (http, head) = match request.exchange_head(leg, stream).await {
+        Ok(done) => done,
         // A pooled connection the upstream closed while idle: retry once on a new one.
         Err(written) if reused && (replayable || !written) => {
-            let mut fresh = leg
+            let fresh = leg
                 .upstream
                 .connect(leg.transport)
                 .await
                 .map_err(|_| UpstreamFailure::Connect)?;
-            let head = write_and_read_head(&mut fresh, req, body)
+            request
+                .exchange_head(leg, fresh)
                 .await
-                .map_err(|_| UpstreamFailure::Protocol)?;
-            http = fresh;
-            head
+                .map_err(|_| UpstreamFailure::Protocol)?
         }
         Err(_) => return Err(UpstreamFailure::Protocol),
     };
     Ok((http, head, sent.elapsed()))
 }
 
-/// Writes the request and reads the final response head; on failure, whether the whole
-/// request had been written.
-async fn write_and_read_head(
-    http: &mut HttpSession,
-    req: RequestHeader,
+/// A request ready for the wire: its head serialised once, so a retry sends the same bytes.
+struct Request {
+    head: RequestHeader,
+    wire: BytesMut,
     body: RequestBody,
-) -> Result<ResponseHeader, bool> {
-    http.write_request_header(Box::new(req))
-        .await
-        .map_err(|_| false)?;
-    let last = body.pieces.len().saturating_sub(1);
-    for (i, piece) in body.pieces.into_iter().enumerate() {
-        http.write_request_body(piece, i == last)
-            .await
-            .map_err(|_| false)?;
+}
+
+impl Request {
+    fn new(head: RequestHeader, body: RequestBody) -> Option<Request> {
+        let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(&head)?;
+        Some(Request { head, wire, body })
     }
-    http.finish_request_body().await.map_err(|_| false)?;
-    loop {
-        http.read_response_header().await.map_err(|_| true)?;
-        let head = http.response_header().ok_or(true)?;
-        // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
-        if !head.status.is_informational() {
-            return Ok(head.clone());
+
+    /// Writes the request and reads the final response head; on failure, whether the whole
+    /// request had been written.
+    async fn exchange_head(
+        &self,
+        leg: &Leg<'_>,
+        mut stream: Stream,
+    ) -> Result<(HttpSession, ResponseHeader), bool> {
+        let mut http = if self.head.method == http::Method::HEAD {
+            // Pingora's session must see a HEAD request go out, or it would wait for a body
+            // the answer never has.
+            let mut http = leg.upstream.session(stream);
+            http.write_request_header(Box::new(self.head.clone()))
+                .await
+                .map_err(|_| false)?;
+            http
+        } else {
+            // Head and body in one write (per socket buffer's worth), where pingora's session
+            // writes the head and each piece of the body apart: a small POST went to the
+            // upstream in three segments and three system calls.
+            self.write(&mut stream).await.map_err(|_| false)?;
+            leg.upstream.session(stream)
+        };
+        loop {
+            http.read_response_header().await.map_err(|_| true)?;
+            let head = http.response_header().ok_or(true)?;
+            // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
+            if !head.status.is_informational() {
+                let head = head.clone();
+                return Ok((http, head));
+            }
         }
+    }
+
+    async fn write(&self, stream: &mut Stream) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut slices: Vec<IoSlice<'_>> = std::iter::once(&self.wire[..])
+            .chain(self.body.pieces.iter().map(|p| &p[..]))
+            .map(IoSlice::new)
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            // The standard library hands writev at most IOV_MAX pieces per call.
+            let n = stream.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        stream.flush().await
     }
 }
 

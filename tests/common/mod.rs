@@ -451,6 +451,8 @@ pub enum Fault {
     BadChunk,
     /// Answers 204 with a Content-Length (which a 204 never has a body for) and stays open.
     NoContentWithLength,
+    /// Answers 200 with a Content-Length and no body, as to a HEAD request, and stays open.
+    HeadOnly,
 }
 
 const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
@@ -494,6 +496,12 @@ impl FaultUpstream {
                             Fault::NoContentWithLength => {
                                 let _ = s.write_all(
                                     b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                                );
+                                held.push(s);
+                            }
+                            Fault::HeadOnly => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\n",
                                 );
                                 held.push(s);
                             }
