@@ -8,7 +8,7 @@ pub mod jwt;
 pub mod password;
 pub mod throttle;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -170,7 +170,7 @@ impl Authority {
         let authority = Authority {
             keys,
             store,
-            directory: ArcSwap::from_pointee(HashMap::new()),
+            directory: ArcSwap::from_pointee(HashMap::default()),
             throttle: throttle::LoginThrottle::new(
                 auth.login_failures_per_account_per_minute,
                 auth.login_failures_per_address_per_minute,

@@ -18,7 +18,7 @@
 //! that key's account behind its own mutex, so calls for different keys share no lock on the hot
 //! path. The accounts with unsaved commits are queued per shard for the same reason.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::Arc;
@@ -452,7 +452,7 @@ where
     pub fn new(lease_ttl: Duration) -> Self {
         let shards = (0..SHARD_COUNT)
             .map(|_| Shard {
-                accounts: RwLock::new(HashMap::new()),
+                accounts: RwLock::new(HashMap::default()),
                 unsaved: Arc::new(Mutex::new(Vec::new())),
             })
             .collect();

@@ -6,7 +6,9 @@
 pub mod ledger;
 pub mod points;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::config::{Config, QuotaScope, QuotaValues};
@@ -33,9 +35,9 @@ pub struct Quotas {
 impl Quotas {
     pub fn from_config(config: &Config) -> Quotas {
         let mut q = Quotas {
-            defaults: HashMap::new(),
-            companies: HashMap::new(),
-            users: HashMap::new(),
+            defaults: HashMap::default(),
+            companies: HashMap::default(),
+            users: HashMap::default(),
             pairs: BTreeSet::new(),
         };
         for quota in &config.quotas {

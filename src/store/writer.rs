@@ -9,7 +9,9 @@
 //! them.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -287,7 +289,7 @@ impl Tallies {
 
 impl DayTally {
     fn load(keyspace: Keyspace) -> Result<DayTally> {
-        let mut cells = HashMap::new();
+        let mut cells = HashMap::default();
         let mut next_seq = 0u64;
         let everything = counter_prefix(SCOPE_ALL, "");
         for guard in keyspace.prefix([COUNTER]) {
@@ -307,7 +309,7 @@ impl DayTally {
                 },
             );
         }
-        let mut operations = HashMap::new();
+        let mut operations = HashMap::default();
         for guard in keyspace.prefix([OPERATION]) {
             let (k, v) = guard.into_inner()?;
             let name = String::from_utf8_lossy(&k[1..]).into_owned();
@@ -464,7 +466,7 @@ fn write_batch_with(
     strict: bool,
 ) -> Result<()> {
     let mut batch = store.db.batch();
-    let mut stats: HashMap<Vec<u8>, DayCounts> = HashMap::new();
+    let mut stats: HashMap<Vec<u8>, DayCounts> = HashMap::default();
     let mut exchanges: Vec<ProcessExchange> = Vec::new();
     let mut touched: Vec<Day> = Vec::new();
     let mut cell = Vec::with_capacity(64);
