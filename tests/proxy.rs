@@ -886,6 +886,56 @@ fn a_head_request_gets_the_upstreams_head_without_waiting_for_a_body() {
 }
 
 #[test]
+fn a_head_request_with_a_body_leaves_the_upstream_connection_in_step() {
+    // The demo upstream reads a request's announced body whatever its method. A HEAD whose
+    // body were announced upstream but not sent would leave it waiting (a 504), or, once it
+    // answered, leave the pooled connection expecting bytes that the next call's head would
+    // fill.
+    let t = Tollgate::start_extra(
+        r#"
+[[routes]]
+method = "HEAD"
+path = "/demo/echo"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "CONVERT"
+operation = "echo_head"
+"#,
+    );
+    let alice = t.token("alice");
+    let started = Instant::now();
+    let mut c = Raw::connect(t.port);
+    c.send(
+        format!(
+            "HEAD /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        .as_bytes(),
+    );
+    let (status, _) = c.read_head().expect("no answer to a HEAD with a body");
+    assert!(status < 500, "the upstream answered the HEAD: {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    for i in 0..3 {
+        let body = format!("after-{i}");
+        let r = client()
+            .post(t.url("/demo/echo"))
+            .bearer_auth(&alice)
+            .body(body.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.text().unwrap(),
+            body,
+            "the next calls are answered in step"
+        );
+    }
+}
+
+#[test]
 fn an_upstream_closing_before_its_answer_is_a_502() {
     let close = FaultUpstream::start(Fault::CloseSilently);
     let t = Tollgate::start_extra(&fault_route("close", close.port, ""));

@@ -5,13 +5,15 @@
 //! for the peer's address (`getpeername`) to check that the descriptor still names the peer.
 //! On the pass-through path that was about 4 % of a call's CPU. Here an idle connection is a
 //! stream in a per-upstream stack: the most recently used is taken first (warm, and the
-//! oldest age out at the bottom), and a connection the upstream closed while idle is found
-//! when it is next looked at, by one read that must not complete (the upstream never speaks
-//! first), the same test pingora's pool makes.
+//! oldest age out at the bottom). A connection the upstream closed while idle is found by one
+//! read that must not complete (the upstream never speaks first; the same test pingora's pool
+//! makes), when it is taken, and by one task per upstream that tests them all every second and
+//! closes those closed or aged out.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Once};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -23,22 +25,21 @@ use pingora::protocols::Stream;
 use pingora::upstreams::peer::HttpPeer;
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// How often the idle connections of an upstream are all tested, so those the upstream
-/// closed (or that aged out) do not hold descriptors until the next busy moment.
+/// How often a task tests all idle connections of an upstream, so those the upstream closed
+/// (or that aged out) do not hold descriptors while no call comes.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Idle connections, oldest first; taken from the back.
+type Idle = VecDeque<(Stream, Instant)>;
 
 /// One upstream: its address and options, and its idle connections.
 pub struct Upstream {
     pub peer: HttpPeer,
     max_idle: usize,
     idle_timeout: Duration,
-    idle: Mutex<Idle>,
-}
-
-struct Idle {
-    /// Oldest first; taken from the back.
-    streams: VecDeque<(Stream, Instant)>,
-    swept: Instant,
+    idle: Arc<Mutex<Idle>>,
+    /// The sweeping task, started when the first connection is kept.
+    sweeper: Once,
 }
 
 impl Upstream {
@@ -47,10 +48,8 @@ impl Upstream {
             peer,
             max_idle,
             idle_timeout,
-            idle: Mutex::new(Idle {
-                streams: VecDeque::new(),
-                swept: Instant::now(),
-            }),
+            idle: Arc::new(Mutex::new(VecDeque::new())),
+            sweeper: Once::new(),
         }
     }
 
@@ -75,11 +74,10 @@ impl Upstream {
     fn take_idle(&self) -> Option<Stream> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        self.sweep_if_due(&mut idle, now);
-        while let Some((mut stream, since)) = idle.streams.pop_back() {
+        while let Some((mut stream, since)) = idle.pop_back() {
             if now.duration_since(since) >= self.idle_timeout {
                 // The newest has aged out, so have all below it.
-                idle.streams.clear();
+                idle.clear();
                 return None;
             }
             if still_open(&mut stream) {
@@ -102,29 +100,36 @@ impl Upstream {
         if self.max_idle == 0 || !still_open(&mut stream) {
             return;
         }
-        let now = Instant::now();
+        self.sweeper.call_once(|| self.start_sweeper());
         let mut idle = self.idle.lock();
-        self.sweep_if_due(&mut idle, now);
-        if idle.streams.len() >= self.max_idle {
-            idle.streams.pop_front();
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
         }
-        idle.streams.push_back((stream, now));
+        idle.push_back((stream, Instant::now()));
     }
 
-    fn sweep_if_due(&self, idle: &mut Idle, now: Instant) {
-        if now.duration_since(idle.swept) < SWEEP_EVERY {
-            return;
-        }
-        idle.swept = now;
+    /// Every `SWEEP_EVERY`, closes the idle connections that aged out or that the upstream
+    /// closed; ends with the upstream.
+    fn start_sweeper(&self) {
+        let idle = Arc::downgrade(&self.idle);
         let timeout = self.idle_timeout;
-        idle.streams.retain_mut(|(stream, since)| {
-            now.duration_since(*since) < timeout && still_open(stream)
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let Some(idle) = idle.upgrade() else { return };
+                let now = Instant::now();
+                idle.lock().retain_mut(|(stream, since)| {
+                    now.duration_since(*since) < timeout && still_open(stream)
+                });
+            }
         });
     }
 
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.idle.lock().streams.len()
+        self.idle.lock().len()
     }
 }
 
@@ -223,30 +228,37 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_while_idle_is_not_reused() {
-        // An upstream that answers one request per connection and then closes it, without
-        // saying so in its head.
+        // An upstream that answers one request per connection and closes it a moment later,
+        // without saying so in its head: the connection is kept, then found closed.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
                 let (mut conn, _) = listener.accept().await.unwrap();
-                let mut buf = vec![0u8; 4096];
-                let _ = conn.read(&mut buf).await;
-                let _ = conn
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-                drop(conn);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = conn.read(&mut buf).await;
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    drop(conn);
+                });
             }
         });
         let transport = TransportConnector::new(None);
         let up = upstream(addr, 4, Duration::from_secs(60));
         assert!(!get(&up, &transport).await);
-        // Let the close arrive.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(up.idle_count(), 1, "kept while the upstream keeps it open");
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
             !get(&up, &transport).await,
-            "the closed connection is found and dropped"
+            "the closed connection is found and dropped when taken"
         );
+        // The second connection is closed too; with no call to take it, the sweep drops it.
+        assert_eq!(up.idle_count(), 1);
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(300)).await;
+        assert_eq!(up.idle_count(), 0, "the sweep closes it without a call");
     }
 
     #[tokio::test]

@@ -267,6 +267,7 @@ async fn send(
     req: RequestHeader,
     body: RequestBody,
 ) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
+    let request = Request::new(req, body).ok_or(UpstreamFailure::Protocol)?;
     let (stream, reused) = leg
         .upstream
         .stream(leg.transport)
@@ -277,14 +278,13 @@ async fn send(
     // request did not get through whole, or the method is idempotent. A POST the upstream
     // read before closing (a crash, its own timeout) must not be computed twice.
     let replayable = matches!(
-        req.method,
+        request.head.method,
         http::Method::GET
             | http::Method::HEAD
             | http::Method::PUT
             | http::Method::DELETE
             | http::Method::OPTIONS
     );
-    let request = Request::new(req, body).ok_or(UpstreamFailure::Protocol)?;
     let (http, head) = match request.exchange_head(leg, stream).await {
         Ok(done) => done,
         // A pooled connection the upstream closed while idle: retry once on a new one.
@@ -326,11 +326,18 @@ impl Request {
     ) -> Result<(HttpSession, ResponseHeader), bool> {
         let mut http = if self.head.method == http::Method::HEAD {
             // Pingora's session must see a HEAD request go out, or it would wait for a body
-            // the answer never has.
+            // the answer never has. A body the caller sent with it follows, as announced.
             let mut http = leg.upstream.session(stream);
             http.write_request_header(Box::new(self.head.clone()))
                 .await
                 .map_err(|_| false)?;
+            let last = self.body.pieces.len().saturating_sub(1);
+            for (i, piece) in self.body.pieces.iter().enumerate() {
+                http.write_request_body(piece.clone(), i == last)
+                    .await
+                    .map_err(|_| false)?;
+            }
+            http.finish_request_body().await.map_err(|_| false)?;
             http
         } else {
             // Head and body in one write (per socket buffer's worth), where pingora's session

@@ -325,7 +325,13 @@ total_timeout_ms = 5000
             .json(&json!({"username": username, "password": password, "ttl_seconds": 3600}))
             .send()
             .unwrap();
-        assert_eq!(r.status(), 200, "login of {username} failed");
+        let status = r.status();
+        assert_eq!(
+            status,
+            200,
+            "login of {username} failed: {}",
+            r.text().unwrap_or_default()
+        );
         r.json::<String>().unwrap()
     }
 
