@@ -98,6 +98,11 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
             if !(3..=256).contains(&company.len()) || !crate::model::is_word(company) {
                 return Err("company: must be 3..256 word characters (\\w+)".into());
             }
+            for (field, value) in [("username", username), ("company", company)] {
+                if crate::model::is_reserved_name(value) {
+                    return Err(format!("{field}: {}", crate::model::RESERVED_NAME_RULE));
+                }
+            }
             if !(-12..=12).contains(timezone) {
                 return Err("timezone: must be -12..12".into());
             }

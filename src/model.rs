@@ -88,6 +88,15 @@ pub fn is_word(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// Whether a username or company key is the one Tollgate records for calls made without a
+/// token ([`crate::trace::ANONYMOUS`]). No account or company may take it: its users would be
+/// shown those calls' audit records and captured data as their own.
+pub fn is_reserved_name(s: &str) -> bool {
+    s == crate::trace::ANONYMOUS
+}
+
+pub const RESERVED_NAME_RULE: &str = "'anonymous' is reserved for calls made without a token";
+
 #[cfg(test)]
 mod tests {
     use super::*;

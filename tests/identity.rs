@@ -934,6 +934,14 @@ fn cli_refusals(t: &Tollgate, when: &str) {
             "company",
         ),
         (
+            vec!["add", "anonymous", "--company", "acme", "--password", "x"],
+            "reserved",
+        ),
+        (
+            vec!["add", "frank", "--company", "anonymous", "--password", "x"],
+            "reserved",
+        ),
+        (
             vec![
                 "add",
                 "frank",
@@ -1266,6 +1274,26 @@ fn account_info_reads_and_writes_the_stored_fields() {
     );
     assert_eq!(r.status(), 404);
     assert_error_shape(&r.json().unwrap(), "ACCOUNT");
+    // The name recorded for calls without a token is no company's: its PARTNERs would see
+    // those calls.
+    let r = put(
+        &admin,
+        json!({"username": "alice", "company_key": "anonymous"}),
+    );
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().unwrap();
+    assert_error_shape(&v, "ACCOUNT");
+    assert!(
+        v["message"].as_str().unwrap().contains("company_key"),
+        "{v}"
+    );
+    assert_eq!(
+        t.get("/account/info", &t.token("alice"))
+            .json::<Value>()
+            .unwrap()["company_key"],
+        "acme",
+        "alice stays where she was"
+    );
 }
 
 #[test]

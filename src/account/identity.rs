@@ -150,6 +150,12 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let info: AccountInfo = call.body()?;
     check_word("username", &info.username, 2, 256)?;
     check_word("company_key", &info.company_key, 3, 256)?;
+    if crate::model::is_reserved_name(&info.company_key) {
+        return Err(ApiError::invalid(
+            "company_key",
+            crate::model::RESERVED_NAME_RULE,
+        ));
+    }
     let label = trace::client_label_chars(&info.company_key, &info.username);
     if label > trace::MAX_CLIENT_CHARS {
         return Err(ApiError::invalid(

@@ -606,6 +606,11 @@ impl Validator {
         if !(3..=256).contains(&u.company_key.len()) || !is_word(&u.company_key) {
             self.problem(key("company_key"), "must be 3..256 word characters (\\w+)");
         }
+        for (field, value) in [("username", &u.username), ("company_key", &u.company_key)] {
+            if crate::model::is_reserved_name(value) {
+                self.problem(key(field), crate::model::RESERVED_NAME_RULE);
+            }
+        }
         let password = match (u.password, u.password_hash) {
             (Some(p), None) if (1..=1000).contains(&p.chars().count()) => {
                 Some(PasswordSeed::Plain(p))
@@ -728,6 +733,16 @@ mod tests {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
         assert!(p[0].message.contains("(line 2)"), "{p:?}");
+    }
+
+    #[test]
+    fn the_anonymous_name_is_no_users_and_no_companys() {
+        let p = problems(
+            "[[users]]\nusername = \"anonymous\"\npassword = \"pw-12345678\"\ncompany_key = \"acme\"\n[[users]]\nusername = \"bob\"\npassword = \"pw-12345678\"\ncompany_key = \"anonymous\"\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["users[0].username", "users[1].company_key"], "{p:?}");
+        assert!(p[0].message.contains("reserved"), "{p:?}");
     }
 
     #[test]
