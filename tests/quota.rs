@@ -937,4 +937,26 @@ points_per_day = 100
         (&json!(5), &json!(3)),
         "{stats}"
     );
+
+    // A body read in many pieces (chunked, ~370 KB) is counted whole and forwarded byte-exact.
+    let pad = "p".repeat(4000);
+    let big = serde_json::to_vec(&json!({
+        "locations": (0..90).map(|i| json!({"key": i % 30, "pad": pad})).collect::<Vec<_>>()
+    }))
+    .unwrap();
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .header("content-type", "application/json")
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(
+            big.clone(),
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = serde_json::from_str(header(&r, "x-demo-seen-headers").unwrap()).unwrap();
+    assert_eq!(seen["x-points"], "90", "{seen}");
+    assert_eq!(seen["x-unique-points"], "30", "{seen}");
+    assert_eq!(seen["content-length"], big.len().to_string(), "{seen}");
+    assert!(r.bytes().unwrap()[..] == big[..], "echoed unchanged");
 }

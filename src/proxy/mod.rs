@@ -203,7 +203,7 @@ impl Tollgate {
             .limits
             .max_body_bytes
             .min(ACCOUNT_BODY_LIMIT);
-        let body = match read_body(session, limit).await {
+        let body = match read_body(session, limit, true).await {
             Ok(mut b) => Ok(b.whole().clone()),
             // Either way the rest of the body is unread: the connection cannot be reused.
             Err(e) => {
@@ -377,7 +377,8 @@ impl Tollgate {
         });
 
         // The whole body, before anything reaches the upstream.
-        let mut body = match read_body(session, app.config.limits.max_body_bytes).await {
+        let whole = !route.points.array_pointers.is_empty();
+        let mut body = match read_body(session, app.config.limits.max_body_bytes, whole).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 session.set_keepalive(None);
@@ -764,7 +765,12 @@ fn expects_continue(req: &RequestHeader) -> bool {
 }
 
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`.
-async fn read_body(session: &mut Session, limit: usize) -> Result<RequestBody, BodyError> {
+/// Reads the whole request body, up to `limit`; `whole`: it will be needed in one piece.
+async fn read_body(
+    session: &mut Session,
+    limit: usize,
+    whole: bool,
+) -> Result<RequestBody, BodyError> {
     let req = session.req_header();
     let declared = req
         .headers
@@ -786,7 +792,11 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<RequestBody, B
         session.set_close_on_response_before_downstream_finish(true);
         sent.map_err(|_| BodyError::Gone)?;
     }
-    let mut body = RequestBody::default();
+    let mut body = if whole {
+        RequestBody::joining(declared)
+    } else {
+        RequestBody::default()
+    };
     while let Some(piece) = session
         .read_request_body()
         .await
@@ -797,6 +807,7 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<RequestBody, B
         }
         body.push(piece);
     }
+    body.finish();
     Ok(body)
 }
 

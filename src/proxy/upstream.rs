@@ -108,13 +108,45 @@ pub struct Leg<'a> {
 pub struct RequestBody {
     pieces: Vec<Bytes>,
     len: usize,
+    /// Set for a body that will be needed whole: from its second piece on, pieces are copied
+    /// into this one buffer as they arrive, while still in cache, instead of all at the end
+    /// (a 10 MB body's join read its 160 pieces back cold, into memory faulted in anew).
+    joining: Option<BytesMut>,
+    /// The length announced, to size the joined buffer once.
+    expected: usize,
 }
 
 impl RequestBody {
+    /// A body to be joined as it arrives; `expected` is its announced length, if any.
+    pub fn joining(expected: Option<usize>) -> RequestBody {
+        RequestBody {
+            joining: Some(BytesMut::new()),
+            expected: expected.unwrap_or(0),
+            ..RequestBody::default()
+        }
+    }
+
     pub fn push(&mut self, piece: Bytes) {
         self.len += piece.len();
-        if !piece.is_empty() {
-            self.pieces.push(piece);
+        if piece.is_empty() {
+            return;
+        }
+        match &mut self.joining {
+            Some(joined) if !self.pieces.is_empty() => {
+                if joined.is_empty() {
+                    joined.reserve(self.expected.max(self.len));
+                    joined.extend_from_slice(&self.pieces[0]);
+                }
+                joined.extend_from_slice(&piece);
+            }
+            _ => self.pieces.push(piece),
+        }
+    }
+
+    /// Ends the reading: what was joined becomes the one piece.
+    pub fn finish(&mut self) {
+        if let Some(joined) = self.joining.take().filter(|j| !j.is_empty()) {
+            self.pieces = vec![joined.freeze()];
         }
     }
 
@@ -412,5 +444,29 @@ mod tests {
         assert!(empty.pieces.is_empty(), "nothing to write upstream");
         assert_eq!(empty.prefix(10), Bytes::new());
         assert_eq!(pieces(&["xyz"]).prefix(2), "xy".as_bytes());
+    }
+
+    #[test]
+    fn a_body_joined_as_it_arrives_is_one_piece_of_the_same_bytes() {
+        for expected in [None, Some(8), Some(3), Some(100)] {
+            let mut body = RequestBody::joining(expected);
+            for p in ["abc", "", "defg", "h"] {
+                body.push(Bytes::from(p.to_string()));
+            }
+            body.finish();
+            assert_eq!(body.len(), 8);
+            assert_eq!(body.pieces.len(), 1, "{expected:?}");
+            assert_eq!(body.prefix(5), "abcde".as_bytes());
+            assert_eq!(body.whole().as_ref(), b"abcdefgh");
+        }
+        // One piece is never copied.
+        let one = Bytes::from_static(b"only");
+        let mut body = RequestBody::joining(Some(4));
+        body.push(one.clone());
+        body.finish();
+        assert_eq!(body.pieces[0].as_ptr(), one.as_ptr());
+        let mut empty = RequestBody::joining(None);
+        empty.finish();
+        assert!(empty.is_empty() && empty.pieces.is_empty());
     }
 }
