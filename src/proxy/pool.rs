@@ -189,9 +189,15 @@ mod tests {
         (addr, count)
     }
 
+    /// One GET on a connection taken from (or opened by) `up`; whether it was reused.
     async fn get(up: &Upstream, transport: &TransportConnector) -> bool {
         let (stream, reused) = up.stream(transport).await.unwrap();
-        let mut http = up.session(stream);
+        exchange_on(up, up.session(stream)).await;
+        reused
+    }
+
+    /// One GET on `http`, read whole, then the connection handed back to `up`.
+    async fn exchange_on(up: &Upstream, mut http: HttpSession) {
         let mut req = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header("Host", "x").unwrap();
         http.write_request_header(Box::new(req)).await.unwrap();
@@ -201,7 +207,6 @@ mod tests {
             http.read_response_body().await.unwrap();
         }
         up.release(http).await;
-        reused
     }
 
     #[tokio::test]
@@ -270,16 +275,8 @@ mod tests {
         for _ in 0..4 {
             open.push(up.session(up.stream(&transport).await.unwrap().0));
         }
-        for mut http in open {
-            let mut req = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();
-            req.insert_header("Host", "x").unwrap();
-            http.write_request_header(Box::new(req)).await.unwrap();
-            http.finish_request_body().await.unwrap();
-            http.read_response_header().await.unwrap();
-            while !http.response_done() {
-                http.read_response_body().await.unwrap();
-            }
-            up.release(http).await;
+        for http in open {
+            exchange_on(&up, http).await;
         }
         assert_eq!(up.idle_count(), 2);
         let none = upstream(addr, 0, Duration::from_secs(60));
