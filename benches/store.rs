@@ -83,6 +83,7 @@ fn call(i: usize, n: usize, start_ms: i64, today: i32) -> CallRecord {
     let code = Uuid::from_u64_pair(mix(r), mix(r ^ 0x5555));
     CallRecord {
         findable: true,
+        anonymous: false,
         audit: AuditRecord {
             code,
             username: username(user),

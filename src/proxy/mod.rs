@@ -648,6 +648,7 @@ impl Tollgate {
                 status,
             },
             findable: route.capture || self.follow_ups,
+            anonymous: user.is_none(),
             process,
             stage: ctx.stage,
             input,

@@ -1624,6 +1624,7 @@ mod tests {
     ) -> CallRecord {
         CallRecord {
             findable: true,
+            anonymous: false,
             audit: AuditRecord {
                 code,
                 username: username.into(),
@@ -2019,6 +2020,7 @@ mod tests {
     fn audit_call(a: AuditRecord) -> CallRecord {
         CallRecord {
             findable: true,
+            anonymous: false,
             process: ProcessRecord {
                 owner: a.username.clone(),
                 company_key: a.company_key.clone(),
@@ -2059,6 +2061,56 @@ mod tests {
                 check(&store, &written, &generated_query(r));
             }
         }
+    }
+
+    #[test]
+    fn calls_without_a_token_are_in_the_everything_view_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let named = generated(0, mix(0));
+        let mut anonymous = generated(1, mix(1));
+        anonymous.username = crate::trace::ANONYMOUS.into();
+        anonymous.company_key = crate::trace::ANONYMOUS.into();
+        write(
+            &store,
+            vec![
+                audit_call(named.clone()),
+                CallRecord {
+                    anonymous: true,
+                    ..audit_call(anonymous.clone())
+                },
+            ],
+        );
+        let query = |visibility: Visibility| AuditQuery {
+            visibility,
+            from_ms: (BASE_DAY - 1) as i64 * DAY_MS,
+            to_ms: (BASE_DAY + 4) as i64 * DAY_MS,
+            service: None,
+            operation: None,
+            method_group: None,
+            sort: AuditSort::Time,
+            descending: false,
+            offset: 0,
+            limit: 100,
+        };
+        let all = store.audit(&query(Visibility::All)).unwrap();
+        assert_eq!((all.overall_total, all.records.len()), (2, 2));
+        assert!(all.records.contains(&anonymous));
+        for nobody in [
+            Visibility::User(crate::trace::ANONYMOUS.into()),
+            Visibility::Company(crate::trace::ANONYMOUS.into()),
+        ] {
+            let page = store.audit(&query(nobody.clone())).unwrap();
+            assert_eq!(
+                (page.overall_total, page.records.len()),
+                (0, 0),
+                "{nobody:?}"
+            );
+        }
+        let own = store
+            .audit(&query(Visibility::User(named.username.clone())))
+            .unwrap();
+        assert_eq!((own.overall_total, own.records), (1, vec![named]));
     }
 
     #[test]
