@@ -1657,8 +1657,12 @@ mod tests {
     }
 
     fn everything(username: &str) -> AuditQuery {
+        everything_seen_by(Visibility::User(username.into()))
+    }
+
+    fn everything_seen_by(visibility: Visibility) -> AuditQuery {
         AuditQuery {
-            visibility: Visibility::User(username.into()),
+            visibility,
             from_ms: 0,
             to_ms: i64::MAX / 2,
             service: None,
@@ -2081,18 +2085,7 @@ mod tests {
                 },
             ],
         );
-        let query = |visibility: Visibility| AuditQuery {
-            visibility,
-            from_ms: (BASE_DAY - 1) as i64 * DAY_MS,
-            to_ms: (BASE_DAY + 4) as i64 * DAY_MS,
-            service: None,
-            operation: None,
-            method_group: None,
-            sort: AuditSort::Time,
-            descending: false,
-            offset: 0,
-            limit: 100,
-        };
+        let query = everything_seen_by;
         let all = store.audit(&query(Visibility::All)).unwrap();
         assert_eq!((all.overall_total, all.records.len()), (2, 2));
         assert!(all.records.contains(&anonymous));
