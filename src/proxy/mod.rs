@@ -106,7 +106,6 @@ impl Tollgate {
                 let mut peer = HttpPeer::new(u.address, false, String::new());
                 peer.options.connection_timeout = Some(u.connect_timeout);
                 peer.options.total_connection_timeout = Some(u.connect_timeout);
-                peer.options.idle_timeout = Some(u.idle_timeout);
                 pool::Upstream::new(peer, u.keepalive, u.idle_timeout)
             })
             .collect();
@@ -765,8 +764,8 @@ fn expects_continue(req: &RequestHeader) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// Reads the whole request body, refusing (without reading on) once it passes `limit`.
-/// Reads the whole request body, up to `limit`; `whole`: it will be needed in one piece.
+/// Reads the whole request body, refusing (without reading on) once it passes `limit`;
+/// `whole`: it will be needed in one piece.
 async fn read_body(
     session: &mut Session,
     limit: usize,

@@ -34,7 +34,7 @@ type Idle = VecDeque<(Stream, Instant)>;
 
 /// One upstream: its address and options, and its idle connections.
 pub struct Upstream {
-    pub peer: HttpPeer,
+    peer: HttpPeer,
     max_idle: usize,
     idle_timeout: Duration,
     idle: Arc<Mutex<Idle>>,

@@ -7,9 +7,9 @@ pub mod ledger;
 pub mod points;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use foldhash::HashMap;
-use std::sync::Arc;
 
 use crate::config::{Config, QuotaScope, QuotaValues};
 use crate::model::{MethodGroup, ServiceName};

@@ -10,13 +10,12 @@
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
-
-use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
 use fjall::PersistMode;
+use foldhash::HashMap;
 use uuid::Uuid;
 
 use super::*;
