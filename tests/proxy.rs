@@ -657,6 +657,73 @@ fn expect_100_continue_keeps_the_connection_alive() {
 }
 
 #[test]
+fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let plan = r#"{"locations":[{"key":"a"},{"key":"b"},{"key":"a"}]}"#;
+    // Five requests in one write, before any answer is read: a GET without a token, a POST
+    // with a length, a counted POST, a chunked POST and an account API call.
+    let mut wire =
+        String::from("GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    wire += &format!(
+        "POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 5\r\n\r\nfirst"
+    );
+    wire += &format!(
+        "POST /universal/plan/calculation HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{plan}",
+        plan.len()
+    );
+    wire += &format!(
+        "POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nsec\r\n3\r\nond\r\n0\r\n\r\n"
+    );
+    wire += &format!(
+        "GET /account/quota HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\n\r\n"
+    );
+    let mut c = Raw::connect(t.port);
+    c.send(wire.as_bytes());
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        let r = c
+            .read_response()
+            .unwrap_or_else(|| panic!("pipelined request {i} was never answered"));
+        answers.push(r);
+    }
+    let codes: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    assert_eq!(codes, [200; 5], "every pipelined request answered");
+    assert!(
+        String::from_utf8_lossy(&answers[0].body).contains("major"),
+        "the version answer comes first"
+    );
+    assert_eq!(answers[1].body, b"first");
+    let plan_answer: Value = serde_json::from_slice(&answers[2].body).unwrap();
+    assert_eq!(plan_answer["result"]["locations"], 3, "{plan_answer}");
+    assert_eq!(answers[3].body, b"second");
+    let quota: Value = serde_json::from_slice(&answers[4].body).unwrap();
+    assert!(quota.is_object() || quota.is_array(), "{quota}");
+    // Each call is its own exchange, with its own tracecode.
+    let codes: std::collections::HashSet<&str> = answers[..4]
+        .iter()
+        .map(|r| {
+            r.header("x-tracecode")
+                .expect("a tracecode on every proxied answer")
+        })
+        .collect();
+    assert_eq!(codes.len(), 4);
+    let seen = t.demo_stats();
+    assert_eq!(seen["bodies_bytes"], 5 + plan.len() as u64 + 6, "{seen}");
+    // A rejected call closes the connection: its unread body is never taken for a request.
+    c.send(b"POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 32\r\n\r\nGET /smuggled HTTP/1.1\r\nX: y\r\n\r\nGET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let rejected = c
+        .read_response()
+        .expect("the call without a token is answered");
+    assert_eq!(rejected.status, 401);
+    assert_eq!(rejected.header("connection"), Some("close"));
+    assert!(
+        c.read_response().is_none(),
+        "nothing answered after the close"
+    );
+}
+
+#[test]
 fn bodies_over_max_body_bytes_get_413_and_never_reach_the_upstream() {
     let t = Tollgate::start_extra("\n[limits]\nmax_body_bytes = 1000\n");
     let alice = t.token("alice");

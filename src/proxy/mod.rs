@@ -889,6 +889,10 @@ impl ProxyHttp for Tollgate {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.started = Instant::now();
         session.set_read_timeout(Some(self.app.config.limits.client_read_timeout));
+        // RFC 9112 9.3.2: requests a caller sends before reading the answers are answered in
+        // order on the same connection (pingora otherwise closes it after the first answer and
+        // drops the rest).
+        session.set_pipelining_enabled(true);
         if session.req_header().uri.path().starts_with("/account/") {
             self.serve_account(session, ctx).await;
         } else if let Err((error, headers)) = self.proxy_call(session, ctx).await {
