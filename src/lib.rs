@@ -5,8 +5,8 @@
 //! Modules by concern: `config` (the file, validated), `model` (the API's vocabulary), `auth`
 //! (users, tokens, passwords), `quota` (points, quotas, the ledger), `trace` (tracecodes,
 //! processes, redaction), `store` (the embedded store and its writer), `account` (the
-//! /account API), `report` (XLSX), `metrics`, `proxy` (the pingora phases), `demo` (a demo
-//! upstream), `server` (wiring), `cli` (commands).
+//! /account API), `report` (XLSX), `metrics`, `proxy` (the pingora server app: the steps of a
+//! call), `demo` (a demo upstream), `server` (wiring), `cli` (commands).
 
 pub mod account;
 pub mod admin;

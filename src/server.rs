@@ -205,10 +205,8 @@ pub fn serve(config: Config) -> Result<(), String> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let conf = server.configuration.clone();
 
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&conf, Tollgate::new(app.clone()), "tollgate");
+    let mut proxy = ListeningService::new("tollgate".into(), Tollgate::new(app.clone()));
     proxy.add_tcp(&server_cfg.listen.to_string());
     proxy.threads = Some(server_cfg.threads);
     server.add_service(proxy);

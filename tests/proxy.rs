@@ -724,6 +724,51 @@ fn pipelined_requests_are_answered_in_order_on_one_connection() {
 }
 
 #[test]
+fn an_unreadable_request_head_and_connect_get_errors_in_the_api_shape() {
+    let t = Tollgate::start();
+    for (wire, status, message) in [
+        (
+            &b"GARBAGE / HTTP/1.1\r\nHost x\r\n\r\n"[..],
+            400,
+            "request: not a valid HTTP/1.1 request head",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n",
+            400,
+            "request: not a valid HTTP/1.1 request head",
+        ),
+        (
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            405,
+            "method: CONNECT is not served",
+        ),
+    ] {
+        let mut c = Raw::connect(t.port);
+        c.send(wire);
+        let r = c
+            .read_response()
+            .unwrap_or_else(|| panic!("no answer to {:?}", String::from_utf8_lossy(wire)));
+        assert_eq!(r.status, status);
+        assert_eq!(r.header("connection"), Some("close"));
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["message"], message, "{body}");
+        let code = body["tracedata"]["code"].as_str().unwrap().to_string();
+        assert_eq!(r.header("x-tracecode"), Some(code.as_str()));
+        assert_eq!(body["tracedata"]["client"], "anonymous");
+        assert!(
+            c.read_response().is_none(),
+            "the connection is closed after it"
+        );
+    }
+    // The server goes on serving.
+    let r = client()
+        .get(t.url("/universal/system/version"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
 fn bodies_over_max_body_bytes_get_413_and_never_reach_the_upstream() {
     let t = Tollgate::start_extra("\n[limits]\nmax_body_bytes = 1000\n");
     let alice = t.token("alice");

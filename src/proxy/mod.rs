@@ -1,32 +1,40 @@
-//! The pingora side of Tollgate: one `ProxyHttp` whose phases read like the life of a call.
+//! The pingora side of Tollgate: one `HttpServerApp` whose steps read like the life of a call.
 //!
 //! ```text
-//!  request_filter ─┬─ /account/*  → account::Api answers locally ───────────────┐
-//!                  └─ route → authenticate → tracecode/owner → read whole body   │
-//!                     → count points → admit (lease) → upstream::exchange        │
-//!                       (forward buffered body, stream answer back, capture)     │
-//!  logging ◄─────────────────────────────────────────────────────────────────────┘
+//!  read the request head ── unreadable → 400 in the API shape, connection closed
+//!  handle ─┬─ /account/*  → account::Api answers locally ───────────────────────┐
+//!          └─ route → authenticate → tracecode/owner → read whole body           │
+//!             → count points → admit (lease) → upstream::exchange                │
+//!               (forward buffered body, stream answer back, capture)             │
+//!  finish ◄──────────────────────────────────────────────────────────────────────┘
 //!     settle the lease (commit on 2xx, else refund) → record (audit, payloads,
-//!     statistics → store writer) → metrics
+//!     statistics → store writer) → metrics → hand the connection back for the next call
 //! ```
-//! Pingora's own upstream phases are never reached: `request_filter` always answers. The
-//! work lives in the domain modules; each step here is a few lines. A lease lives in the
-//! per-request context, so even when `logging` does not run (a panic, a shutdown that drops
-//! the call) dropping the context refunds it and frees the slot.
+//! Tollgate is its own HTTP server app on pingora's server, not a `ProxyHttp` under pingora's
+//! proxy loop: every call is answered by Tollgate itself (the upstream leg included), so the
+//! proxy loop's per-call machinery (its session wrapper, module filters, cache state, boxed
+//! phase futures) was cost without use, and its request reading answered a request it could
+//! not parse with an empty 400 outside the API's error shape. The work lives in the domain
+//! modules; each step here is a few lines. A lease lives in the per-request context, so even
+//! when `finish` does not run (a panic, a shutdown that drops the call) dropping the context
+//! refunds it and frees the slot.
 
 mod pool;
 pub mod upstream;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::protocols::http::ServerSession as Session;
+use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use uuid::Uuid;
 
@@ -57,6 +65,10 @@ pub struct Tollgate {
     /// Some route names a process id, so a process may be followed up and new ones must be
     /// registered; without one the registry would only grow.
     follow_ups: bool,
+    /// Set when the server starts shutting down: connections waiting for their next request
+    /// are closed instead of kept.
+    shutting_down: AtomicBool,
+    shutdown: tokio::sync::Notify,
 }
 
 /// The in-flight gauge, decremented however the call ends.
@@ -127,6 +139,8 @@ impl Tollgate {
             upstreams,
             rate_limits,
             follow_ups,
+            shutting_down: AtomicBool::new(false),
+            shutdown: tokio::sync::Notify::new(),
         }
     }
 
@@ -545,7 +559,7 @@ impl Tollgate {
                         }
                         upstream::end_response(session, held).await;
                     }
-                    // Broken off: logging() settles it.
+                    // Broken off: finish() settles it.
                     None => {
                         ctx.broken_off = true;
                         app.metrics
@@ -851,19 +865,11 @@ async fn respond(
     for (k, v) in headers {
         head.insert_header(k.to_string(), v.as_str())?;
     }
-    session
-        .write_response_header(Box::new(head), body.is_empty())
-        .await?;
-    if !body.is_empty() {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
+    session.write_response_header(Box::new(head)).await?;
+    session.write_response_body(body, true).await
 }
 
-#[async_trait]
-impl ProxyHttp for Tollgate {
-    type CTX = Ctx;
-
+impl Tollgate {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             started: Instant::now(),
@@ -886,14 +892,20 @@ impl ProxyHttp for Tollgate {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
-        ctx.started = Instant::now();
+    /// Answers one call whose request head has been read.
+    async fn handle(&self, session: &mut Session, ctx: &mut Ctx) {
         session.set_read_timeout(Some(self.app.config.limits.client_read_timeout));
         // RFC 9112 9.3.2: requests a caller sends before reading the answers are answered in
         // order on the same connection (pingora otherwise closes it after the first answer and
         // drops the rest).
         session.set_pipelining_enabled(true);
-        if session.req_header().uri.path().starts_with("/account/") {
+        if session.req_header().method == http::Method::CONNECT {
+            // No tunnels: and a CONNECT's framing differs from other requests', so the
+            // connection is not read on.
+            session.set_keepalive(None);
+            let error = ApiError::new(405, "method: CONNECT is not served");
+            self.reject(session, ctx, error, &[]).await;
+        } else if session.req_header().uri.path().starts_with("/account/") {
             self.serve_account(session, ctx).await;
         } else if let Err((error, headers)) = self.proxy_call(session, ctx).await {
             self.reject(session, ctx, error, &headers).await;
@@ -901,65 +913,88 @@ impl ProxyHttp for Tollgate {
         if ctx.linger {
             linger(session).await;
         }
-        if ctx.broken_off {
-            // An error, so that pingora drops the connection: answering `true` would have it
-            // end the body (a chunked answer's last chunk), and the caller take a cut answer
-            // for a whole one.
-            return pingora::Error::e_explain(
-                pingora::ErrorType::ConnectionClosed,
-                "the answer broke off after its head was sent",
-            );
-        }
-        Ok(true)
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _e: &pingora::Error) -> bool {
-        // Counted in the upstream errors metric ("aborted") already.
-        ctx.broken_off
-    }
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut Ctx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        // Every call is answered in request_filter; reaching here is a bug, reported as such.
-        pingora::Error::e_explain(
-            pingora::ErrorType::InternalError,
-            "request_filter answers every call",
+    /// Answers a request whose head could not be read as HTTP/1.1, in the API's error shape.
+    async fn reject_unreadable(&self, session: &mut Session, ctx: &mut Ctx) {
+        let error = ApiError::bad_request("request: not a valid HTTP/1.1 request head");
+        let body = error.body(&self.tracedata(ctx, ServiceName::ACCOUNT, "read_request"));
+        session.set_keepalive(None);
+        let _ = respond(
+            session,
+            error.status,
+            "application/json",
+            &ctx.code,
+            &[],
+            Bytes::from(body),
         )
+        .await;
     }
 
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &pingora::Error,
-        ctx: &mut Ctx,
-    ) -> FailToProxy {
-        let status = match e.etype() {
-            // The head is out: nothing more can be said to the caller.
-            _ if ctx.broken_off => 0,
-            pingora::ErrorType::HTTPStatus(code) => *code,
-            _ if e.esource() == &pingora::ErrorSource::Downstream => 0,
-            _ => 500,
+    /// Resolves once the server is shutting down.
+    async fn shutting_down(&self) {
+        let notified = self.shutdown.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a shutdown between the two still wakes this.
+        notified.as_mut().enable();
+        if self.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Tollgate {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: Session,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let read = tokio::select! {
+            // Biased: a request already buffered is served rather than dropped.
+            biased;
+            read = session.read_request() => read,
+            // A connection waiting for its next request is closed at shutdown.
+            _ = self.shutting_down() => return None,
         };
-        if status > 0 {
-            self.reject(
-                session,
-                ctx,
-                ApiError::new(status, "the request could not be served"),
-                &[],
-            )
-            .await;
+        match read {
+            Ok(true) => {}
+            // The client closed the connection between requests.
+            Ok(false) => return None,
+            Err(e) => {
+                if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
+                    let mut ctx = self.new_ctx();
+                    self.reject_unreadable(&mut session, &mut ctx).await;
+                }
+                session.shutdown().await;
+                return None;
+            }
         }
-        FailToProxy {
-            error_code: status,
-            can_reuse_downstream: false,
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
         }
+        let mut ctx = self.new_ctx();
+        self.handle(&mut session, &mut ctx).await;
+        self.finish(&mut ctx);
+        if ctx.broken_off {
+            // The answer broke off after its head was sent: the connection is dropped, so the
+            // caller cannot take a cut answer for a whole one (ending the body would send a
+            // chunked answer's last chunk).
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        session
+            .finish()
+            .await
+            .ok()
+            .flatten()
+            .map(|stream| ReusedHttpStream::from_reusable_stream(stream, settings))
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut Ctx) {
-        self.finish(ctx);
+    async fn http_cleanup(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.shutdown.notify_waiters();
     }
 }
 

@@ -10,8 +10,8 @@ use bytes::{Bytes, BytesMut};
 use pingora::connectors::TransportConnector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::ServerSession as Session;
 use pingora::protocols::Stream;
-use pingora::proxy::Session;
 
 use super::pool::Upstream;
 
@@ -238,11 +238,7 @@ pub async fn exchange(
         upstream_failed: false,
         held_end: None,
     };
-    if session
-        .write_response_header(Box::new(out), false)
-        .await
-        .is_err()
-    {
+    if session.write_response_header(Box::new(out)).await.is_err() {
         return Ok(ex);
     }
     let mut last = None;
@@ -262,6 +258,7 @@ pub async fn exchange(
             last = chunk;
             break;
         }
+        let Some(chunk) = chunk else { continue };
         if session.write_response_body(chunk, false).await.is_err() {
             return Ok(ex);
         }
@@ -283,7 +280,10 @@ fn until<F: std::future::Future>(
 
 /// Writes the held end of a response (see [`Exchange::held_end`]).
 pub async fn end_response(session: &mut Session, held: Option<Bytes>) -> bool {
-    session.write_response_body(held, true).await.is_ok()
+    session
+        .write_response_body(held.unwrap_or_default(), true)
+        .await
+        .is_ok()
 }
 
 fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
