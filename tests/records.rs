@@ -1038,6 +1038,81 @@ fn audit_records_every_call_with_complete_tracedata() {
 }
 
 #[test]
+fn calls_whose_upstream_failed_are_on_record_with_the_status_their_caller_got() {
+    let hanging = FaultUpstream::start(Fault::Hang);
+    let down = free_port();
+    let mut extra = String::new();
+    for (name, port) in [("down", down), ("hanging", hanging.port)] {
+        extra.push_str(&format!(
+            r#"
+[[upstreams]]
+name = "{name}"
+address = "127.0.0.1:{port}"
+connect_timeout_ms = 300
+total_timeout_ms = 500
+
+[[routes]]
+method = "POST"
+path = "/universal/plan/{name}"
+upstream = "{name}"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "run_plan_{name}"
+points = ["/locations"]
+"#
+        ));
+    }
+    let t = Tollgate::start_extra(&extra);
+    let alice = t.token("alice");
+    let body = br#"{"locations":[{"key":1},{"key":2}]}"#;
+    let mut calls = Vec::new();
+    for (name, status) in [("down", 502), ("hanging", 504)] {
+        let seen = send(
+            &t,
+            reqwest::Method::POST,
+            &format!("/universal/plan/{name}"),
+            &alice,
+            Some("application/json"),
+            body,
+            &[],
+        );
+        assert_eq!(seen.status, status, "{name}");
+        calls.push((seen.code, status, name));
+    }
+    let ok = plan(&t, &alice, &[1]);
+    assert_eq!(ok.status, 200);
+    let page = audit(&t, &alice, &[]);
+    let actions = page["actions"].as_array().unwrap();
+    assert_eq!(actions.len(), 3, "{page}");
+    for (code, status, name) in &calls {
+        let action = actions
+            .iter()
+            .find(|a| a["tracedata"]["code"] == code.as_str())
+            .unwrap_or_else(|| panic!("the {name} call is not on record: {page}"));
+        assert_eq!(action["status"], *status, "{action}");
+        assert_eq!(action["tracedata"]["operation"], format!("run_plan_{name}"));
+        assert_eq!(action["statistics"]["points_count"], 2);
+        // What was sent is kept; nothing came back.
+        assert_eq!(
+            data_ok(&t, &alice, code, "data_flow_type=INPUT"),
+            body.to_vec()
+        );
+        let output = data(&t, &alice, code, "data_flow_type=OUTPUT");
+        assert_eq!(
+            output.status(),
+            404,
+            "no output for the {name} call: {:?}",
+            output.text()
+        );
+    }
+    let answered = actions
+        .iter()
+        .find(|a| a["tracedata"]["code"] == ok.code.as_str())
+        .unwrap();
+    assert_eq!(answered["status"], 200);
+}
+
+#[test]
 fn audit_pages_filters_and_validates_its_parameters() {
     let t = Tollgate::start();
     let traffic = traffic(&t);

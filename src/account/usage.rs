@@ -371,6 +371,9 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
                 },
                 "method_group": r.method_group,
                 "statistics": {"points_count": r.points, "duration": iso_duration(r.duration_us)},
+                // Beyond the API's AuditAction (its clients ignore it): the HTTP status the
+                // caller got.
+                "status": r.status,
             })
         })
         .collect();

@@ -95,6 +95,8 @@ pub struct Ctx {
     upstream_status: Option<u16>,
     /// The upstream's answer broke off after its head: not charged whatever its status.
     upstream_failed: bool,
+    /// The call was sent on to the upstream (whether or not it answered): it goes on record.
+    forwarded: bool,
     /// The answer's head went to the caller and its body broke off (the upstream's failed, or
     /// the caller left): the connection is dropped, never ended as if the answer were whole.
     broken_off: bool,
@@ -510,6 +512,7 @@ impl Tollgate {
             },
         };
         let started = ctx.started;
+        ctx.forwarded = true;
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
             let _ = head.insert_header("X-Tracecode", &code);
             let proxy_time = started.elapsed().saturating_sub(upstream_time);
@@ -571,8 +574,12 @@ impl Tollgate {
                 Ok(())
             }
             Err(failure) => {
-                // Refund before the caller hears of the failure.
-                self.settle_and_take_record(ctx);
+                // Refund, and put the call on record with the status its caller gets, before
+                // the caller hears of the failure.
+                ctx.status = failure.status();
+                if let Some(record) = self.settle_and_take_record(ctx) {
+                    self.enqueue(record);
+                }
                 app.metrics
                     .upstream_errors
                     .with_label_values(&[failure.kind()])
@@ -626,10 +633,14 @@ impl Tollgate {
         if let Some(lease) = ctx.lease.take() {
             lease.settle(charged);
         }
-        // Only calls that reached the upstream are on record.
-        let (Some(status), Some(process)) = (ctx.upstream_status, ctx.process.take()) else {
-            return None;
+        // Calls sent on to the upstream are on record, with the upstream's status, or the one
+        // Tollgate answered when the upstream failed (502, 504); calls refused before are not.
+        let status = match ctx.upstream_status {
+            Some(status) => status,
+            None if ctx.forwarded => ctx.status,
+            None => return None,
         };
+        let process = ctx.process.take()?;
         let user = ctx.user.as_ref();
         let mut input = ctx.input.take();
         let mut output = ctx.output.take();
@@ -884,6 +895,7 @@ impl Tollgate {
             output: None,
             upstream_status: None,
             upstream_failed: false,
+            forwarded: false,
             broken_off: false,
             linger: false,
             status: 0,
