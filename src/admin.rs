@@ -103,6 +103,8 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
                     return Err(format!("{field}: {}", crate::model::RESERVED_NAME_RULE));
                 }
             }
+            crate::trace::check_client_label(company, username)
+                .map_err(|rule| format!("company: {rule}"))?;
             if !(-12..=12).contains(timezone) {
                 return Err("timezone: must be -12..12".into());
             }
@@ -186,8 +188,9 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
             let method_group: MethodGroup = method_group
                 .parse()
                 .map_err(|e| format!("method_group '{method_group}' {e}"))?;
-            if values.date_window_days.is_some_and(|n| n < 2) {
-                return Err("date_window_days: must be at least 2".into());
+            let problems = values.out_of_bounds();
+            if !problems.is_empty() {
+                return Err(problems.join("; "));
             }
             user.quotas
                 .retain(|q| !(q.service == service && q.method_group == method_group));

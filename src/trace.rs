@@ -34,6 +34,20 @@ pub fn client_label_chars(company_key: &str, username: &str) -> usize {
     company_key.chars().count() + CLIENT_SEPARATOR.len() + username.chars().count()
 }
 
+/// Whether an account's company key and username make a tracedata client label that fits
+/// [`MAX_CLIENT_CHARS`]; the rule, to be reported against the company key, when they do not.
+/// Every way of making or changing an account holds to it, so labels are never cut.
+pub fn check_client_label(company_key: &str, username: &str) -> Result<(), String> {
+    let label = client_label_chars(company_key, username);
+    if label > MAX_CLIENT_CHARS {
+        return Err(format!(
+            "with the username, the tracedata client company_key_|_username must be at most \
+             {MAX_CLIENT_CHARS} characters ({label} here)"
+        ));
+    }
+    Ok(())
+}
+
 /// `company_|_username`. Both parts may be 256 characters, the label at most
 /// [`MAX_CLIENT_CHARS`]: a label that would be longer (only accounts made before the account
 /// API refused such pairs) keeps the username whole and as much of the company key as fits.

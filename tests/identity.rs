@@ -912,6 +912,11 @@ fn cli_ok(t: &Tollgate, args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// A username and a company key each within 256 characters, whose tracedata client label
+/// (`company_|_username`) is not.
+static LONG_NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "u".repeat(200));
+static LONG_COMPANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "c".repeat(200));
+
 /// Commands that must fail with a clear message, stopped or running.
 fn cli_refusals(t: &Tollgate, when: &str) {
     for (args, expect) in [
@@ -940,6 +945,43 @@ fn cli_refusals(t: &Tollgate, when: &str) {
         (
             vec!["add", "frank", "--company", "anonymous", "--password", "x"],
             "reserved",
+        ),
+        (
+            vec![
+                "add",
+                &LONG_NAME,
+                "--company",
+                &LONG_COMPANY,
+                "--password",
+                "x",
+            ],
+            "company_key_|_username must be at most 256 characters",
+        ),
+        (
+            vec![
+                "set-quota",
+                "dave",
+                "--service",
+                "UNIVERSAL",
+                "--method-group",
+                "PLAN",
+                "--max-concurrent-execution",
+                "100000",
+            ],
+            "max_concurrent_execution: 100000 is out of range 0..=1000",
+        ),
+        (
+            vec![
+                "set-quota",
+                "dave",
+                "--service",
+                "UNIVERSAL",
+                "--method-group",
+                "PLAN",
+                "--points-per-request",
+                "99999999999",
+            ],
+            "points_per_request: 99999999999 is out of range 0..=1000000",
         ),
         (
             vec![

@@ -156,17 +156,8 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
             crate::model::RESERVED_NAME_RULE,
         ));
     }
-    let label = trace::client_label_chars(&info.company_key, &info.username);
-    if label > trace::MAX_CLIENT_CHARS {
-        return Err(ApiError::invalid(
-            "company_key",
-            format!(
-                "with the username, the tracedata client company_key_|_username must be at \
-                 most {} characters ({label} here)",
-                trace::MAX_CLIENT_CHARS
-            ),
-        ));
-    }
+    trace::check_client_label(&info.company_key, &info.username)
+        .map_err(|rule| ApiError::invalid("company_key", rule))?;
     // Empty strings from a form mean "not set" as much as null does.
     let none_if_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
     let (name, email, phone) = (

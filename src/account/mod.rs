@@ -96,7 +96,8 @@ impl Call<'_> {
     /// The query's parameters; a name given twice is refused rather than one of its values
     /// picked silently.
     fn query(&self) -> Result<Vec<(String, String)>, ApiError> {
-        let query = parse_query(self.req.query);
+        let query = parse_query(self.req.query)
+            .map_err(|name| ApiError::invalid(&name, "must be UTF-8 once percent-decoded"))?;
         for (i, (name, _)) in query.iter().enumerate() {
             if query[..i].iter().any(|(earlier, _)| earlier == name) {
                 return Err(ApiError::invalid(name, "given more than once"));
@@ -131,7 +132,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         return Err(ApiError::invalid("body", "must be a JSON object"));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let field = if path == "."
@@ -148,11 +149,21 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         // serde_json appends " at line L column C"; the field name says more to a caller.
         let rule = rule.split(" at line ").next().unwrap_or(&rule).to_string();
         ApiError::invalid(&field, rule)
-    })
+    })?;
+    // One JSON value and only whitespace after it: a second object or stray bytes are not
+    // silently ignored.
+    de.end()
+        .map_err(|_| ApiError::invalid("body", "trailing characters after the JSON value"))?;
+    Ok(value)
 }
 
 /// Query pairs, percent-decoded (`+` as space).
-pub fn parse_query(query: &str) -> Vec<(String, String)> {
+///
+/// # Errors
+///
+/// The name (as far as it decodes) of the first pair whose name or value is not UTF-8 once
+/// decoded: such a value is refused rather than matched with replacement characters.
+pub fn parse_query(query: &str) -> Result<Vec<(String, String)>, String> {
     query
         .split('&')
         .filter(|p| !p.is_empty())
@@ -160,10 +171,18 @@ pub fn parse_query(query: &str) -> Vec<(String, String)> {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let decode = |s: &str| {
                 percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8()
+                    .map(|d| d.into_owned())
+            };
+            let lossy = |s: &str| {
+                percent_encoding::percent_decode_str(s)
                     .decode_utf8_lossy()
                     .into_owned()
             };
-            (decode(k), decode(v))
+            match (decode(k), decode(v)) {
+                (Ok(k), Ok(v)) => Ok((k, v)),
+                _ => Err(lossy(k)),
+            }
         })
         .collect()
 }
@@ -341,17 +360,34 @@ mod tests {
         );
         let e = parse_json::<Req>(b"{not json").unwrap_err();
         assert!(e.message.starts_with("body: "), "{}", e.message);
+        for trailing in [
+            &br#"{"username": "a1"} xx"#[..],
+            br#"{"username": "a1"}{"username": "b2"}"#,
+            b"{\"username\": \"a1\"}\x00\xff",
+        ] {
+            let e = parse_json::<Req>(trailing).unwrap_err();
+            assert_eq!(
+                e.message, "body: trailing characters after the JSON value",
+                "{trailing:?}"
+            );
+        }
+        assert!(parse_json::<Req>(b"{\"username\": \"a1\"} \r\n\t ").is_ok());
     }
 
     #[test]
     fn query_pairs_are_decoded() {
         assert_eq!(
+            parse_query("limit=10&operation_id=%ff%fe"),
+            Err("operation_id".into())
+        );
+        assert_eq!(parse_query("a%ff=1"), Err("a\u{fffd}".into()));
+        assert_eq!(
             parse_query("from=2025-01-02T03%3A04%3A05%2B0300&limit=10&x"),
-            vec![
+            Ok(vec![
                 ("from".into(), "2025-01-02T03:04:05+0300".into()),
                 ("limit".into(), "10".into()),
                 ("x".into(), "".into())
-            ]
+            ])
         );
     }
 }

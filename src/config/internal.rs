@@ -208,7 +208,52 @@ pub struct QuotaValues {
     pub max_concurrent_execution: Option<u32>,
 }
 
+/// The bounds of each quota, the API's (`QuotasResult` in API.md; a window of N >= 2 days, at
+/// most a year): the configuration, `tollgate user set-quota` and the admin socket all hold
+/// quotas to them, so `/account/quota` can always show what is enforced.
+pub mod quota_bounds {
+    pub const POINTS_PER_REQUEST: (u64, u64) = (0, 1_000_000);
+    pub const POINTS_PER_DAY: (u64, u64) = (0, 100_000_000);
+    pub const POINTS_PER_DATE_WINDOW: (u64, u64) = (0, 100_000_000);
+    pub const DATE_WINDOW_DAYS: (u64, u64) = (2, 366);
+    pub const MAX_CONCURRENT_EXECUTION: (u64, u64) = (0, 1000);
+}
+
 impl QuotaValues {
+    /// Every value set that is out of its bound (see [`quota_bounds`]), as "name: rule".
+    pub fn out_of_bounds(&self) -> Vec<String> {
+        use quota_bounds::*;
+        [
+            (
+                "points_per_request",
+                self.points_per_request,
+                POINTS_PER_REQUEST,
+            ),
+            ("points_per_day", self.points_per_day, POINTS_PER_DAY),
+            (
+                "points_per_date_window",
+                self.points_per_date_window,
+                POINTS_PER_DATE_WINDOW,
+            ),
+            (
+                "date_window_days",
+                self.date_window_days.map(u64::from),
+                DATE_WINDOW_DAYS,
+            ),
+            (
+                "max_concurrent_execution",
+                self.max_concurrent_execution.map(u64::from),
+                MAX_CONCURRENT_EXECUTION,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, value, (min, max))| {
+            let v = value?;
+            (v < min || v > max).then(|| format!("{name}: {v} is out of range {min}..={max}"))
+        })
+        .collect()
+    }
+
     /// `self` over `base`: every value `self` sets wins, the rest are inherited.
     pub fn over(self, base: QuotaValues) -> QuotaValues {
         QuotaValues {

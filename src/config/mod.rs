@@ -549,37 +549,45 @@ impl Validator {
                 QuotaScope::Default
             }
         };
+        let bounded = |this: &mut Self, name: &str, value: Option<i64>, (min, max): (u64, u64)| {
+            this.opt_range(&key(name), value, min as i64, max as i64)
+        };
         let values = QuotaValues {
-            points_per_request: self
-                .opt_range(
-                    &key("points_per_request"),
-                    q.points_per_request,
-                    0,
-                    1_000_000,
-                )
-                .map(|v| v as u64),
-            points_per_day: self
-                .opt_range(&key("points_per_day"), q.points_per_day, 0, 100_000_000)
-                .map(|v| v as u64),
-            points_per_date_window: self
-                .opt_range(
-                    &key("points_per_date_window"),
-                    q.points_per_date_window,
-                    0,
-                    100_000_000,
-                )
-                .map(|v| v as u64),
-            date_window_days: self
-                .opt_range(&key("date_window_days"), q.date_window_days, 2, 366)
-                .map(|v| v as u32),
-            max_concurrent_execution: self
-                .opt_range(
-                    &key("max_concurrent_execution"),
-                    q.max_concurrent_execution,
-                    0,
-                    1000,
-                )
-                .map(|v| v as u32),
+            points_per_request: bounded(
+                self,
+                "points_per_request",
+                q.points_per_request,
+                quota_bounds::POINTS_PER_REQUEST,
+            )
+            .map(|v| v as u64),
+            points_per_day: bounded(
+                self,
+                "points_per_day",
+                q.points_per_day,
+                quota_bounds::POINTS_PER_DAY,
+            )
+            .map(|v| v as u64),
+            points_per_date_window: bounded(
+                self,
+                "points_per_date_window",
+                q.points_per_date_window,
+                quota_bounds::POINTS_PER_DATE_WINDOW,
+            )
+            .map(|v| v as u64),
+            date_window_days: bounded(
+                self,
+                "date_window_days",
+                q.date_window_days,
+                quota_bounds::DATE_WINDOW_DAYS,
+            )
+            .map(|v| v as u32),
+            max_concurrent_execution: bounded(
+                self,
+                "max_concurrent_execution",
+                q.max_concurrent_execution,
+                quota_bounds::MAX_CONCURRENT_EXECUTION,
+            )
+            .map(|v| v as u32),
         };
         if values.points_per_date_window.is_some()
             && values.date_window_days.is_none()
@@ -610,6 +618,9 @@ impl Validator {
             if crate::model::is_reserved_name(value) {
                 self.problem(key(field), crate::model::RESERVED_NAME_RULE);
             }
+        }
+        if let Err(rule) = crate::trace::check_client_label(&u.company_key, &u.username) {
+            self.problem(key("company_key"), rule);
         }
         let password = match (u.password, u.password_hash) {
             (Some(p), None) if (1..=1000).contains(&p.chars().count()) => {
@@ -743,6 +754,37 @@ mod tests {
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["users[0].username", "users[1].company_key"], "{p:?}");
         assert!(p[0].message.contains("reserved"), "{p:?}");
+    }
+
+    #[test]
+    fn an_account_whose_client_label_would_be_cut_is_refused() {
+        let p = problems(&format!(
+            "[[users]]\nusername = \"{}\"\npassword = \"pw-12345678\"\ncompany_key = \"{}\"\n",
+            "u".repeat(200),
+            "c".repeat(200)
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "users[0].company_key");
+        assert!(
+            p[0].message.contains("at most 256 characters (403 here)"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn quotas_past_the_apis_bounds_are_refused() {
+        let p = problems(
+            "[[quotas]]\nservice = \"UNIVERSAL\"\nmethod_group = \"PLAN\"\nmax_concurrent_execution = 100000\npoints_per_request = 1000001\n",
+        );
+        let found: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            found,
+            [
+                "quotas[0].points_per_request: 1000001 is out of range 0..=1000000",
+                "quotas[0].max_concurrent_execution: 100000 is out of range 0..=1000"
+            ],
+            "{p:?}"
+        );
     }
 
     #[test]
