@@ -167,8 +167,9 @@ impl ProcessRegistry {
         entry
     }
 
-    /// Counts a follow-up exchange of an existing process by `caller` (or by anyone when
-    /// `admin`), loading the process with `load` when it is not in memory. Anyone else: NotYours.
+    /// Checks that `caller` (or anyone when `admin`) may follow up an existing process, loading
+    /// it with `load` when it is not in memory, and returns it as it stands (the exchange is
+    /// counted by [`ProcessRegistry::advance`] once it is sent on). Anyone else: NotYours.
     pub fn follow_up(
         &self,
         code: Uuid,
@@ -193,9 +194,19 @@ impl ProcessRegistry {
         if !admin && &*entry.owner != caller {
             return Err(NotYours);
         }
-        entry.exchanges += 1;
         entry.last_used = std::time::Instant::now();
         Ok(entry.clone())
+    }
+
+    /// Counts an exchange of a followed-up process as sent on and returns the process with it
+    /// counted. `seen` is what [`ProcessRegistry::follow_up`] returned, put back should the
+    /// process have been evicted from memory since.
+    pub fn advance(&self, code: Uuid, seen: ProcessEntry) -> ProcessEntry {
+        let mut shard = self.shard(&code).lock();
+        let entry = shard.entry(code).or_insert(seen);
+        entry.exchanges += 1;
+        entry.last_used = std::time::Instant::now();
+        entry.clone()
     }
 }
 
@@ -549,22 +560,29 @@ mod tests {
         let code = Uuid::new_v4();
         r.start(code, "alice", "acme", 100);
         assert_eq!(r.follow_up(code, "bob", false, || None), Err(NotYours));
+        let seen = r.follow_up(code, "alice", false, || None).unwrap();
+        assert_eq!(seen.exchanges, 1, "checked, not counted yet");
+        // A follow-up refused after the check never advances; one sent on does.
         assert_eq!(
             r.follow_up(code, "alice", false, || None)
                 .unwrap()
                 .exchanges,
-            2
+            1
         );
-        assert_eq!(
-            r.follow_up(code, "root", true, || None).unwrap().exchanges,
-            3
-        );
+        assert_eq!(r.advance(code, seen).exchanges, 2);
+        let seen = r.follow_up(code, "root", true, || None).unwrap();
+        assert_eq!(r.advance(code, seen).exchanges, 3);
         let unknown = Uuid::new_v4();
         assert_eq!(r.follow_up(unknown, "alice", false, || None), Err(NotYours));
-        let stored = r.follow_up(unknown, "alice", false, || {
-            Some(("alice".into(), "acme".into(), 99, 4))
-        });
-        assert_eq!(stored.unwrap().exchanges, 5);
+        let stored = r
+            .follow_up(unknown, "alice", false, || {
+                Some(("alice".into(), "acme".into(), 99, 4))
+            })
+            .unwrap();
+        assert_eq!(stored.exchanges, 4);
+        // Evicted between the check and the send: put back, then counted.
+        let evicted = ProcessRegistry::default();
+        assert_eq!(evicted.advance(unknown, stored).exchanges, 5);
     }
 
     #[test]

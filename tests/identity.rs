@@ -648,6 +648,15 @@ fn forged_foreign_and_expired_tokens_are_refused_everywhere() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 401);
+    // The scheme's name is case-insensitive.
+    for scheme in ["bearer", "BEARER", "bEaReR"] {
+        let r = client()
+            .get(t.url("/account/info"))
+            .header("authorization", format!("{scheme} {real}"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
 }
 
 #[test]

@@ -437,6 +437,7 @@ fn the_upstream_sees_tollgates_identity_headers_never_the_callers() {
         .header("X-Client", "evil_corp_|_mallory")
         .header("X-Points", "999999")
         .header("X-Unique-Points", "999999")
+        .header("Proxy-Authorization", "Basic bWFsbG9yeTpzZWNyZXQ=")
         .header("X-Custom", "kept")
         .body("{}")
         .send()
@@ -451,8 +452,8 @@ fn the_upstream_sees_tollgates_identity_headers_never_the_callers() {
     assert_eq!(seen["x-unique-points"], "0", "{seen}");
     assert_eq!(seen["x-custom"], "kept", "other headers pass: {seen}");
     assert!(
-        seen.get("authorization").is_none(),
-        "the caller's token reached the upstream: {seen}"
+        seen.get("authorization").is_none() && seen.get("proxy-authorization").is_none(),
+        "the caller's credentials reached the upstream: {seen}"
     );
     assert!(!seen.to_string().contains(&alice), "{seen}");
     assert!(
@@ -1045,6 +1046,46 @@ operation = "echo_head"
             "the next calls are answered in step"
         );
     }
+}
+
+#[test]
+fn an_answer_the_upstream_ends_by_closing_reaches_the_caller_framed() {
+    let upstream = FaultUpstream::start(Fault::CloseDelimited);
+    let t = Tollgate::start_extra(&fault_route("closing", upstream.port, ""));
+    let alice = t.token("alice");
+    let mut c = Raw::connect(t.port);
+    let request = format!(
+        "POST /universal/closing/calculation HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    for round in 0..2 {
+        c.send(request.as_bytes());
+        let r = c
+            .read_response()
+            .unwrap_or_else(|| panic!("round {round}: no framed answer on a kept connection"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"until the end");
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+    }
+    // An HTTP/1.0 caller cannot take chunks: it is answered in HTTP/1.1, and the close ends it.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(
+        format!(
+            "POST /universal/closing/calculation HTTP/1.0\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("keep-alive"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\nuntil the end"), "{answer}");
 }
 
 #[test]

@@ -334,6 +334,14 @@ fn a_sync_call_is_captured_byte_exact_and_converts_to_json_and_xlsx() {
     );
     assert_eq!(header(&r, "x-capture-truncated").as_deref(), Some("false"));
     assert_eq!(
+        header(&r, "x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    assert_eq!(
+        header(&r, "content-security-policy").as_deref(),
+        Some("sandbox")
+    );
+    assert_eq!(
         r.bytes().unwrap().as_ref(),
         sent,
         "INPUT stage 0 ORIGIN is what was sent"
@@ -872,7 +880,23 @@ fn a_stranger_cannot_follow_up_anothers_process_and_the_upstream_never_hears_of_
         assert_eq!(t.demo_stats()["requests"][&other], Value::Null);
     }
 
-    // The owner still can, and the strangers' attempts took no stage.
+    // The owner's own poll, refused before it is sent on (its body is over max_body_bytes),
+    // takes no stage either.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 999999999999\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 512];
+        let n = s.read(&mut head).unwrap();
+        assert_eq!(status_of_raw(&head[..n]), 413);
+    }
+
+    // The owner still can, and the attempts refused took no stage.
     let own = send(&t, reqwest::Method::GET, &path, &alice, None, b"", &[]);
     assert_eq!(own.status, 200);
     assert_eq!(demo_count(&t, &path), 1);

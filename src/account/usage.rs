@@ -474,6 +474,14 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
     response
         .headers
         .push(("X-Capture-Truncated", payload.truncated.to_string()));
+    // Captured bytes are the callers' (ORIGIN keeps their content type, text/html included):
+    // a browser must neither guess another type nor run them as a page of this origin.
+    response
+        .headers
+        .push(("X-Content-Type-Options", "nosniff".to_string()));
+    response
+        .headers
+        .push(("Content-Security-Policy", "sandbox".to_string()));
     Ok(response)
 }
 

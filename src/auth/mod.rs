@@ -233,9 +233,11 @@ impl Authority {
             .ok_or_else(|| ApiError::unauthorized("Authorization: a Bearer token is required"))?;
         let token = std::str::from_utf8(header)
             .ok()
+            // The scheme name is case-insensitive (RFC 9110 11.1).
             .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
+                h.get(..7)
+                    .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+                    .map(|_| &h[7..])
             })
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("Authorization: must be 'Bearer <token>'"))?;

@@ -343,14 +343,17 @@ impl Tollgate {
             .map(|u| u.company_key.as_str())
             .unwrap_or(trace::ANONYMOUS);
         let utc_day = crate::store::day_of_ms(now_utc.timestamp_millis());
-        let entry = match process_id {
+        // The owner check comes now; the exchange is counted (and given its stage) only when
+        // it is sent on, so a follow-up refused below (413, 429, 402...) takes no stage.
+        let followed = match process_id {
             Some(Ok(code)) => {
                 ctx.code = code;
                 let admin = user
                     .as_ref()
                     .is_some_and(|u| u.roles.contains(&Role::ADMIN));
                 let store = &app.store;
-                app.processes
+                let entry = app
+                    .processes
                     .follow_up(code, owner, admin, || {
                         store
                             .process(&code)
@@ -358,38 +361,16 @@ impl Tollgate {
                             .flatten()
                             .map(|p| (p.owner, p.company_key, p.day, p.exchanges))
                     })
-                    .map_err(|_| plain(ApiError::not_found(code.to_string())))
-                    .map(Some)?
+                    .map_err(|_| plain(ApiError::not_found(code.to_string())))?;
+                Some(entry)
             }
             Some(Err(())) => {
                 return Err(plain(ApiError::not_found(
                     session.req_header().uri.path().to_string(),
                 )))
             }
-            None if self.follow_ups => Some(app.processes.start(ctx.code, owner, company, utc_day)),
-            // No route can follow this process up: the first exchange, not registered.
             None => None,
         };
-        ctx.process = Some(match entry {
-            Some(entry) => {
-                ctx.stage = trace::stage_of(entry.exchanges - 1);
-                ProcessRecord {
-                    owner: entry.owner.to_string(),
-                    company_key: entry.company_key.to_string(),
-                    day: entry.day,
-                    exchanges: entry.exchanges,
-                }
-            }
-            None => {
-                ctx.stage = trace::stage_of(0);
-                ProcessRecord {
-                    owner: owner.to_string(),
-                    company_key: company.to_string(),
-                    day: utc_day,
-                    exchanges: 1,
-                }
-            }
-        });
 
         // The whole body, before anything reaches the upstream.
         let whole = !route.points.array_pointers.is_empty();
@@ -497,7 +478,12 @@ impl Tollgate {
                 (POINTS_HEADER, &points),
                 (UNIQUE_POINTS_HEADER, &unique),
             ],
-            &["authorization", POINTS_HEADER, UNIQUE_POINTS_HEADER],
+            &[
+                "authorization",
+                "proxy-authorization",
+                POINTS_HEADER,
+                UNIQUE_POINTS_HEADER,
+            ],
         )
         .map_err(|_| plain(ApiError::bad_request("request head cannot be forwarded")))?;
         let upstream_cfg = &app.config.upstreams[route.upstream];
@@ -512,6 +498,33 @@ impl Tollgate {
             },
         };
         let started = ctx.started;
+        // The exchange is sent on: it counts in its process from here, and goes on record.
+        let entry = match followed {
+            Some(seen) => Some(app.processes.advance(ctx.code, seen)),
+            None if self.follow_ups => Some(app.processes.start(ctx.code, owner, company, utc_day)),
+            // No route can follow this process up: the first exchange, not registered.
+            None => None,
+        };
+        ctx.process = Some(match entry {
+            Some(entry) => {
+                ctx.stage = trace::stage_of(entry.exchanges - 1);
+                ProcessRecord {
+                    owner: entry.owner.to_string(),
+                    company_key: entry.company_key.to_string(),
+                    day: entry.day,
+                    exchanges: entry.exchanges,
+                }
+            }
+            None => {
+                ctx.stage = trace::stage_of(0);
+                ProcessRecord {
+                    owner: owner.to_string(),
+                    company_key: company.to_string(),
+                    day: utc_day,
+                    exchanges: 1,
+                }
+            }
+        });
         ctx.forwarded = true;
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
             let _ = head.insert_header("X-Tracecode", &code);

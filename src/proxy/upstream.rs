@@ -228,6 +228,21 @@ pub async fn exchange(
         out.remove_header(&http::header::CONTENT_LENGTH);
         out.remove_header(&http::header::TRANSFER_ENCODING);
     }
+    // Tollgate answers in its own HTTP version, whichever the upstream spoke.
+    out.set_version(http::Version::HTTP_11);
+    let bodiless = matches!(status, 100..=199 | 204 | 304)
+        || session.req_header().method == http::Method::HEAD;
+    let framed = out.headers.contains_key(http::header::CONTENT_LENGTH)
+        || out.headers.contains_key(http::header::TRANSFER_ENCODING);
+    if !bodiless && !framed {
+        // The upstream ends this answer by closing its connection. An HTTP/1.1 caller gets it
+        // chunked and keeps its connection; an HTTP/1.0 caller gets the end as a close.
+        if session.req_header().version == http::Version::HTTP_11 {
+            let _ = out.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        } else {
+            session.set_keepalive(None);
+        }
+    }
     on_head(&mut out, upstream_time);
     let mut ex = Exchange {
         status,

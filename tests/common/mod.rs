@@ -459,6 +459,8 @@ pub enum Fault {
     NoContentWithLength,
     /// Answers 200 with a Content-Length and no body, as to a HEAD request, and stays open.
     HeadOnly,
+    /// Answers in HTTP/1.0 with neither a length nor chunks: the body ends when it closes.
+    CloseDelimited,
 }
 
 const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
@@ -510,6 +512,12 @@ impl FaultUpstream {
                                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\n",
                                 );
                                 held.push(s);
+                            }
+                            Fault::CloseDelimited => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+                                );
+                                drop(s);
                             }
                             Fault::BadChunk => {
                                 let _ = s.write_all(CHUNKED_HEAD);
