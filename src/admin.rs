@@ -206,7 +206,15 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
 }
 
 /// Sends a command to the server running on `store_path`.
-pub fn send(store_path: &Path, command: &UserCommand) -> Result<String, String> {
+///
+/// # Errors
+///
+/// The outer error: no server could be asked (nothing listens, the exchange broke). The inner
+/// result is the server's answer: what to print, or why it refused the command.
+pub fn send(
+    store_path: &Path,
+    command: &UserCommand,
+) -> Result<Result<String, String>, String> {
     let path = socket_path(store_path);
     let mut stream = std::os::unix::net::UnixStream::connect(&path)
         .map_err(|e| format!("{}: no running server answers ({e})", path.display()))?;
@@ -219,11 +227,11 @@ pub fn send(store_path: &Path, command: &UserCommand) -> Result<String, String> 
         .map_err(|e| e.to_string())?;
     let reply: Reply = serde_json::from_str(&reply)
         .map_err(|e| format!("the server's reply is unreadable: {e}"))?;
-    if reply.ok {
+    Ok(if reply.ok {
         Ok(reply.text)
     } else {
         Err(reply.text)
-    }
+    })
 }
 
 /// A command runner: applies a command and returns what to print.

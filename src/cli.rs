@@ -233,7 +233,7 @@ fn user(config: &Config, action: UserAction) -> Result<(), String> {
     let text = match Store::open(path) {
         Ok(store) => admin::apply(&store, &command)?,
         Err(open_error) if admin::socket_path(path).exists() => admin::send(path, &command)
-            .map_err(|e| format!("{e} (and the store could not be opened: {open_error})"))?,
+            .map_err(|e| format!("{e} (and the store could not be opened: {open_error})"))??,
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
     if !text.is_empty() {

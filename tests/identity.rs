@@ -1028,6 +1028,10 @@ fn cli_refusals(t: &Tollgate, when: &str) {
         assert!(!out.status.success(), "{when}: {args:?} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "{when}: {args:?}: {err}");
+        assert!(
+            !err.contains("could not be opened"),
+            "{when}: a refusal is said as it is: {err}"
+        );
     }
     let list = cli_ok(t, &["list"], None);
     assert!(
