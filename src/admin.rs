@@ -211,10 +211,7 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
 ///
 /// The outer error: no server could be asked (nothing listens, the exchange broke). The inner
 /// result is the server's answer: what to print, or why it refused the command.
-pub fn send(
-    store_path: &Path,
-    command: &UserCommand,
-) -> Result<Result<String, String>, String> {
+pub fn send(store_path: &Path, command: &UserCommand) -> Result<Result<String, String>, String> {
     let path = socket_path(store_path);
     let mut stream = std::os::unix::net::UnixStream::connect(&path)
         .map_err(|e| format!("{}: no running server answers ({e})", path.display()))?;

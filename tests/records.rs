@@ -830,6 +830,33 @@ fn captured_data_is_refused_on_bad_input_and_hidden_from_other_tenants() {
             "{bad}: the message names the field: {body}"
         );
     }
+    // A capture that is not JSON converts only as ORIGIN, and the answer says why.
+    let words = send(
+        &t,
+        reqwest::Method::POST,
+        "/demo/echo",
+        &alice,
+        Some("text/plain"),
+        b"plain words",
+        &[],
+    );
+    assert_eq!(data_ok(&t, &alice, &words.code, ""), b"plain words");
+    for convert in ["JSON", "XLSX"] {
+        let r = data(
+            &t,
+            &alice,
+            &words.code,
+            &format!("data_flow_convert={convert}"),
+        );
+        assert_eq!(r.status(), 400, "{convert}");
+        let body = json_of(r);
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("data_flow_convert: the captured payload cannot be read as JSON (")
+                && message.ends_with("); use ORIGIN"),
+            "{convert}: {body}"
+        );
+    }
     let r = client()
         .get(t.url(&format!("/account/data/{code}")))
         .send()
@@ -1698,6 +1725,36 @@ fn statistics_count_points_per_day_service_and_method_group_live() {
     assert_eq!(status, 200);
     assert_eq!(body["username"], "bob");
     assert_eq!(body["dates"], json!([]));
+
+    // With `username`, a role that sees an account's audit sees its statistics: its company's
+    // PARTNER and any ADMIN; anyone else gets the 404 an unknown name gets.
+    for viewer in ["paula", "root_admin"] {
+        let token = t.token(viewer);
+        let (status, body) = stats(&t, &token, "username=alice");
+        assert_eq!(status, 200, "{viewer}: {body}");
+        assert_eq!(body["username"], "alice");
+        assert_eq!(stats_table(&body), more, "{viewer} sees alice's");
+        let r = t.get("/account/report?username=alice", &token);
+        assert_eq!(r.status(), 200, "{viewer}'s report of alice");
+        let disposition = header(&r, "content-disposition").unwrap();
+        assert!(disposition.contains("report_alice_"), "{disposition}");
+    }
+    let mallory = t.token("mallory");
+    for (token, name) in [
+        (&bob, "alice"),
+        (&mallory, "alice"),
+        (&bob, "nobody_at_all"),
+    ] {
+        let (status, body) = stats(&t, token, &format!("username={name}"));
+        assert_eq!(status, 404, "{name}: {body}");
+        assert_eq!(body["resource_id"], name, "{body}");
+        assert_eq!(
+            t.get(&format!("/account/report?username={name}"), token)
+                .status(),
+            404
+        );
+    }
+    assert_eq!(stats(&t, &bob, "username=bob").1["username"], "bob");
 
     // The longest period is 3653 days.
     let from = today_at(3) - chrono::Duration::days(3652);

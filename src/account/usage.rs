@@ -3,6 +3,7 @@
 //! finished is visible at once.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, NaiveDateTime, TimeZone, Utc};
@@ -140,8 +141,32 @@ fn daily_rows(
         .collect())
 }
 
+/// Whose statistics a call reads: the caller's own, or, with the `username` parameter (beyond
+/// the API's; its clients never send it), another account the caller's role sees: a PARTNER
+/// its company's, an ADMIN anyone's. Any other name, or one that is no account, is a 404, the
+/// same answer, so a name outside the caller's view is never confirmed to exist.
+fn subject(call: &mut Call<'_>) -> Result<Arc<UserRecord>, ApiError> {
+    let caller = call.caller()?;
+    let query = call.query()?;
+    let Some(name) = get(&query, "username") else {
+        return Ok(caller);
+    };
+    if name == caller.username {
+        return Ok(caller);
+    }
+    call.app
+        .authority
+        .user(name)
+        .filter(|other| match visibility(&caller) {
+            Visibility::All => true,
+            Visibility::Company(c) => other.company_key == c,
+            Visibility::User(_) => false,
+        })
+        .ok_or_else(|| ApiError::not_found(name.to_string()))
+}
+
 pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
-    let user = call.caller()?;
+    let user = subject(call)?;
     let (from, to) = period(call, &user)?;
     flush(call).await?;
     let rows = daily_rows(call, &user, from, to)?;
@@ -174,7 +199,7 @@ pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
 }
 
 pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
-    let user = call.caller()?;
+    let user = subject(call)?;
     let (from, to) = period(call, &user)?;
     flush(call).await?;
     let rows = daily_rows(call, &user, from, to)?;
@@ -444,10 +469,14 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                     "the capture was truncated; only ORIGIN can be served",
                 ));
             }
-            let not_json = |_| {
+            // serde_json's reason: not JSON at all, or JSON this conversion cannot hold (nested
+            // deeper than 128 levels, a number past f64 for XLSX).
+            let not_json = |e: serde_json::Error| {
+                let reason = e.to_string();
+                let reason = reason.split(" at line ").next().unwrap_or(&reason);
                 ApiError::invalid(
                     "data_flow_convert",
-                    "the captured payload is not JSON; use ORIGIN",
+                    format!("the captured payload cannot be read as JSON ({reason}); use ORIGIN"),
                 )
             };
             if convert == "JSON" {
