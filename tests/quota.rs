@@ -464,30 +464,11 @@ fn points_of_failed_upstream_calls_are_refunded() {
     let hanging = FaultUpstream::start(Fault::Hang);
     let down = free_port();
     let mut extra = quota_table("UNIVERSAL", "PLAN", "", "points_per_day = 10");
-    for (name, port) in [
+    extra.push_str(&failing_plan_routes(&[
         ("down", down),
         ("closing", closing.port),
         ("hanging", hanging.port),
-    ] {
-        extra.push_str(&format!(
-            r#"
-[[upstreams]]
-name = "{name}"
-address = "127.0.0.1:{port}"
-connect_timeout_ms = 300
-total_timeout_ms = 500
-
-[[routes]]
-method = "POST"
-path = "/universal/plan/{name}"
-upstream = "{name}"
-service = "UNIVERSAL"
-method_group = "PLAN"
-operation = "run_plan_{name}"
-points = ["/locations"]
-"#
-        ));
-    }
+    ]));
     let t = Tollgate::start_extra(&extra);
     let alice = t.token("alice");
 

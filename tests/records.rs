@@ -1092,28 +1092,10 @@ fn audit_records_every_call_with_complete_tracedata() {
 fn calls_whose_upstream_failed_are_on_record_with_the_status_their_caller_got() {
     let hanging = FaultUpstream::start(Fault::Hang);
     let down = free_port();
-    let mut extra = String::new();
-    for (name, port) in [("down", down), ("hanging", hanging.port)] {
-        extra.push_str(&format!(
-            r#"
-[[upstreams]]
-name = "{name}"
-address = "127.0.0.1:{port}"
-connect_timeout_ms = 300
-total_timeout_ms = 500
-
-[[routes]]
-method = "POST"
-path = "/universal/plan/{name}"
-upstream = "{name}"
-service = "UNIVERSAL"
-method_group = "PLAN"
-operation = "run_plan_{name}"
-points = ["/locations"]
-"#
-        ));
-    }
-    let t = Tollgate::start_extra(&extra);
+    let t = Tollgate::start_extra(&failing_plan_routes(&[
+        ("down", down),
+        ("hanging", hanging.port),
+    ]));
     let alice = t.token("alice");
     let body = br#"{"locations":[{"key":1},{"key":2}]}"#;
     let mut calls = Vec::new();

@@ -442,6 +442,34 @@ pub fn assert_error_shape(body: &Value, service: &str) {
     }
 }
 
+/// Per `(name, port)`: an upstream at that port (300 ms to connect, 500 ms in all) and the
+/// counted route `POST /universal/plan/{name}` to it (operation `run_plan_{name}`).
+pub fn failing_plan_routes(upstreams: &[(&str, u16)]) -> String {
+    upstreams
+        .iter()
+        .map(|(name, port)| {
+            format!(
+                r#"
+[[upstreams]]
+name = "{name}"
+address = "127.0.0.1:{port}"
+connect_timeout_ms = 300
+total_timeout_ms = 500
+
+[[routes]]
+method = "POST"
+path = "/universal/plan/{name}"
+upstream = "{name}"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "run_plan_{name}"
+points = ["/locations"]
+"#
+            )
+        })
+        .collect()
+}
+
 /// How a fault upstream behaves with each connection it accepts.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
