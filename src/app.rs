@@ -42,7 +42,9 @@ impl App {
                     .iter()
                     .filter_map(|q| q.values.date_window_days),
             )
-            .fold(crate::quota::ledger::MIN_RETAINED_DAYS, u32::max);
+            .fold(crate::quota::ledger::MIN_RETAINED_DAYS, u32::max)
+            // Overrides stored before the bounds were enforced could name more than a year.
+            .min(crate::config::quota_bounds::DATE_WINDOW_DAYS.1 as u32);
         // One more day: the oldest local day of a user east of UTC starts the day before.
         let since = crate::store::Store::now_day() - widest as i32 - 1;
         let rows = self.store.stats_since(since).map_err(|e| e.to_string())?;
@@ -55,6 +57,24 @@ impl App {
             );
         }
         Ok(n)
+    }
+
+    /// Loads one account's committed points of its last `days` days where the ledger holds
+    /// fewer: after its date window was widened on a running server, the days the window newly
+    /// covers count at once, not only from the next start.
+    pub fn restore_account(&self, username: &str, days: u32) -> Result<(), String> {
+        let today = crate::store::Store::now_day();
+        let days = days.min(crate::config::quota_bounds::DATE_WINDOW_DAYS.1 as u32);
+        let rows = self
+            .store
+            .stats(username, today - days as i32 - 1, today)
+            .map_err(|e| e.to_string())?;
+        let name: Arc<str> = Arc::from(username);
+        for (day, service, group, counts) in rows {
+            self.ledger
+                .restore_at_least((name.clone(), service, group), day, counts.points);
+        }
+        Ok(())
     }
 }
 
@@ -98,9 +118,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_restart_restores_the_widest_date_window_not_only_a_month() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store whose alice spent 70 points 40 days ago, opened anew (a restart) by a server
+    /// whose configured date window is `window_days`.
+    fn restarted_with_old_points(dir: &std::path::Path, window_days: u32) -> Arc<super::App> {
         let config = format!(
             r#"
 [store]
@@ -115,14 +135,14 @@ company_key = "acme"
 service = "UNIVERSAL"
 method_group = "PLAN"
 points_per_date_window = 100
-date_window_days = 60
+date_window_days = {window_days}
 "#,
-            dir.path().join("store").display(),
+            dir.join("store").display(),
             "ab".repeat(32)
         );
         let today = Store::now_day();
         {
-            let config = crate::config::parse(&config, dir.path()).unwrap();
+            let config = crate::config::parse(&config, dir).unwrap();
             let (app, writer_thread) = crate::server::build_app(config).unwrap();
             app.writer
                 .record_blocking(Box::new(charged_call(today - 40, 70)))
@@ -131,26 +151,52 @@ date_window_days = 60
             drop(app);
             writer_thread.join().unwrap();
         }
-        let config = crate::config::parse(&config, dir.path()).unwrap();
-        let (app, _writer_thread) = crate::server::build_app(config).unwrap();
-        let user = app.authority.user("alice").unwrap();
-        let limits = app
-            .quotas
-            .limits(&user, ServiceName::UNIVERSAL, MethodGroup::PLAN);
+        let config = crate::config::parse(&config, dir).unwrap();
+        crate::server::build_app(config).unwrap().0
+    }
+
+    fn window_of(days: u32) -> crate::quota::ledger::Limits {
+        crate::quota::to_limits(crate::config::QuotaValues {
+            points_per_date_window: Some(100),
+            date_window_days: Some(days),
+            ..Default::default()
+        })
+    }
+
+    fn admits(app: &super::App, days: u32, points: u64) -> bool {
         let key = (
             Arc::from("alice"),
             ServiceName::UNIVERSAL,
             MethodGroup::PLAN,
         );
         let now = Today::at(chrono::Utc::now().timestamp(), 0);
+        app.ledger
+            .admit(&key, &window_of(days), points, now, Instant::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn a_restart_restores_the_widest_date_window_not_only_a_month() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = restarted_with_old_points(dir.path(), 60);
         // 70 of the window's 100 points were spent 40 days ago, before the restart.
-        assert!(app
-            .ledger
-            .admit(&key, &limits, 31, now, Instant::now())
-            .is_err());
-        assert!(app
-            .ledger
-            .admit(&key, &limits, 30, now, Instant::now())
-            .is_ok());
+        assert!(!admits(&app, 60, 31));
+        assert!(admits(&app, 60, 30));
+    }
+
+    #[test]
+    fn a_window_widened_on_a_running_server_counts_the_days_it_newly_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = restarted_with_old_points(dir.path(), 7);
+        // Widened to 60 days (as `tollgate user set-quota` does through the admin socket): the
+        // 70 points of 40 days ago count at once.
+        app.restore_account("alice", 60).unwrap();
+        assert!(!admits(&app, 60, 31));
+        assert!(admits(&app, 60, 30));
+        // Asked again, nothing is counted twice (each admission above was refunded when its
+        // lease was dropped): still 70 of 100 in use.
+        app.restore_account("alice", 60).unwrap();
+        assert!(!admits(&app, 60, 31));
+        assert!(admits(&app, 60, 30));
     }
 }

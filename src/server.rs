@@ -133,9 +133,20 @@ impl BackgroundService for AdminSocket {
     async fn start(&self, shutdown: ShutdownWatch) {
         let app = self.0.clone();
         let run: crate::admin::Runner = Arc::new(move |command| {
-            app.authority
+            let answer = app
+                .authority
                 .write_directly(|store| crate::admin::apply(store, &command))
-                .and_then(|result| result)
+                .and_then(|result| result)?;
+            if let crate::admin::UserCommand::SetQuota {
+                username, values, ..
+            } = &command
+            {
+                // A widened date window counts the days it newly covers at once.
+                if let Some(days) = values.date_window_days {
+                    app.restore_account(username, days)?;
+                }
+            }
+            Ok(answer)
         });
         crate::admin::serve_socket(run, self.0.config.store.path.clone(), shutdown).await;
     }

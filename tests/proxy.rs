@@ -725,6 +725,36 @@ fn pipelined_requests_are_answered_in_order_on_one_connection() {
 }
 
 #[test]
+fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout_seconds() {
+    let t = Tollgate::start_with(Setup {
+        server: "keepalive_timeout_seconds = 1".into(),
+        ..Setup::default()
+    });
+    let get = b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut c = Raw::connect(t.port);
+    c.send(get);
+    assert_eq!(c.read_response().map(|r| r.status), Some(200));
+    // Within the timeout the connection serves the next request...
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(get);
+    let r = c
+        .read_response()
+        .expect("a second answer on the kept connection");
+    assert_eq!(
+        (r.status, r.header("connection")),
+        (200, Some("keep-alive"))
+    );
+    // ...and idle past it, the server closes it.
+    let idle = Instant::now();
+    assert!(!c.fill(), "the idle connection was closed, not left open");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(800) && idle.elapsed() < Duration::from_secs(4),
+        "closed after about a second: {:?}",
+        idle.elapsed()
+    );
+}
+
+#[test]
 fn an_unreadable_request_head_and_connect_get_errors_in_the_api_shape() {
     let t = Tollgate::start();
     for (wire, status, message) in [
@@ -1086,6 +1116,42 @@ fn an_answer_the_upstream_ends_by_closing_reaches_the_caller_framed() {
         "{answer}"
     );
     assert!(answer.ends_with("\r\n\r\nuntil the end"), "{answer}");
+}
+
+#[test]
+fn a_chunked_answer_reaches_an_http_1_0_caller_unchunked() {
+    let upstream = FaultUpstream::start(Fault::Chunked);
+    // The fault upstream answers one request per connection.
+    let t = Tollgate::start_extra(&fault_route("chunks", upstream.port, "").replace(
+        "connect_timeout_ms = 500",
+        "connect_timeout_ms = 500\nkeepalive = 0",
+    ));
+    let alice = t.token("alice");
+    let request = |version: &str| {
+        format!(
+            "POST /universal/chunks/calculation HTTP/{version}\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nContent-Length: 2\r\n\r\n{{}}"
+        )
+    };
+    // An HTTP/1.1 caller gets the chunks, and keeps its connection.
+    let mut c = Raw::connect(t.port);
+    c.send(request("1.1").as_bytes());
+    let r = c.read_response().expect("a chunked answer");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"hello world"[..]));
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    // An HTTP/1.0 caller gets the body itself, ended by the close.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(request("1.0").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{answer}"
+    );
+    assert_eq!(body, "hello world", "{answer}");
 }
 
 #[test]

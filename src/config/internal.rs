@@ -39,6 +39,9 @@ pub struct Server {
     pub log_format: LogFormat,
     pub grace_period_seconds: u64,
     pub shutdown_timeout_seconds: u64,
+    /// How long a caller's connection may wait for its next request (and a request head take
+    /// to arrive) before it is closed.
+    pub keepalive_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -254,6 +254,13 @@ impl Validator {
                 1,
                 3600,
             ) as u64,
+            keepalive_timeout_seconds: self.range(
+                "server.keepalive_timeout_seconds",
+                f.server.keepalive_timeout_seconds,
+                60,
+                1,
+                3600,
+            ) as u64,
         };
         let limits = Limits {
             max_body_bytes: self.range(

@@ -37,6 +37,7 @@ pub struct Server {
     pub log_format: Option<String>,
     pub grace_period_seconds: Option<i64>,
     pub shutdown_timeout_seconds: Option<i64>,
+    pub keepalive_timeout_seconds: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

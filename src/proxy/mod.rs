@@ -1008,6 +1008,12 @@ impl HttpServerApp for Tollgate {
             // chunked answer's last chunk).
             return None;
         }
+        if session.get_keepalive() == Some(0) {
+            // Pingora keeps an HTTP/1.1 connection that names no timeout open forever, and
+            // waits for its next request head without a deadline: idle or stalled callers
+            // would hold connections without end.
+            session.set_keepalive(Some(self.app.config.server.keepalive_timeout_seconds));
+        }
         let settings = HttpPersistentSettings::for_session(&session);
         session
             .finish()

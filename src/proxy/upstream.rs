@@ -232,16 +232,23 @@ pub async fn exchange(
     out.set_version(http::Version::HTTP_11);
     let bodiless = matches!(status, 100..=199 | 204 | 304)
         || session.req_header().method == http::Method::HEAD;
-    let framed = out.headers.contains_key(http::header::CONTENT_LENGTH)
-        || out.headers.contains_key(http::header::TRANSFER_ENCODING);
-    if !bodiless && !framed {
-        // The upstream ends this answer by closing its connection. An HTTP/1.1 caller gets it
-        // chunked and keeps its connection; an HTTP/1.0 caller gets the end as a close.
-        if session.req_header().version == http::Version::HTTP_11 {
-            let _ = out.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-        } else {
-            session.set_keepalive(None);
-        }
+    let chunked = out.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let sized = out.headers.contains_key(http::header::CONTENT_LENGTH);
+    let caller_takes_chunks = session.req_header().version >= http::Version::HTTP_11;
+    if chunked {
+        // Transfer-Encoding overrides a length sent beside it (RFC 9112 6.3), which the
+        // answer must then not carry on.
+        out.remove_header(&http::header::CONTENT_LENGTH);
+    }
+    if !bodiless && !caller_takes_chunks && (chunked || !sized) {
+        // An HTTP/1.0 caller knows no chunks (RFC 9112 6.1): the body goes to it as it is,
+        // and the close ends it.
+        out.remove_header(&http::header::TRANSFER_ENCODING);
+        session.set_keepalive(None);
+    } else if !bodiless && !chunked && !sized {
+        // The upstream ends this answer by closing its connection: an HTTP/1.1 caller gets it
+        // chunked, and keeps its connection.
+        let _ = out.insert_header(http::header::TRANSFER_ENCODING, "chunked");
     }
     on_head(&mut out, upstream_time);
     let mut ex = Exchange {

@@ -555,6 +555,16 @@ where
         entry.committed_points = entry.committed_points.saturating_add(committed_points);
     }
 
+    /// Raises a day's committed points to what the store holds, when the ledger has fewer: for
+    /// days a widened date window newly covers, which the ledger may never have loaded. Days it
+    /// holds already keep their count (the store only lags it), so nothing is counted twice.
+    pub fn restore_at_least(&self, key: K, day: Day, stored_points: u64) {
+        let cell = self.account(&key);
+        let mut account = cell.lock();
+        let entry = account.day_points_mut(day);
+        entry.committed_points = entry.committed_points.max(stored_points);
+    }
+
     /// Committed totals changed since the last call: (key, day, total committed that day). The
     /// totals are absolute, so persisting them is an idempotent upsert.
     pub fn take_dirty(&self) -> Vec<(K, Day, u64)> {
@@ -1168,6 +1178,23 @@ mod tests {
         ));
         commit(&ledger, &limits, 2, 1);
         assert_eq!(ledger.take_dirty(), vec![("k", 1, 10)]);
+    }
+
+    #[test]
+    fn restoring_at_least_never_counts_a_day_twice() {
+        let ledger = ledger();
+        let limits = Limits::default();
+        commit(&ledger, &limits, 4, 1);
+        ledger.restore_at_least("k", 1, 3);
+        assert_eq!(
+            ledger.committed(&"k", 1),
+            4,
+            "the ledger's own count stands"
+        );
+        ledger.restore_at_least("k", 1, 6);
+        assert_eq!(ledger.committed(&"k", 1), 6, "the store knew more");
+        ledger.restore_at_least("k", 0, 2);
+        assert_eq!(ledger.committed(&"k", 0), 2, "a day never loaded");
     }
 
     #[test]

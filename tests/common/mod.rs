@@ -140,6 +140,8 @@ pub struct Tollgate {
 /// address, so extra upstreams and routes can be written before the ports are known.
 pub struct Setup {
     pub extra: String,
+    /// More keys of the `[server]` table.
+    pub server: String,
     pub with_default_routes: bool,
     pub with_users: bool,
     pub compute_time_ms: u64,
@@ -149,6 +151,7 @@ impl Default for Setup {
     fn default() -> Self {
         Setup {
             extra: String::new(),
+            server: String::new(),
             with_default_routes: true,
             with_users: true,
             compute_time_ms: 300,
@@ -180,6 +183,7 @@ name = "tollgate-test"
 threads = 2
 grace_period_seconds = 0
 shutdown_timeout_seconds = 5
+{server_extra}
 
 [store]
 path = "store"
@@ -206,6 +210,7 @@ connect_timeout_ms = 500
 total_timeout_ms = 5000
 "#,
             compute = setup.compute_time_ms,
+            server_extra = setup.server,
             docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").display(),
         );
         if setup.with_default_routes {
@@ -489,6 +494,8 @@ pub enum Fault {
     HeadOnly,
     /// Answers in HTTP/1.0 with neither a length nor chunks: the body ends when it closes.
     CloseDelimited,
+    /// Answers 200 in two chunks and stays open.
+    Chunked,
 }
 
 const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
@@ -546,6 +553,12 @@ impl FaultUpstream {
                                     b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
                                 );
                                 drop(s);
+                            }
+                            Fault::Chunked => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                                );
+                                held.push(s);
                             }
                             Fault::BadChunk => {
                                 let _ = s.write_all(CHUNKED_HEAD);
