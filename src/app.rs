@@ -2,6 +2,7 @@
 //! process registry, the store and its writer, and the metrics. Built once at start by
 //! `server`, read by `proxy` and `account`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +25,39 @@ pub struct App {
     pub writer: StoreWriter,
     pub metrics: Metrics,
     pub started: Instant,
+    pub draining: Draining,
+}
+
+/// Set once the server begins to shut down (SIGTERM): from then on answers close their
+/// connections, and connections waiting for their next request are closed, so the drain waits
+/// only for the calls already in flight.
+#[derive(Default)]
+pub struct Draining {
+    flag: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Draining {
+    pub fn begin(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the drain has begun.
+    pub async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a drain begun between the two still wakes this.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 impl App {

@@ -55,6 +55,7 @@ pub fn build_app(config: Config) -> Result<(Arc<App>, std::thread::JoinHandle<()
         writer,
         config,
         started: Instant::now(),
+        draining: Default::default(),
     });
     let restored = app.restore_ledger()?;
     tracing::info!(restored, "ledger restored from the store");
@@ -175,6 +176,7 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
             _ = int.recv() => ShutdownSignal::FastShutdown,
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
             _ = term.recv() => {
+                self.app.draining.begin();
                 let deadline = Instant::now() + self.timeout;
                 tracing::info!(in_flight = self.app.metrics.in_flight.get(), "SIGTERM: draining calls in flight");
                 while self.app.metrics.in_flight.get() > 0 && Instant::now() < deadline {

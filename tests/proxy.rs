@@ -755,6 +755,41 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout_seconds() {
 }
 
 #[test]
+fn a_request_head_trickled_in_is_cut_off_at_keepalive_timeout_seconds() {
+    let t = Tollgate::start_with(Setup {
+        server: "keepalive_timeout_seconds = 1".into(),
+        ..Setup::default()
+    });
+    let mut c = Raw::connect(t.port);
+    c.s.set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
+    let started = Instant::now();
+    c.send(b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\nX-Slow: ");
+    // A byte every 250 ms: each read comes quickly, the head never ends.
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        if c.s.write_all(b"a").is_err() {
+            break true;
+        }
+        let mut byte = [0u8; 1];
+        match c.s.read(&mut byte) {
+            Ok(0) => break true,
+            Ok(_) => panic!("an answer to a head that never ended"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break true,
+        }
+    };
+    assert!(closed, "the trickled head held the connection for 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn an_unreadable_request_head_and_connect_get_errors_in_the_api_shape() {
     let t = Tollgate::start();
     for (wire, status, message) in [
@@ -1225,6 +1260,21 @@ fn an_upstream_reset_mid_answer_cuts_the_callers_answer_short() {
     );
     while c.fill() {}
     assert!(c.buf.len() < 1000, "got {} of 1000 bytes", c.buf.len());
+    // What was captured of it is marked as not the whole answer.
+    let code = headers
+        .iter()
+        .find(|(k, _)| k == "x-tracecode")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let output = t.get(
+        &format!("/account/data/{code}?data_flow_type=OUTPUT"),
+        &alice,
+    );
+    assert_eq!(output.status(), 200);
+    assert_eq!(
+        header(&output, "x-capture-truncated").as_deref(),
+        Some("true")
+    );
 
     // Tollgate keeps serving.
     assert_eq!(
@@ -1478,7 +1528,21 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
         eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1),
         "the slow call never reached the upstream"
     );
+    // A connection idle between requests is closed as the drain begins, not after it.
+    let mut idle = Raw::connect(t.port);
+    idle.send(b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(idle.read_response().map(|r| r.status), Some(200));
+    let watcher = std::thread::spawn(move || {
+        let waiting = Instant::now();
+        let closed = !idle.fill();
+        (closed, waiting.elapsed())
+    });
     let code = t.terminate();
+    let (closed, after) = watcher.join().unwrap();
+    assert!(
+        closed && after < Duration::from_millis(1200),
+        "the idle connection stayed open {after:?} into a 1.5 s drain"
+    );
     let answer = call.join().unwrap();
     let (status, body) = answer.unwrap_or_else(|e| {
         panic!(

@@ -23,7 +23,6 @@ mod pool;
 pub mod upstream;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,10 +64,6 @@ pub struct Tollgate {
     /// Some route names a process id, so a process may be followed up and new ones must be
     /// registered; without one the registry would only grow.
     follow_ups: bool,
-    /// Set when the server starts shutting down: connections waiting for their next request
-    /// are closed instead of kept.
-    shutting_down: AtomicBool,
-    shutdown: tokio::sync::Notify,
 }
 
 /// The in-flight gauge, decremented however the call ends.
@@ -141,8 +136,6 @@ impl Tollgate {
             upstreams,
             rate_limits,
             follow_ups,
-            shutting_down: AtomicBool::new(false),
-            shutdown: tokio::sync::Notify::new(),
         }
     }
 
@@ -955,18 +948,6 @@ impl Tollgate {
         )
         .await;
     }
-
-    /// Resolves once the server is shutting down.
-    async fn shutting_down(&self) {
-        let notified = self.shutdown.notified();
-        tokio::pin!(notified);
-        // Registered before the flag is read: a shutdown between the two still wakes this.
-        notified.as_mut().enable();
-        if self.shutting_down.load(Ordering::Acquire) {
-            return;
-        }
-        notified.await;
-    }
 }
 
 #[async_trait]
@@ -976,12 +957,20 @@ impl HttpServerApp for Tollgate {
         mut session: Session,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        let keepalive = Duration::from_secs(self.app.config.server.keepalive_timeout_seconds);
         let read = tokio::select! {
             // Biased: a request already buffered is served rather than dropped.
             biased;
-            read = session.read_request() => read,
+            // One deadline for the wait and the whole head. Pingora has none for an HTTP/1.1
+            // connection that names no keep-alive timeout, and applies its own to each read,
+            // so an idle caller, or a head trickled in a byte at a time, would hold the
+            // connection without end.
+            read = pingora::time::timeout(keepalive, session.read_request()) => match read {
+                Ok(read) => read,
+                Err(_) => return None,
+            },
             // A connection waiting for its next request is closed at shutdown.
-            _ = self.shutting_down() => return None,
+            _ = self.app.draining.wait() => return None,
         };
         match read {
             Ok(true) => {}
@@ -996,7 +985,7 @@ impl HttpServerApp for Tollgate {
                 return None;
             }
         }
-        if *shutdown.borrow() {
+        if *shutdown.borrow() || self.app.draining.is_set() {
             session.set_keepalive(None);
         }
         let mut ctx = self.new_ctx();
@@ -1008,12 +997,6 @@ impl HttpServerApp for Tollgate {
             // chunked answer's last chunk).
             return None;
         }
-        if session.get_keepalive() == Some(0) {
-            // Pingora keeps an HTTP/1.1 connection that names no timeout open forever, and
-            // waits for its next request head without a deadline: idle or stalled callers
-            // would hold connections without end.
-            session.set_keepalive(Some(self.app.config.server.keepalive_timeout_seconds));
-        }
         let settings = HttpPersistentSettings::for_session(&session);
         session
             .finish()
@@ -1024,8 +1007,7 @@ impl HttpServerApp for Tollgate {
     }
 
     async fn http_cleanup(&self) {
-        self.shutting_down.store(true, Ordering::Release);
-        self.shutdown.notify_waiters();
+        self.app.draining.begin();
     }
 }
 

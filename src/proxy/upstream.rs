@@ -261,6 +261,7 @@ pub async fn exchange(
         held_end: None,
     };
     if session.write_response_header(Box::new(out)).await.is_err() {
+        ex.capture_truncated = true;
         return Ok(ex);
     }
     let mut last = None;
@@ -268,8 +269,10 @@ pub async fn exchange(
         let chunk = match until(deadline, http.read_response_body()).await {
             Ok(Ok(chunk)) => chunk,
             // The head is already sent: all that is left is to end the caller's response early.
+            // What was captured is not the whole answer, and says so.
             Ok(Err(_)) | Err(_) => {
                 ex.upstream_failed = true;
+                ex.capture_truncated = true;
                 return Ok(ex);
             }
         };
@@ -282,6 +285,8 @@ pub async fn exchange(
         }
         let Some(chunk) = chunk else { continue };
         if session.write_response_body(chunk, false).await.is_err() {
+            // The caller left mid-answer: the rest is neither read nor captured.
+            ex.capture_truncated = true;
             return Ok(ex);
         }
     }
