@@ -790,7 +790,7 @@ fn a_request_head_trickled_in_is_cut_off_at_keepalive_timeout_seconds() {
 }
 
 #[test]
-fn an_unreadable_request_head_and_connect_get_errors_in_the_api_shape() {
+fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
     let t = Tollgate::start();
     for (wire, status, message) in [
         (
@@ -807,6 +807,11 @@ fn an_unreadable_request_head_and_connect_get_errors_in_the_api_shape() {
             b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
             405,
             "method: CONNECT is not served",
+        ),
+        (
+            b"GET /universal/system/version HTTP/1.1\r\nAccept: */*\r\n\r\n",
+            400,
+            "Host: an HTTP/1.1 request must carry one",
         ),
     ] {
         let mut c = Raw::connect(t.port);

@@ -917,7 +917,13 @@ impl Tollgate {
         // order on the same connection (pingora otherwise closes it after the first answer and
         // drops the rest).
         session.set_pipelining_enabled(true);
-        if session.req_header().method == http::Method::CONNECT {
+        let req = session.req_header();
+        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
+            // RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
+            session.set_keepalive(None);
+            let error = ApiError::bad_request("Host: an HTTP/1.1 request must carry one");
+            self.reject(session, ctx, error, &[]).await;
+        } else if session.req_header().method == http::Method::CONNECT {
             // No tunnels: and a CONNECT's framing differs from other requests', so the
             // connection is not read on.
             session.set_keepalive(None);
