@@ -926,6 +926,20 @@ fn cli_ok(t: &Tollgate, args: &[&str], stdin: Option<&str>) -> String {
 static LONG_NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "u".repeat(200));
 static LONG_COMPANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "c".repeat(200));
 
+/// `set-quota dave` for UNIVERSAL/PLAN with one value.
+fn plan_quota<'a>(flag: &'a str, value: &'a str) -> Vec<&'a str> {
+    let mut args = vec![
+        "set-quota",
+        "dave",
+        "--service",
+        "UNIVERSAL",
+        "--method-group",
+        "PLAN",
+    ];
+    args.extend([flag, value]);
+    args
+}
+
 /// Commands that must fail with a clear message, stopped or running.
 fn cli_refusals(t: &Tollgate, when: &str) {
     for (args, expect) in [
@@ -967,29 +981,11 @@ fn cli_refusals(t: &Tollgate, when: &str) {
             "company_key_|_username must be at most 256 characters",
         ),
         (
-            vec![
-                "set-quota",
-                "dave",
-                "--service",
-                "UNIVERSAL",
-                "--method-group",
-                "PLAN",
-                "--max-concurrent-execution",
-                "100000",
-            ],
+            plan_quota("--max-concurrent-execution", "100000"),
             "max_concurrent_execution: 100000 is out of range 0..=1000",
         ),
         (
-            vec![
-                "set-quota",
-                "dave",
-                "--service",
-                "UNIVERSAL",
-                "--method-group",
-                "PLAN",
-                "--points-per-request",
-                "99999999999",
-            ],
+            plan_quota("--points-per-request", "99999999999"),
             "points_per_request: 99999999999 is out of range 0..=1000000",
         ),
         (
