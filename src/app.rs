@@ -65,7 +65,8 @@ impl App {
     /// does not hand out a fresh budget: as many days as the widest date window any quota sets
     /// (in the configuration or an account's own), and at least the month the ledger keeps.
     pub fn restore_ledger(&self) -> Result<usize, String> {
-        let users = self.store.users().map_err(|e| e.to_string())?;
+        // The accounts as the authority loaded them at start; not read from the store again.
+        let users = self.authority.users();
         let widest = users
             .iter()
             .flat_map(|u| &u.quotas)
@@ -76,12 +77,11 @@ impl App {
                     .iter()
                     .filter_map(|q| q.values.date_window_days),
             )
-            .fold(crate::quota::ledger::MIN_RETAINED_DAYS, u32::max)
-            // Overrides stored before the bounds were enforced could name more than a year.
-            .min(crate::config::quota_bounds::DATE_WINDOW_DAYS.1 as u32);
-        // One more day: the oldest local day of a user east of UTC starts the day before.
-        let since = crate::store::Store::now_day() - widest as i32 - 1;
-        let rows = self.store.stats_since(since).map_err(|e| e.to_string())?;
+            .fold(crate::quota::ledger::MIN_RETAINED_DAYS, u32::max);
+        let rows = self
+            .store
+            .stats_since(first_day_of_window(widest))
+            .map_err(|e| e.to_string())?;
         let n = rows.len();
         for (user, day, service, group, counts) in rows {
             self.ledger.restore(
@@ -97,11 +97,13 @@ impl App {
     /// fewer: after its date window was widened on a running server, the days the window newly
     /// covers count at once, not only from the next start.
     pub fn restore_account(&self, username: &str, days: u32) -> Result<(), String> {
-        let today = crate::store::Store::now_day();
-        let days = days.min(crate::config::quota_bounds::DATE_WINDOW_DAYS.1 as u32);
         let rows = self
             .store
-            .stats(username, today - days as i32 - 1, today)
+            .stats(
+                username,
+                first_day_of_window(days),
+                crate::store::Store::now_day(),
+            )
             .map_err(|e| e.to_string())?;
         let name: Arc<str> = Arc::from(username);
         for (day, service, group, counts) in rows {
@@ -110,6 +112,14 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// The first UTC day whose committed points a date window of `days` can reach: one day more,
+/// since the oldest local day of a user east of UTC starts the day before. Windows stored before
+/// the bounds were enforced could name more than a year; they reach a year.
+fn first_day_of_window(days: u32) -> crate::quota::ledger::Day {
+    let days = days.min(crate::config::quota_bounds::DATE_WINDOW_DAYS.1 as u32);
+    crate::store::Store::now_day() - days as i32 - 1
 }
 
 #[cfg(test)]

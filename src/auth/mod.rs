@@ -213,6 +213,11 @@ impl Authority {
         Ok(())
     }
 
+    /// Every account, as of the last reload.
+    pub fn users(&self) -> Vec<Arc<UserRecord>> {
+        self.directory.load().values().cloned().collect()
+    }
+
     pub fn user(&self, username: &str) -> Option<Arc<UserRecord>> {
         self.directory.load().get(username).cloned()
     }

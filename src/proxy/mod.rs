@@ -187,7 +187,21 @@ impl Tollgate {
                 "route_lookup".to_string(),
             ),
         };
-        let body = error.body(&self.tracedata(ctx, service, &operation));
+        self.reject_as(session, ctx, error, service, &operation, extra)
+            .await;
+    }
+
+    /// Answers an error in the API shape, its tracedata naming `service` and `operation`.
+    async fn reject_as(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        error: ApiError,
+        service: ServiceName,
+        operation: &str,
+        extra: &[(&str, String)],
+    ) {
+        let body = error.body(&self.tracedata(ctx, service, operation));
         let mut headers: Vec<(&str, String)> = extra.to_vec();
         if let Some(s) = error.retry_after_seconds {
             headers.push(("Retry-After", s.to_string()));
@@ -942,15 +956,15 @@ impl Tollgate {
     /// Answers a request whose head could not be read as HTTP/1.1, in the API's error shape.
     async fn reject_unreadable(&self, session: &mut Session, ctx: &mut Ctx) {
         let error = ApiError::bad_request("request: not a valid HTTP/1.1 request head");
-        let body = error.body(&self.tracedata(ctx, ServiceName::ACCOUNT, "read_request"));
         session.set_keepalive(None);
-        let _ = respond(
+        // No head was read: no path to guess the service from.
+        self.reject_as(
             session,
-            error.status,
-            "application/json",
-            &ctx.code,
+            ctx,
+            error,
+            ServiceName::ACCOUNT,
+            "read_request",
             &[],
-            Bytes::from(body),
         )
         .await;
     }
