@@ -43,7 +43,7 @@ use crate::config::{MethodMatch, Route};
 use crate::error::ApiError;
 use crate::model::{Role, ServiceName};
 use crate::quota::ledger::{Lease, Rejection, Today};
-use crate::quota::points::{count_points, Points};
+use crate::quota::points::{Points, PointsCount};
 use crate::quota::LedgerKey;
 use crate::store::writer::CallRecord;
 use crate::store::{AuditRecord, Payload, ProcessRecord, UserRecord};
@@ -225,7 +225,7 @@ impl Tollgate {
             .limits
             .max_body_bytes
             .min(ACCOUNT_BODY_LIMIT);
-        let body = match read_body(session, limit, true).await {
+        let body = match read_body(session, limit, true, None).await {
             Ok(mut b) => Ok(b.whole().clone()),
             // Either way the rest of the body is unread: the connection cannot be reused.
             Err(e) => {
@@ -379,9 +379,12 @@ impl Tollgate {
             None => None,
         };
 
-        // The whole body, before anything reaches the upstream.
+        // The whole body, before anything reaches the upstream; its points counted as it arrives.
+        let mut counting = PointsCount::new(&route.points);
         let whole = !route.points.array_pointers.is_empty();
-        let mut body = match read_body(session, app.config.limits.max_body_bytes, whole).await {
+        let limit = app.config.limits.max_body_bytes;
+        let counted_on_arrival = whole.then_some(&mut counting);
+        let mut body = match read_body(session, limit, whole, counted_on_arrival).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 session.set_keepalive(None);
@@ -406,10 +409,10 @@ impl Tollgate {
 
         // Points, then the one atomic admission.
         // Counting needs the body in one piece; a route without a points rule never joins it.
-        let counted = if route.points.array_pointers.is_empty() {
-            Ok(Points::default())
+        let counted = if whole {
+            counting.finish(body.whole())
         } else {
-            count_points(body.whole(), &route.points)
+            Ok(Points::default())
         };
         ctx.points = counted.map_err(|e| {
             app.metrics
@@ -810,11 +813,13 @@ fn expects_continue(req: &RequestHeader) -> bool {
 }
 
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`;
-/// `whole`: it will be needed in one piece.
+/// `whole`: it will be needed in one piece; `counting`: its points are counted as it arrives
+/// (with `whole`).
 async fn read_body(
     session: &mut Session,
     limit: usize,
     whole: bool,
+    mut counting: Option<&mut PointsCount>,
 ) -> Result<RequestBody, BodyError> {
     let req = session.req_header();
     let declared = req
@@ -851,6 +856,9 @@ async fn read_body(
             return Err(BodyError::TooLarge);
         }
         body.push(piece);
+        if let Some(counting) = counting.as_deref_mut() {
+            counting.feed(body.received());
+        }
     }
     body.finish();
     Ok(body)

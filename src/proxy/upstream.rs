@@ -143,6 +143,15 @@ impl RequestBody {
         }
     }
 
+    /// What has arrived of a body being joined, in one piece.
+    pub fn received(&self) -> &[u8] {
+        match (&self.joining, self.pieces.first()) {
+            (Some(joined), _) if !joined.is_empty() => joined,
+            (_, Some(first)) if self.pieces.len() == 1 => first,
+            _ => &[],
+        }
+    }
+
     /// Ends the reading: what was joined becomes the one piece.
     pub fn finish(&mut self) {
         if let Some(joined) = self.joining.take().filter(|j| !j.is_empty()) {
@@ -477,8 +486,12 @@ mod tests {
     fn a_body_joined_as_it_arrives_is_one_piece_of_the_same_bytes() {
         for expected in [None, Some(8), Some(3), Some(100)] {
             let mut body = RequestBody::joining(expected);
+            assert_eq!(body.received(), b"");
+            let mut sent = String::new();
             for p in ["abc", "", "defg", "h"] {
                 body.push(Bytes::from(p.to_string()));
+                sent.push_str(p);
+                assert_eq!(body.received(), sent.as_bytes());
             }
             body.finish();
             assert_eq!(body.len(), 8);

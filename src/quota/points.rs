@@ -128,28 +128,148 @@ const DUPLICATE_MEMBER: &str = "object member name repeated on a points pointer 
 /// [`InvalidJson`] when the body is not valid JSON, nests deeper than [`MAX_NESTING_DEPTH`], or
 /// repeats a member name that a pointer follows.
 pub fn count_points(body: &[u8], rule: &PointsRule) -> Result<Points, InvalidJson> {
-    if rule.array_pointers.is_empty() {
-        return Ok(Points::default());
+    PointsCount::new(rule).finish(body)
+}
+
+/// Bytes received between two counts of a body still arriving (see [`PointsCount::feed`]).
+const FEED_STEP: usize = 256 << 10;
+
+/// Offsets this close to the end of a prefix may be where the prefix cut a token, not where the
+/// body is wrong: an error further back ends the counting of prefixes.
+const PREFIX_CUT_SLACK: usize = 64;
+
+/// [`count_points`] for a body that arrives in pieces: most of the counting is done while the
+/// rest is still on its way, on bytes still in cache.
+///
+/// [`PointsCount::feed`] counts what has arrived, as far as the last complete element of the
+/// counted array it is in, and keeps that point; the next feed, and [`PointsCount::finish`],
+/// walk the body from its start again only as far as that array and go on from the point
+/// kept. The result is exactly [`count_points`] of the whole body: what a prefix leaves
+/// unfinished, or finds wrong near its end (a token cut in two), is judged again with more
+/// bytes, and a feed never fails the body.
+pub struct PointsCount {
+    plan: Plan,
+    /// The rule names arrays: the body must be JSON (even where no pointer resolves).
+    reads_body: bool,
+    resume: Option<Checkpoint>,
+    /// The prefix length the next feed waits for.
+    next_feed: usize,
+    /// Bytes between two feeds, at least.
+    step: usize,
+    /// Feeds stopped: the body is invalid, or no longer worth counting in parts.
+    stopped: bool,
+    #[cfg(test)]
+    resumed_from: usize,
+}
+
+/// Where a count of a prefix stopped, inside a counted array whose elements no other pointer
+/// enters: after the ',' before its first element not yet counted (and perhaps part of the
+/// whitespace after it, where the prefix ended).
+struct Checkpoint {
+    /// The array's opening '['.
+    array_at: usize,
+    pos: usize,
+    element_count: u64,
+    whitespace_runs: usize,
+    /// Every element counted before `pos`.
+    distinct: DistinctElements,
+}
+
+/// A [`Checkpoint`] without the distinct elements, kept by the scanner as it goes.
+#[derive(Clone, Copy)]
+struct Boundary {
+    array_at: usize,
+    pos: usize,
+    element_count: u64,
+    whitespace_runs: usize,
+}
+
+impl PointsCount {
+    pub fn new(rule: &PointsRule) -> Self {
+        PointsCount {
+            plan: Plan::new(rule),
+            reads_body: !rule.array_pointers.is_empty(),
+            resume: None,
+            next_feed: FEED_STEP,
+            step: FEED_STEP,
+            stopped: rule.array_pointers.is_empty(),
+            #[cfg(test)]
+            resumed_from: 0,
+        }
     }
-    let plan = Plan::new(rule);
-    let mut scanner = Scanner::new(body, &plan);
-    for tokens in &plan.pointers {
-        scanner.cursors.push(Cursor::start(tokens, Target::Array));
+
+    /// A count that feeds every `step` bytes, to test the going on from a kept point on
+    /// small bodies.
+    #[cfg(test)]
+    fn with_step(rule: &PointsRule, step: usize) -> Self {
+        PointsCount {
+            next_feed: step,
+            step,
+            ..PointsCount::new(rule)
+        }
     }
-    scanner.skip_whitespace();
-    if scanner.cursors.is_empty() {
-        scanner.skip_value(0)?;
-    } else {
-        scanner.walk(0, 0)?;
+
+    /// Counts `received`, the body as far as it has arrived (each call a longer prefix of the
+    /// same body), when enough has arrived since the last count.
+    pub fn feed(&mut self, received: &[u8]) {
+        if self.stopped || received.len() < self.next_feed {
+            return;
+        }
+        let end = received.len();
+        match self.scan(received) {
+            // A complete value already: what follows it decides (trailing bytes are an error).
+            Ok(_) => self.stopped = true,
+            Err(error) if error.offset + PREFIX_CUT_SLACK < end => self.stopped = true,
+            Err(_) => {
+                // The next count walks again to the kept point's array (or all of it, when
+                // nothing was kept): waiting for as many new bytes keeps the walking again
+                // below the body's size in all.
+                let walked_again = self.resume.as_ref().map_or(end, |c| c.array_at);
+                self.next_feed = end + self.step.max(walked_again);
+            }
+        }
     }
-    scanner.skip_whitespace();
-    if scanner.pos != body.len() {
-        return Err(invalid(scanner.pos, TRAILING_CHARACTERS));
+
+    /// Counts the whole `body`, of which every prefix fed was a prefix.
+    ///
+    /// # Errors
+    ///
+    /// As [`count_points`].
+    pub fn finish(mut self, body: &[u8]) -> Result<Points, InvalidJson> {
+        if !self.reads_body {
+            return Ok(Points::default());
+        }
+        self.scan(body)
     }
-    Ok(Points {
-        points: scanner.points,
-        unique_points: scanner.distinct.count(),
-    })
+
+    fn scan(&mut self, input: &[u8]) -> Result<Points, InvalidJson> {
+        let mut scanner = Scanner::new(input, &self.plan);
+        scanner.resume = self.resume.take();
+        for tokens in &self.plan.pointers {
+            scanner.cursors.push(Cursor::start(tokens, Target::Array));
+        }
+        #[cfg(test)]
+        {
+            self.resumed_from = scanner.resume.as_ref().map_or(0, |c| c.pos);
+        }
+        let walked = scanner.walk_body();
+        match walked {
+            Ok(()) => Ok(Points {
+                points: scanner.points,
+                unique_points: scanner.distinct.count(),
+            }),
+            Err(error) => {
+                self.resume = scanner.boundary.map(|b| Checkpoint {
+                    array_at: b.array_at,
+                    pos: b.pos,
+                    element_count: b.element_count,
+                    whitespace_runs: b.whitespace_runs,
+                    distinct: std::mem::take(&mut scanner.distinct),
+                });
+                Err(error)
+            }
+        }
+    }
 }
 
 fn check_pointer(pointer: &str) -> Result<(), &'static str> {
@@ -299,6 +419,10 @@ struct Scanner<'a, 'p> {
     ordinal: usize,
     points: u64,
     distinct: DistinctElements,
+    /// Where to go on from, when the walk reaches its array.
+    resume: Option<Checkpoint>,
+    /// Where the innermost counted array being scanned was when the scan failed.
+    boundary: Option<Boundary>,
 }
 
 impl<'a, 'p> Scanner<'a, 'p> {
@@ -315,7 +439,25 @@ impl<'a, 'p> Scanner<'a, 'p> {
             ordinal: 0,
             points: 0,
             distinct: DistinctElements::default(),
+            resume: None,
+            boundary: None,
         }
+    }
+
+    /// Scans the whole input, a JSON value with whitespace around it, following the cursors
+    /// pushed for it.
+    fn walk_body(&mut self) -> Result<(), InvalidJson> {
+        self.skip_whitespace();
+        if self.cursors.is_empty() {
+            self.skip_value(0)?;
+        } else {
+            self.walk(0, 0)?;
+        }
+        self.skip_whitespace();
+        if self.pos != self.input.len() {
+            return Err(invalid(self.pos, TRAILING_CHARACTERS));
+        }
+        Ok(())
     }
 
     /// [`skip_whitespace_counting`] at `pos`.
@@ -472,44 +614,68 @@ impl<'a, 'p> Scanner<'a, 'p> {
                 counted_by += 1;
             }
         }
-        let key_tokens = self.plan.key.as_deref();
-        self.pos += 1;
-        self.skip_whitespace();
-        if self.peek()? == b']' {
-            self.pos += 1;
-            return Ok(());
-        }
+        // An array counted element by element, each element a unit: a count can stop and go on
+        // between two elements (see `PointsCount`).
+        let resumable = counted_by > 0 && !any_open;
+        let array_at = self.pos;
         let mut element_count: u64 = 0;
-        loop {
-            if any_open {
-                for index in lo..hi {
-                    let cursor = self.cursors[index];
-                    let is_this_element = cursor.next_token().is_some_and(|token| {
-                        token.index.is_some_and(|i| i as u64 == element_count)
-                    });
-                    if is_this_element {
-                        self.cursors.push(cursor.advanced());
+        match self.resume.as_ref() {
+            Some(kept) if resumable && kept.array_at == array_at => {
+                let kept = self.resume.take().expect("matched above");
+                self.pos = kept.pos;
+                self.whitespace_runs = kept.whitespace_runs;
+                self.distinct = kept.distinct;
+                element_count = kept.element_count;
+                // The prefix may have ended inside the whitespace before the element.
+                self.skip_whitespace();
+            }
+            _ => {
+                self.pos += 1;
+                self.skip_whitespace();
+                if self.peek()? == b']' {
+                    self.pos += 1;
+                    return Ok(());
+                }
+            }
+        }
+        if resumable {
+            let mut boundary = Boundary {
+                array_at,
+                pos: self.pos,
+                element_count,
+                whitespace_runs: self.whitespace_runs,
+            };
+            if let Err(error) = self.count_elements(hi, depth, &mut boundary) {
+                if self.boundary.is_none() {
+                    self.boundary = Some(boundary);
+                }
+                return Err(error);
+            }
+            element_count = boundary.element_count;
+        } else {
+            let key_tokens = self.plan.key.as_deref();
+            loop {
+                if any_open {
+                    for index in lo..hi {
+                        let cursor = self.cursors[index];
+                        let is_this_element = cursor.next_token().is_some_and(|token| {
+                            token.index.is_some_and(|i| i as u64 == element_count)
+                        });
+                        if is_this_element {
+                            self.cursors.push(cursor.advanced());
+                        }
                     }
                 }
-            }
-            if counted_by > 0 && !any_open {
-                self.count_element(hi, depth + 1)?;
-            } else if counted_by > 0 {
-                self.count_element_by_cursor(key_tokens, hi, depth + 1)?;
-            } else {
-                self.walk_child(hi, depth + 1)?;
-            }
-            element_count += 1;
-            match self.peek_expecting(b',')? {
-                b',' => {
-                    self.pos += 1;
-                    self.skip_whitespace();
+                if counted_by > 0 {
+                    let element = self.count_element_by_cursor(key_tokens, hi, depth + 1)?;
+                    self.distinct.add(element);
+                } else {
+                    self.walk_child(hi, depth + 1)?;
                 }
-                b']' => {
-                    self.pos += 1;
+                element_count += 1;
+                if self.array_next()? {
                     break;
                 }
-                _ => return Err(invalid(self.pos, EXPECTED_ARRAY_NEXT)),
             }
         }
         self.points = self
@@ -518,12 +684,53 @@ impl<'a, 'p> Scanner<'a, 'p> {
         Ok(())
     }
 
+    /// The elements of a counted array that no pointer but the key pointer enters, from `pos`
+    /// (an element's start) to past the closing ']'; `boundary` follows the element starts.
+    #[inline(always)]
+    fn count_elements(
+        &mut self,
+        hi: usize,
+        depth: usize,
+        boundary: &mut Boundary,
+    ) -> Result<(), InvalidJson> {
+        loop {
+            let element = self.count_element(hi, depth + 1)?;
+            // Added once the byte after it shows it whole: a prefix can cut a number short.
+            let closed = self.array_next()?;
+            self.distinct.add(element);
+            boundary.element_count += 1;
+            if closed {
+                return Ok(());
+            }
+            boundary.pos = self.pos;
+            boundary.whitespace_runs = self.whitespace_runs;
+        }
+    }
+
+    /// Steps over what follows an array element: true past the closing ']', false at the start
+    /// of the next element.
+    #[inline(always)]
+    fn array_next(&mut self) -> Result<bool, InvalidJson> {
+        match self.peek_expecting(b',')? {
+            b',' => {
+                self.pos += 1;
+                self.skip_whitespace();
+                Ok(false)
+            }
+            b']' => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => Err(invalid(self.pos, EXPECTED_ARRAY_NEXT)),
+        }
+    }
+
     /// Scans the element at `pos` of a counted array that no pointer but the key pointer leads
     /// into, and adds it to the distinct elements. The usual keys, none, the whole element, or
     /// one member of an object element, need no cursor: this is the per-element path of the
     /// usual rules. `hi` and `depth` are as for [`Scanner::walk_child`].
     #[inline(always)]
-    fn count_element(&mut self, hi: usize, depth: usize) -> Result<(), InvalidJson> {
+    fn count_element(&mut self, hi: usize, depth: usize) -> Result<Element, InvalidJson> {
         let start = self.pos;
         let whitespace_before = self.whitespace_runs;
         let key = match self.plan.key.as_deref() {
@@ -549,18 +756,12 @@ impl<'a, 'p> Scanner<'a, 'p> {
             }
             Some(tokens) => return self.count_element_by_cursor(Some(tokens), hi, depth),
         };
-        match key {
-            Some(key) => self.distinct.add_key(self.input, key),
-            None => {
-                let whole = Span {
-                    start,
-                    end: self.pos,
-                    has_whitespace: self.whitespace_runs != whitespace_before,
-                };
-                self.distinct.add_whole_element(self.input, whole);
-            }
-        }
-        Ok(())
+        let whole = Span {
+            start,
+            end: self.pos,
+            has_whitespace: self.whitespace_runs != whitespace_before,
+        };
+        Ok(self.distinct.element(self.input, key, whole))
     }
 
     /// [`Scanner::count_element`] for any key pointer (`key_tokens`), and other pointers into
@@ -571,7 +772,7 @@ impl<'a, 'p> Scanner<'a, 'p> {
         key_tokens: Option<&'p [Token]>,
         hi: usize,
         depth: usize,
-    ) -> Result<(), InvalidJson> {
+    ) -> Result<Element, InvalidJson> {
         let start = self.pos;
         let whitespace_before = self.whitespace_runs;
         let element = self.key_spans.len();
@@ -587,11 +788,7 @@ impl<'a, 'p> Scanner<'a, 'p> {
             end: self.pos,
             has_whitespace: self.whitespace_runs != whitespace_before,
         };
-        match key {
-            Some(key) => self.distinct.add_key(self.input, key),
-            None => self.distinct.add_whole_element(self.input, whole),
-        }
-        Ok(())
+        Ok(self.distinct.element(self.input, key, whole))
     }
 
     /// The member name at `pos` (or after the whitespace there) and the ':' after it, in an
@@ -826,15 +1023,31 @@ struct DistinctElements {
     compact_buffer: Vec<u8>,
 }
 
+/// A counted element as compared: the hash of its key, or of all of it when it has none.
+#[derive(Clone, Copy)]
+struct Element {
+    hash: u64,
+    keyed: bool,
+}
+
 impl DistinctElements {
-    fn add_key(&mut self, input: &[u8], span: Span) {
-        let hash = self.hash(input, span);
-        add_hash(&mut self.keys, hash);
+    /// The element spanning `whole`, whose key (if the key pointer resolved) spans `key`.
+    #[inline(always)]
+    fn element(&mut self, input: &[u8], key: Option<Span>, whole: Span) -> Element {
+        Element {
+            hash: self.hash(input, key.unwrap_or(whole)),
+            keyed: key.is_some(),
+        }
     }
 
-    fn add_whole_element(&mut self, input: &[u8], span: Span) {
-        let hash = self.hash(input, span);
-        add_hash(&mut self.whole_elements, hash);
+    #[inline(always)]
+    fn add(&mut self, element: Element) {
+        let hashes = if element.keyed {
+            &mut self.keys
+        } else {
+            &mut self.whole_elements
+        };
+        add_hash(hashes, element.hash);
     }
 
     fn hash(&mut self, input: &[u8], span: Span) -> u64 {
@@ -1773,7 +1986,8 @@ mod tests {
                 end: start + 1,
                 has_whitespace: false,
             };
-            distinct.add_whole_element(body, element);
+            let element = distinct.element(body, None, element);
+            distinct.add(element);
         }
         assert!(distinct.whole_elements.capacity() <= 2 * HASHES_BEFORE_EARLY_DEDUP);
         assert_eq!(distinct.count(), 3);
@@ -2297,6 +2511,74 @@ mod tests {
         }
     }
 
+    /// A body like the upload bench's: `n` locations, every tenth key repeated, after a member
+    /// that a pointer also counts.
+    fn locations_body(n: usize, pretty: bool) -> (Value, Vec<u8>) {
+        let locations: Vec<Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({
+                    "key": format!("loc-{}", i - i % 10 * usize::from(i % 10 == 3)),
+                    "latlon": [55.0 + i as f64 * 1e-6, 37.5],
+                    "comment": "dock \"east\" \u{e9}",
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({"vehicles": [1, 2, 3], "locations": locations});
+        let body = serialise(&doc, pretty);
+        (doc, body)
+    }
+
+    #[test]
+    fn a_count_fed_as_the_body_arrives_goes_on_from_where_it_stopped() {
+        let rule = rule(&["/vehicles", "/locations"], Some("/key"));
+        for pretty in [false, true] {
+            let (doc, body) = locations_body(5_000, pretty);
+            let mut count = PointsCount::with_step(&rule, 8 << 10);
+            for end in (0..body.len()).step_by(4 << 10) {
+                count.feed(&body[..end]);
+            }
+            let last_kept = count.resume.as_ref().map(|kept| kept.pos);
+            let counted = count.finish(&body);
+            assert_eq!(counted, Ok(reference(&doc, &rule)));
+            assert_eq!(counted, count_points(&body, &rule));
+            // The last count went on from its array's last 8-12 KiB, not from the start.
+            let kept = last_kept.expect("a point kept inside the locations");
+            assert!(
+                kept + (16 << 10) > body.len(),
+                "kept {kept} of {}",
+                body.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_count_fed_as_the_body_arrives_reports_what_the_whole_body_count_reports() {
+        let rule = rule(&["/locations"], Some("/key"));
+        let (_, valid) = locations_body(2_000, false);
+        let broken_at = |body: &[u8], at: usize, bytes: &[u8]| {
+            let mut broken = body.to_vec();
+            broken.splice(at..at + bytes.len(), bytes.iter().copied());
+            broken
+        };
+        let middle = valid.len() / 2;
+        for body in [
+            // Cut where a feed stops: the last element unfinished, the array unclosed.
+            valid[..middle].to_vec(),
+            // Wrong before a feed's end, and wrong after the last feed.
+            broken_at(&valid, 1000, b"}"),
+            broken_at(&valid, valid.len() - 20, b"\x01"),
+            [valid.as_slice(), b" x"].concat(),
+        ] {
+            let mut count = PointsCount::with_step(&rule, 4 << 10);
+            for end in (0..body.len()).step_by(1 << 10) {
+                count.feed(&body[..end]);
+            }
+            let whole = count_points(&body, &rule);
+            assert!(whole.is_err());
+            assert_eq!(count.finish(&body), whole);
+        }
+    }
+
     /// A document (an array or object, as request bodies are) and a rule that mostly names its
     /// arrays.
     fn document_and_rule() -> impl Strategy<Value = (Value, PointsRule, bool)> {
@@ -2436,6 +2718,27 @@ mod tests {
                     }
                 }
             }
+        }
+
+        #[test]
+        fn a_body_fed_as_it_arrives_counts_as_the_whole_body(
+            (doc, rule, pretty) in document_and_rule(),
+            mutation in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            step in 1..32usize,
+        ) {
+            let mut body = serialise(&doc, pretty);
+            if let Some((at, byte)) = mutation {
+                let index = at.index(body.len());
+                body[index] = byte;
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut count = PointsCount::with_step(&rule, step);
+            for cut in cuts {
+                count.feed(&body[..cut]);
+            }
+            prop_assert_eq!(count.finish(&body), count_points(&body, &rule));
         }
 
         #[test]
