@@ -1621,17 +1621,41 @@ operation = "run_plan_calculation"
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
-/// An upstream that answers the first request of each connection and closes the connection
-/// after reading the second one without answering (as a crash or its own timeout would).
-/// It counts every request it read whole.
-struct ClosesAfterSecondRequest {
+/// What a [`ScriptedUpstream`] does with the `n`th request (from 1) of a connection.
+enum Script {
+    Answer(&'static [u8]),
+    /// Answers, then sends more bytes a moment later (as a broken upstream might).
+    AnswerThenLate(&'static [u8], &'static [u8]),
+    /// Closes the connection without answering (as a crash or its own timeout would).
+    Drop,
+}
+
+/// A raw upstream that reads requests (head and Content-Length body) and does with each what
+/// its script says. It counts every request it read whole.
+struct ScriptedUpstream {
     port: u16,
     seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl ClosesAfterSecondRequest {
-    fn start() -> Self {
+const ANSWER_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+impl ScriptedUpstream {
+    /// Answers the first request of each connection and drops the connection after reading
+    /// the second one without answering.
+    fn closing_after_second_request() -> Self {
+        Self::start(|n, _| {
+            if n == 1 {
+                Script::Answer(ANSWER_OK)
+            } else {
+                Script::Drop
+            }
+        })
+    }
+
+    /// `script(n, head)`: what to do with the `n`th request of a connection, whose head
+    /// (lowercased) is `head`.
+    fn start(script: fn(usize, &str) -> Script) -> Self {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         use std::sync::Arc;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1651,7 +1675,7 @@ impl ClosesAfterSecondRequest {
                     s.set_nonblocking(false).unwrap();
                     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                     let mut c = Raw { s, buf: Vec::new() };
-                    for n in 1..=2 {
+                    for n in 1.. {
                         // Read one request head and its Content-Length body.
                         let Some(end) = (loop {
                             if let Some(i) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -1676,32 +1700,31 @@ impl ClosesAfterSecondRequest {
                         }
                         c.buf.drain(..len);
                         seen.fetch_add(1, Ordering::SeqCst);
-                        if n == 1 {
-                            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                        match script(n, &head) {
+                            Script::Answer(bytes) => c.send(bytes),
+                            Script::AnswerThenLate(bytes, late) => {
+                                c.send(bytes);
+                                std::thread::sleep(Duration::from_millis(200));
+                                c.send(late);
+                            }
+                            Script::Drop => return,
                         }
                     }
                 });
             }
         });
-        ClosesAfterSecondRequest { port, seen, stop }
+        ScriptedUpstream { port, seen, stop }
     }
 
     fn seen(&self) -> usize {
         self.seen.load(std::sync::atomic::Ordering::SeqCst)
     }
-}
 
-impl Drop for ClosesAfterSecondRequest {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-#[test]
-fn a_post_the_upstream_read_is_never_sent_twice_but_a_get_is_retried() {
-    let up = ClosesAfterSecondRequest::start();
-    let t = Tollgate::start_extra(&format!(
-        r#"
+    /// Tollgate on the default setup with a route of any method under `/universal/flaky/` to
+    /// this upstream.
+    fn behind_tollgate(&self) -> Tollgate {
+        Tollgate::start_extra(&format!(
+            r#"
 [[upstreams]]
 name = "flaky"
 address = "127.0.0.1:{}"
@@ -1714,8 +1737,21 @@ service = "UNIVERSAL"
 method_group = "PLAN"
 operation = "flaky_calculation"
 "#,
-        up.port
-    ));
+            self.port
+        ))
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_post_the_upstream_read_is_never_sent_twice_but_a_get_is_retried() {
+    let up = ScriptedUpstream::closing_after_second_request();
+    let t = up.behind_tollgate();
     let alice = t.token("alice");
     // The upstream answers the first request of each connection and drops the second unanswered
     // after reading it. A call on a fresh connection is answered (and the connection pooled); a
@@ -1766,4 +1802,151 @@ operation = "flaky_calculation"
         }
     }
     assert!(retried, "no GET met a dropped pooled connection");
+}
+
+#[test]
+fn a_get_answered_wrongly_on_a_reused_connection_is_not_sent_again() {
+    // A malformed answer is an answer: the upstream may have acted on the request, and asking
+    // again would run it twice. Only a connection closed before any answer is retried.
+    let up = ScriptedUpstream::start(|n, _| {
+        if n == 1 {
+            Script::Answer(ANSWER_OK)
+        } else {
+            Script::Answer(b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok")
+        }
+    });
+    let t = up.behind_tollgate();
+    let alice = t.token("alice");
+    let mut malformed = 0;
+    for _ in 0..20 {
+        let before = up.seen();
+        let r = t.get("/universal/flaky/state", &alice);
+        assert_eq!(
+            up.seen() - before,
+            1,
+            "a GET answered wrongly was sent again"
+        );
+        if r.status() != 200 {
+            assert_upstream_error(r, 502);
+            malformed += 1;
+            if malformed == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(malformed, 2, "no GET met the malformed answer");
+}
+
+#[test]
+fn a_connection_whose_answer_announced_a_body_it_did_not_send_is_not_reused() {
+    // A HEAD's answer announces the body a GET would get and sends none; an upstream that
+    // sends it anyway, late, would have those bytes read as the next call's answer.
+    let up = ScriptedUpstream::start(|n, head| match (n, head.starts_with("head ")) {
+        (1, true) => Script::AnswerThenLate(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!",
+        ),
+        (1, false) => Script::Answer(ANSWER_OK),
+        _ => Script::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nreused"),
+    });
+    let t = up.behind_tollgate();
+    let alice = t.token("alice");
+    for _ in 0..3 {
+        let r = client()
+            .head(t.url("/universal/flaky/state"))
+            .bearer_auth(&alice)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let r = t.get("/universal/flaky/state", &alice);
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.text().unwrap(),
+            "ok",
+            "the GET went on the HEAD's connection"
+        );
+    }
+}
+
+#[test]
+fn hop_by_hop_fields_named_by_connection_and_dot_segments_and_bad_hosts() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    // Fields the caller's Connection names are its connection's own (RFC 9110 7.6.1).
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .header("Connection", "keep-alive, X-Hop")
+        .header("X-Hop", "secret")
+        .header("X-Custom", "kept")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = seen_headers(&r);
+    assert!(seen.get("x-hop").is_none(), "{seen}");
+    assert_eq!(seen["x-custom"], "kept", "{seen}");
+
+    // A path with dot segments could reach, at an upstream that resolves them, a path of
+    // another route's rules: refused, in any spelling, before any upstream sees it.
+    let before = demo_count(&t, "/universal/system/version");
+    for path in [
+        "/universal/../universal/system/version",
+        "/universal/%2e%2e/universal/system/version",
+        "/universal/./system/version",
+    ] {
+        let answer = raw_exchange(
+            t.port,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+            Duration::from_secs(5),
+        );
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400"), "{path}: {text}");
+        assert!(text.contains("dot segments"), "{path}: {text}");
+    }
+    assert_eq!(demo_count(&t, "/universal/system/version"), before);
+
+    // A Host that is no host (RFC 9112 3.2).
+    for host in ["x y", "x/evil", "a@b"] {
+        let answer = raw_exchange(
+            t.port,
+            format!("GET /universal/system/version HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        );
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400"), "{host}: {text}");
+        assert!(text.contains("\"tracedata\""), "{host}: {text}");
+    }
+}
+
+#[test]
+fn an_http_1_0_caller_is_never_sent_100_continue_and_its_call_gets_a_host_upstream() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let mut c = Raw::connect(t.port);
+    c.send(
+        format!(
+            "POST /demo/echo HTTP/1.0\r\nAuthorization: Bearer {alice}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    // RFC 9110 10.1.1: the expectation of an HTTP/1.0 request is ignored; the body follows.
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(b"hello");
+    let (status, headers) = c.read_head().expect("an answer");
+    assert_eq!(
+        status, 200,
+        "an HTTP/1.0 caller got an interim answer first"
+    );
+    let seen: Value = serde_json::from_str(
+        &headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-demo-seen-headers"))
+            .expect("the echo's seen headers")
+            .1,
+    )
+    .unwrap();
+    // The upstream is spoken to in HTTP/1.1, which needs a Host.
+    assert!(seen.get("host").is_some(), "{seen}");
 }

@@ -479,8 +479,10 @@ impl Tollgate {
             ctx.points.points.to_string(),
             ctx.points.unique_points.to_string(),
         );
+        let upstream_cfg = &app.config.upstreams[route.upstream];
         let req = upstream::upstream_request(
             session.req_header(),
+            upstream_cfg.address,
             body.len(),
             &[
                 (TRACECODE_HEADER, &code),
@@ -496,7 +498,6 @@ impl Tollgate {
             ],
         )
         .map_err(|_| plain(ApiError::bad_request("request head cannot be forwarded")))?;
-        let upstream_cfg = &app.config.upstreams[route.upstream];
         let leg = upstream::Leg {
             transport: &self.transport,
             upstream: &self.upstreams[route.upstream],
@@ -806,10 +807,66 @@ enum BodyError {
     Gone,
 }
 
+/// What makes a request head that pingora read unfit to be served, if anything.
+fn head_problem(req: &RequestHeader) -> Option<&'static str> {
+    let host = req.headers.get(http::header::HOST);
+    if req.version >= http::Version::HTTP_11 && host.is_none() {
+        // RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
+        return Some("Host: an HTTP/1.1 request must carry one");
+    }
+    if host.is_some_and(|h| !is_host_value(h.as_bytes())) {
+        // RFC 9112 3.2: nor to one whose Host is not a host (and port).
+        return Some("Host: not a host name or address, with an optional port");
+    }
+    let path = req.uri.path();
+    if !path.starts_with("/account/") && has_dot_segment(path) {
+        // Routes match the path as sent; an upstream that resolves "..", as most do, would
+        // serve another route's path under this one's rules. (The account API resolves
+        // nothing: such a path is simply not one of its resources, a 404.)
+        return Some("path: dot segments ('.' and '..', also percent-encoded) are not allowed");
+    }
+    None
+}
+
+/// RFC 3986 `host [ ":" port ]`, loosely: the bytes of a reg-name, an IP literal and a port.
+fn is_host_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+}
+
+/// Whether a segment of `path` is "." or "..", spelled with or without percent-encoding.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let segment = segment.as_bytes();
+        let mut rest = segment;
+        let mut dots = 0;
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && rest[2] | 0x20 == b'e'
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        matches!(dots, 1 | 2)
+    })
+}
+
+/// Whether the caller waits for `100 Continue` before sending its body. An HTTP/1.0 caller is
+/// never sent one (RFC 9110 10.1.1 and 15.2: it would take the 100 for the answer).
 fn expects_continue(req: &RequestHeader) -> bool {
-    req.headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    req.version >= http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`;
@@ -939,12 +996,10 @@ impl Tollgate {
         // order on the same connection (pingora otherwise closes it after the first answer and
         // drops the rest).
         session.set_pipelining_enabled(true);
-        let req = session.req_header();
-        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
-            // RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
+        if let Some(problem) = head_problem(session.req_header()) {
             session.set_keepalive(None);
-            let error = ApiError::bad_request("Host: an HTTP/1.1 request must carry one");
-            self.reject(session, ctx, error, &[]).await;
+            self.reject(session, ctx, ApiError::bad_request(problem), &[])
+                .await;
         } else if session.req_header().method == http::Method::CONNECT {
             // No tunnels: and a CONNECT's framing differs from other requests', so the
             // connection is not read on.
@@ -1053,6 +1108,57 @@ mod timing_tests {
             (200_000_000, "200.000"),
         ] {
             assert_eq!(Ms(Duration::from_nanos(nanos)).to_string(), want);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_found_in_any_spelling() {
+        for path in [
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/..",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/.%2e",
+            "/a/%2e/b",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/a/b",
+            "/a/.../b",
+            "/a/..b/c",
+            "/a/b.c",
+            "/a/%2ex",
+            "/a/%2f",
+            "/.well-known/x",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn host_values_are_a_host_and_an_optional_port() {
+        for host in [
+            "example.com",
+            "127.0.0.1:8080",
+            "[::1]:80",
+            "a-b_c~d",
+            "x%41",
+        ] {
+            assert!(is_host_value(host.as_bytes()), "{host}");
+        }
+        // RFC 9112 3.2: empty when the target has no authority.
+        assert!(is_host_value(b""));
+        for host in ["x y", "x/evil", "a@b", "x?y", "x#y", "x\\y", "x\ty"] {
+            assert!(!is_host_value(host.as_bytes()), "{host}");
         }
     }
 }

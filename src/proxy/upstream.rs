@@ -70,17 +70,54 @@ const HOP_BY_HOP: &[&str] = &[
     "expect",
 ];
 
-/// Rewrites the caller's request head for the upstream: hop-by-hop and caller-sent copies of
-/// Tollgate's own headers dropped, the buffered body's length set, identity headers added.
+/// The fields a `Connection` header names as the connection's own, to be dropped with it
+/// (RFC 9110 7.6.1); never those that frame or address the message, which Tollgate sets itself.
+fn connection_options(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| {
+            *name != http::header::HOST
+                && *name != http::header::CONTENT_LENGTH
+                && *name != http::header::TRANSFER_ENCODING
+        })
+        .collect()
+}
+
+/// Rewrites the caller's request head for the upstream: hop-by-hop fields (and those the
+/// caller's `Connection` names) and caller-sent copies of Tollgate's own headers dropped, the
+/// target in origin form, `Host` set when the caller sent none (to `upstream_host`), the
+/// buffered body's length set, identity headers added.
 pub fn upstream_request(
     caller: &RequestHeader,
+    upstream_host: std::net::SocketAddr,
     body_len: usize,
     added: &[(&'static str, &str)],
     dropped: &[&str],
 ) -> pingora::Result<RequestHeader> {
     let mut req = caller.clone();
+    for h in connection_options(&caller.headers) {
+        req.remove_header(&h);
+    }
     for h in HOP_BY_HOP.iter().chain(dropped) {
         req.remove_header(*h);
+    }
+    if !req.uri.path().starts_with('/') || req.uri.authority().is_some() {
+        // An absolute-form target (RFC 9112 3.2.2) goes on in origin form; its authority was
+        // checked against Host when the head was read.
+        let origin = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let origin = if origin.starts_with('/') { origin } else { "/" };
+        req.set_uri(http::Uri::try_from(origin).map_err(|e| {
+            pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "request target", e)
+        })?);
+    }
+    if !req.headers.contains_key(http::header::HOST) {
+        // An HTTP/1.0 caller may send none; the upstream is spoken to in HTTP/1.1, which
+        // requires it.
+        req.insert_header(http::header::HOST, upstream_host.to_string())?;
     }
     for (name, value) in added {
         req.insert_header(*name, *value)?;
@@ -228,9 +265,32 @@ pub async fn exchange(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut out = head;
-    for h in ["connection", "keep-alive", "proxy-connection"] {
+    for h in connection_options(&out.headers) {
+        out.remove_header(&h);
+    }
+    for h in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+    ] {
         out.remove_header(h);
     }
+    // A connection whose answer's end is in doubt is not used again: a bodiless answer that
+    // announced a body (to a HEAD, or a 304) may yet be followed by one, and both a length
+    // and chunking is a framing error (RFC 9112 6.3); bytes left in it would be read as the
+    // next call's answer.
+    let announced = |name| {
+        out.headers
+            .get(name)
+            .is_some_and(|v: &http::HeaderValue| v.as_bytes() != b"0")
+    };
+    let length_in_doubt = (out.headers.contains_key(http::header::CONTENT_LENGTH)
+        && out.headers.contains_key(http::header::TRANSFER_ENCODING))
+        || (matches!(status, 204 | 304) || session.req_header().method == http::Method::HEAD)
+            && (announced(http::header::CONTENT_LENGTH)
+                || announced(http::header::TRANSFER_ENCODING));
     if status == 204 {
         // A 204 has no body whatever its head says (RFC 9110 15.3.5), and none is read from
         // the upstream: a length left in the head would leave the caller waiting for it.
@@ -300,7 +360,9 @@ pub async fn exchange(
         }
     }
     ex.held_end = Some(last);
-    leg.upstream.release(http).await;
+    if !length_in_doubt {
+        leg.upstream.release(http).await;
+    }
     Ok(ex)
 }
 
@@ -355,8 +417,9 @@ async fn send(
     );
     let (http, head) = match request.exchange_head(leg, stream).await {
         Ok(done) => done,
-        // A pooled connection the upstream closed while idle: retry once on a new one.
-        Err(written) if reused && (replayable || !written) => {
+        // A pooled connection the upstream closed while idle: retry once on a new one. An
+        // upstream that answered wrongly is not asked again.
+        Err(failed) if reused && failed.closed && (replayable || !failed.written) => {
             let fresh = leg
                 .upstream
                 .connect(leg.transport)
@@ -372,6 +435,15 @@ async fn send(
     Ok((http, head, sent.elapsed()))
 }
 
+/// Why a request got no response head.
+#[derive(Clone, Copy)]
+struct HeadFailure {
+    /// The whole request had been written.
+    written: bool,
+    /// The connection was closed or reset, with no answer.
+    closed: bool,
+}
+
 /// A request ready for the wire: its head serialised once, so a retry sends the same bytes.
 struct Request {
     head: RequestHeader,
@@ -385,38 +457,50 @@ impl Request {
         Some(Request { head, wire, body })
     }
 
-    /// Writes the request and reads the final response head; on failure, whether the whole
-    /// request had been written.
+    /// Writes the request and reads the final response head.
     async fn exchange_head(
         &self,
         leg: &Leg<'_>,
         mut stream: Stream,
-    ) -> Result<(HttpSession, ResponseHeader), bool> {
+    ) -> Result<(HttpSession, ResponseHeader), HeadFailure> {
+        // A write fails on a connection the upstream closed.
+        let unwritten = HeadFailure {
+            written: false,
+            closed: true,
+        };
         let mut http = if self.head.method == http::Method::HEAD {
             // Pingora's session must see a HEAD request go out, or it would wait for a body
             // the answer never has. A body the caller sent with it follows, as announced.
             let mut http = leg.upstream.session(stream);
             http.write_request_header(Box::new(self.head.clone()))
                 .await
-                .map_err(|_| false)?;
+                .map_err(|_| unwritten)?;
             let last = self.body.pieces.len().saturating_sub(1);
             for (i, piece) in self.body.pieces.iter().enumerate() {
                 http.write_request_body(piece.clone(), i == last)
                     .await
-                    .map_err(|_| false)?;
+                    .map_err(|_| unwritten)?;
             }
-            http.finish_request_body().await.map_err(|_| false)?;
+            http.finish_request_body().await.map_err(|_| unwritten)?;
             http
         } else {
             // Head and body in one write (per socket buffer's worth), where pingora's session
             // writes the head and each piece of the body apart: a small POST went to the
             // upstream in three segments and three system calls.
-            self.write(&mut stream).await.map_err(|_| false)?;
+            self.write(&mut stream).await.map_err(|_| unwritten)?;
             leg.upstream.session(stream)
         };
         loop {
-            http.read_response_header().await.map_err(|_| true)?;
-            let head = http.response_header().ok_or(true)?;
+            http.read_response_header().await.map_err(|e| HeadFailure {
+                written: true,
+                // Closed or reset before an answer, as an idle connection the upstream
+                // dropped is; not an answer that could not be parsed.
+                closed: matches!(e.retry, pingora::RetryType::ReusedOnly),
+            })?;
+            let head = http.response_header().ok_or(HeadFailure {
+                written: true,
+                closed: false,
+            })?;
             // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
             if !head.status.is_informational() {
                 let head = head.clone();
