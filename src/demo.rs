@@ -462,7 +462,8 @@ enum EndpointMiss {
 
 fn endpoint<'a>(method: &Method, segments: &[&'a str]) -> Result<Endpoint<'a>, EndpointMiss> {
     let only = |allowed: &'static str, endpoint: Endpoint<'a>| {
-        if method.as_str() == allowed {
+        // A HEAD is answered wherever a GET is, without the body (RFC 9110 9.3.2).
+        if method.as_str() == allowed || (allowed == "GET" && *method == Method::HEAD) {
             Ok(endpoint)
         } else {
             Err(EndpointMiss::MethodNotAllowed(allowed))
@@ -472,7 +473,7 @@ fn endpoint<'a>(method: &Method, segments: &[&'a str]) -> Result<Endpoint<'a>, E
         ["universal", "plan", "calculation"] => only("POST", Endpoint::PlanCalculation),
         ["universal", "plan", "calculation_async"] => only("POST", Endpoint::PlanCalculationAsync),
         ["universal", "plan", "calculation_async", id] if !id.is_empty() => match *method {
-            Method::GET => Ok(Endpoint::PlanState(id)),
+            Method::GET | Method::HEAD => Ok(Endpoint::PlanState(id)),
             Method::DELETE => Ok(Endpoint::PlanCancel(id)),
             _ => Err(EndpointMiss::MethodNotAllowed("GET, DELETE")),
         },

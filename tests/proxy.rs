@@ -1950,3 +1950,53 @@ fn an_http_1_0_caller_is_never_sent_100_continue_and_its_call_gets_a_host_upstre
     // The upstream is spoken to in HTTP/1.1, which needs a Host.
     assert!(seen.get("host").is_some(), "{seen}");
 }
+
+#[test]
+fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    // The demo's routes name GET; a HEAD reaches the same upstream endpoint (RFC 9110 9.3.2).
+    let r = client()
+        .head(t.url("/universal/system/version"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(header(&r, "x-tracecode").is_some());
+    assert_eq!(r.bytes().unwrap().len(), 0);
+
+    // A coding besides chunked: not forwarded as if the bytes were plain.
+    let before = demo_count(&t, "/demo/echo");
+    let answer = raw_exchange(
+        t.port,
+        format!(
+            "POST /demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 501"), "{text}");
+    assert!(
+        text.contains("Transfer-Encoding") && text.contains("\"tracedata\""),
+        "{text}"
+    );
+    assert_eq!(demo_count(&t, "/demo/echo"), before);
+
+    // An empty POST says its length upstream (RFC 9110 8.6).
+    let mut c = Raw::connect(t.port);
+    c.send(
+        format!("POST /demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n")
+            .as_bytes(),
+    );
+    let (status, headers) = c.read_head().expect("an answer");
+    assert_eq!(status, 200);
+    let seen: Value = serde_json::from_str(
+        &headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-demo-seen-headers"))
+            .expect("the echo's seen headers")
+            .1,
+    )
+    .unwrap();
+    assert_eq!(seen["content-length"], "0", "{seen}");
+}

@@ -22,6 +22,13 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Whether two listen addresses would take the same port (a port 0 is picked when bound).
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.key, self.message)
@@ -384,6 +391,27 @@ impl Validator {
                 3_600_000,
             ) as u64),
         });
+        // Two listeners on one port both accept its connections, each a share of them.
+        let listeners = [
+            ("server.listen", Some(server.listen)),
+            ("metrics.listen", metrics_listen),
+            (
+                "demo_upstream.listen",
+                demo_upstream.as_ref().map(|d| d.listen),
+            ),
+        ];
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            let Some(addr) = addr else { continue };
+            let clash = listeners[..i]
+                .iter()
+                .find(|(_, other)| other.is_some_and(|other| same_port(other, *addr)));
+            if let Some((other, _)) = clash {
+                self.problem(
+                    *key,
+                    format!("{addr} is also {other}'s port: each listener needs its own"),
+                );
+            }
+        }
         let docs_dir = self.path(f.docs.dir.as_deref().unwrap_or("docs"));
         let routes = f
             .routes
@@ -694,6 +722,21 @@ mod tests {
 
     fn problems(text: &str) -> Vec<Problem> {
         parse(text, Path::new("/etc/tollgate")).unwrap_err()
+    }
+
+    #[test]
+    fn listeners_sharing_a_port_are_refused() {
+        let p = problems(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"0.0.0.0:8080\"\n\
+             [demo_upstream]\nlisten = \"127.0.0.1:8080\"\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["metrics.listen", "demo_upstream.listen"], "{p:?}");
+        assert!(p[0].message.contains("server.listen"), "{p:?}");
+        let fine =
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.2:8080\"\n\
+                    [demo_upstream]\nlisten = \"127.0.0.1:0\"\n";
+        parse(fine, Path::new("/etc/tollgate")).unwrap();
     }
 
     #[test]

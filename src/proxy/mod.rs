@@ -148,7 +148,9 @@ impl Tollgate {
             .enumerate()
             .find_map(|(i, r)| {
                 if let MethodMatch::One(m) = &r.method {
-                    if *m != req.method {
+                    // A HEAD is served wherever a GET is (RFC 9110 9.3.2).
+                    let head_of_get = req.method == http::Method::HEAD && m == http::Method::GET;
+                    if *m != req.method && !head_of_get {
                         return None;
                     }
                 }
@@ -828,6 +830,21 @@ fn head_problem(req: &RequestHeader) -> Option<&'static str> {
     None
 }
 
+/// Whether the request's Transfer-Encoding names a coding besides one `chunked`.
+fn has_other_coding(req: &RequestHeader) -> bool {
+    let mut codings = req
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|coding| coding.trim_ascii())
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        None => false,
+        Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
+    }
+}
+
 /// RFC 3986 `host [ ":" port ]`, loosely: the bytes of a reg-name, an IP literal and a port.
 fn is_host_value(value: &[u8]) -> bool {
     value
@@ -926,9 +943,9 @@ async fn read_body(
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 64 << 20;
 
-/// After a 413 answered before the body was read: reads and drops what the client goes on
-/// sending, for a moment, so that its writes do not meet a closed socket (a reset, which can
-/// discard the answer before the client reads it). A client that sent `Expect: 100-continue`
+/// After an answer given before the body was read (a 413, a rejection): reads and drops what
+/// the client goes on sending, for a moment, so that its writes do not meet a closed socket (a
+/// reset, which can discard the answer before the client reads it). A client that sent `Expect: 100-continue`
 /// was never asked for the body, and sends none.
 async fn linger(session: &mut Session) {
     if expects_continue(session.req_header()) {
@@ -1000,6 +1017,12 @@ impl Tollgate {
             session.set_keepalive(None);
             self.reject(session, ctx, ApiError::bad_request(problem), &[])
                 .await;
+        } else if has_other_coding(session.req_header()) {
+            // RFC 9112 6.1: a coding the server does not know is a 501; passing the body on
+            // without it would hand the upstream encoded bytes as they were plain.
+            session.set_keepalive(None);
+            let error = ApiError::new(501, "Transfer-Encoding: only chunked is supported");
+            self.reject(session, ctx, error, &[]).await;
         } else if session.req_header().method == http::Method::CONNECT {
             // No tunnels: and a CONNECT's framing differs from other requests', so the
             // connection is not read on.
@@ -1011,7 +1034,9 @@ impl Tollgate {
         } else if let Err((error, headers)) = self.proxy_call(session, ctx).await {
             self.reject(session, ctx, error, &headers).await;
         }
-        if ctx.linger {
+        // An answer given before the body was read (a 404, 401, 413...) closes the connection;
+        // the body still coming is read and dropped for a moment first.
+        if ctx.linger || !session.is_body_done() {
             linger(session).await;
         }
     }
@@ -1142,6 +1167,24 @@ mod tests {
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }
+    }
+
+    #[test]
+    fn transfer_codings_besides_one_chunked_are_found() {
+        let with = |values: &[&str]| {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            for v in values {
+                req.append_header("Transfer-Encoding", *v).unwrap();
+            }
+            has_other_coding(&req)
+        };
+        assert!(!with(&[]));
+        assert!(!with(&["chunked"]));
+        assert!(!with(&[" CHUNKED ", ""]));
+        assert!(with(&["gzip, chunked"]));
+        assert!(with(&["chunked, chunked"]));
+        assert!(with(&["gzip", "chunked"]));
+        assert!(with(&["identity"]));
     }
 
     #[test]

@@ -122,9 +122,15 @@ pub fn upstream_request(
     for (name, value) in added {
         req.insert_header(*name, *value)?;
     }
+    // A POST, PUT or PATCH says its empty body's length (RFC 9110 8.6): some upstreams
+    // answer one without it 411.
     let has_body = body_len > 0
         || caller.headers.contains_key(http::header::CONTENT_LENGTH)
-        || caller.headers.contains_key(http::header::TRANSFER_ENCODING);
+        || caller.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || matches!(
+            caller.method,
+            http::Method::POST | http::Method::PUT | http::Method::PATCH
+        );
     if has_body {
         req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
     }
