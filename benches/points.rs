@@ -5,6 +5,9 @@
 //! None), and the locations compared by their "/key". `count_points` always counts both points
 //! and unique points, so there is no cheaper "points only" mode to measure.
 //!
+//! Then "unique_by_key" again, fed a prefix per 64 KiB as the proxy feeds a body arriving
+//! (`PointsCount`), to show what counting during the receive costs beyond counting once.
+//!
 //! Then the cost of one call as the load bench (`benches/load/run.sh`) makes it: its ~10 KB POST
 //! body of 100 locations of ~100 bytes, under its rule (`points = ["/locations"]`,
 //! `unique_key = "/id"`). Here the per-call time is the figure to read: it is spent on the
@@ -15,7 +18,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tollgate::quota::points::{count_points, Points, PointsRule};
+use tollgate::quota::points::{count_points, Points, PointsCount, PointsRule};
 
 const LOCATION_COUNT: usize = 100_000;
 
@@ -106,8 +109,25 @@ fn bench_points(c: &mut Criterion) {
             b.iter(|| count_points(black_box(&body), black_box(&rule)))
         });
     }
+    // The same count fed as the proxy feeds it, a prefix per 64 KiB read: what counting as
+    // the body arrives costs beyond counting it whole (the walks back to the counted array).
+    let by_key = rule("/locations", Some("/key"));
+    let fed = |body: &[u8]| {
+        let mut count = PointsCount::new(&by_key);
+        for end in (PIECE..body.len()).step_by(PIECE) {
+            count.feed(&body[..end]);
+        }
+        count.finish(body)
+    };
+    assert_eq!(fed(&body), count_points(&body, &by_key));
+    group.bench_function("unique_by_key_fed_per_64_KiB", |b| {
+        b.iter(|| fed(black_box(&body)))
+    });
     group.finish();
 }
+
+/// The size of the pieces a body is read in.
+const PIECE: usize = 64 << 10;
 
 fn bench_load_bench_call(c: &mut Criterion) {
     let body = load_bench_body(LOAD_BENCH_LOCATION_COUNT);

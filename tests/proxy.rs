@@ -1963,6 +1963,13 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
     assert_eq!(r.status(), 200);
     assert!(header(&r, "x-tracecode").is_some());
     assert_eq!(r.bytes().unwrap().len(), 0);
+    // But not on an async process's follow-up route: it would take a stage of the process.
+    let r = client()
+        .head(t.url("/universal/plan/result/00000000-0000-4000-8000-000000000000"))
+        .bearer_auth(&alice)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
 
     // A coding besides chunked: not forwarded as if the bytes were plain.
     let before = demo_count(&t, "/demo/echo");
@@ -1999,4 +2006,31 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
     )
     .unwrap();
     assert_eq!(seen["content-length"], "0", "{seen}");
+}
+
+#[test]
+fn an_absolute_form_target_reaches_the_upstream_in_origin_form() {
+    // RFC 9112 3.2.2: a server takes absolute form; an origin server behind Tollgate is sent
+    // origin form (3.2.1), which every origin must read.
+    let up = ScriptedUpstream::start(|_, head| {
+        if head.starts_with("get /universal/flaky/state?x=1 http/1.1") {
+            Script::Answer(ANSWER_OK)
+        } else {
+            Script::Answer(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        }
+    });
+    let t = up.behind_tollgate();
+    let alice = t.token("alice");
+    let answer = raw_exchange(
+        t.port,
+        format!(
+            "GET http://127.0.0.1:{port}/universal/flaky/state?x=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n",
+            port = t.port
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("ok"), "{text}");
 }

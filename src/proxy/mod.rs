@@ -97,6 +97,8 @@ pub struct Ctx {
     broken_off: bool,
     /// Answered 413 with the body still coming: read and drop some of it before closing.
     linger: bool,
+    /// The caller's body stopped coming or broke off: nothing more is read from it.
+    body_broken: bool,
     /// The status this call answered with (0: none was written).
     status: u16,
     local_day: i32,
@@ -148,8 +150,12 @@ impl Tollgate {
             .enumerate()
             .find_map(|(i, r)| {
                 if let MethodMatch::One(m) = &r.method {
-                    // A HEAD is served wherever a GET is (RFC 9110 9.3.2).
-                    let head_of_get = req.method == http::Method::HEAD && m == http::Method::GET;
+                    // A HEAD is served wherever a GET is (RFC 9110 9.3.2), but for an
+                    // async process's follow-ups: a HEAD would take a stage of the process,
+                    // and its empty capture replace what a GET captured there.
+                    let head_of_get = req.method == http::Method::HEAD
+                        && m == http::Method::GET
+                        && r.process_id.is_none();
                     if *m != req.method && !head_of_get {
                         return None;
                     }
@@ -233,6 +239,7 @@ impl Tollgate {
             Err(e) => {
                 session.set_keepalive(None);
                 ctx.linger = matches!(e, BodyError::TooLarge);
+                ctx.body_broken = matches!(e, BodyError::Gone);
                 Err(match e {
                     BodyError::TooLarge => ApiError::new(
                         413,
@@ -405,6 +412,7 @@ impl Tollgate {
             }
             Err(BodyError::Gone) => {
                 session.set_keepalive(None);
+                ctx.body_broken = true;
                 return Err(plain(ApiError::bad_request(BODY_BROKEN_OFF)));
             }
         };
@@ -852,28 +860,57 @@ fn is_host_value(value: &[u8]) -> bool {
         .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
 }
 
-/// Whether a segment of `path` is "." or "..", spelled with or without percent-encoding.
+/// Whether a segment of `path` is "." or "..", as an upstream might resolve it: dots spelled
+/// with or without percent-encoding, segments also ended by an encoded slash or a backslash
+/// (raw or encoded), and by a ';' parameter (as Java servers read "..;").
 fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let segment = segment.as_bytes();
-        let mut rest = segment;
-        let mut dots = 0;
-        while !rest.is_empty() {
-            if rest[0] == b'.' {
-                rest = &rest[1..];
-            } else if rest.len() >= 3
-                && rest[0] == b'%'
-                && rest[1] == b'2'
-                && rest[2] | 0x20 == b'e'
-            {
-                rest = &rest[3..];
-            } else {
+    let path = path.as_bytes();
+    if !path.iter().any(|&b| b == b'.' || b == b'%') {
+        return false;
+    }
+    let mut dots = 0;
+    // Within a segment: only dots so far; after a ';', the rest is a parameter.
+    let (mut only_dots, mut in_parameter) = (true, false);
+    let mut i = 0;
+    loop {
+        let separator = match &path[i..] {
+            [] => Some(0),
+            [b'/' | b'\\', ..] => Some(1),
+            [b'%', b'2', f, ..] if f | 0x20 == b'f' => Some(3),
+            [b'%', b'5', c, ..] if c | 0x20 == b'c' => Some(3),
+            _ => None,
+        };
+        if let Some(width) = separator {
+            if only_dots && matches!(dots, 1 | 2) {
+                return true;
+            }
+            if width == 0 {
                 return false;
             }
-            dots += 1;
+            (dots, only_dots, in_parameter) = (0, true, false);
+            i += width;
+            continue;
         }
-        matches!(dots, 1 | 2)
-    })
+        match &path[i..] {
+            _ if in_parameter => i += 1,
+            [b'.', ..] => {
+                dots += 1;
+                i += 1;
+            }
+            [b'%', b'2', e, ..] if e | 0x20 == b'e' => {
+                dots += 1;
+                i += 3;
+            }
+            [b';', ..] => {
+                in_parameter = true;
+                i += 1;
+            }
+            _ => {
+                only_dots = false;
+                i += 1;
+            }
+        }
+    }
 }
 
 /// Whether the caller waits for `100 Continue` before sending its body. An HTTP/1.0 caller is
@@ -1000,6 +1037,7 @@ impl Tollgate {
             forwarded: false,
             broken_off: false,
             linger: false,
+            body_broken: false,
             status: 0,
             local_day: 0,
             _in_flight: None,
@@ -1036,7 +1074,7 @@ impl Tollgate {
         }
         // An answer given before the body was read (a 404, 401, 413...) closes the connection;
         // the body still coming is read and dropped for a moment first.
-        if ctx.linger || !session.is_body_done() {
+        if ctx.linger || (!ctx.body_broken && !session.is_body_done()) {
             linger(session).await;
         }
     }
@@ -1152,6 +1190,12 @@ mod tests {
             "/a/%2E./b",
             "/a/.%2e",
             "/a/%2e/b",
+            "/a/..;/b",
+            "/a/..;jsessionid=1/b",
+            "/a/..%2fb",
+            "/a/..%2Fb",
+            "/a\\..\\b",
+            "/a/%5c..%5cb",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
@@ -1164,6 +1208,8 @@ mod tests {
             "/a/%2ex",
             "/a/%2f",
             "/.well-known/x",
+            "/a/x;..",
+            "/a/b;v=1.2",
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }

@@ -105,9 +105,9 @@ pub fn upstream_request(
     for h in HOP_BY_HOP.iter().chain(dropped) {
         req.remove_header(*h);
     }
-    if !req.uri.path().starts_with('/') || req.uri.authority().is_some() {
-        // An absolute-form target (RFC 9112 3.2.2) goes on in origin form; its authority was
-        // checked against Host when the head was read.
+    if !matches!(caller.raw_path(), [b'/', ..] | b"*") {
+        // An absolute-form target (RFC 9112 3.2.2; pingora checked its authority against Host
+        // and kept its path in the URI) goes on in origin form.
         let origin = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let origin = if origin.starts_with('/') { origin } else { "/" };
         req.set_uri(http::Uri::try_from(origin).map_err(|e| {
@@ -284,19 +284,18 @@ pub async fn exchange(
         out.remove_header(h);
     }
     // A connection whose answer's end is in doubt is not used again: a bodiless answer that
-    // announced a body (to a HEAD, or a 304) may yet be followed by one, and both a length
-    // and chunking is a framing error (RFC 9112 6.3); bytes left in it would be read as the
-    // next call's answer.
+    // announced a body (to a HEAD, or a 204 or 304) may yet be followed by one, which would
+    // be read as the next call's answer. (A connection holding bytes when it is taken from
+    // the pool is dropped there; this is for bytes that come later.) It costs a connection
+    // per such answer.
     let announced = |name| {
         out.headers
             .get(name)
             .is_some_and(|v: &http::HeaderValue| v.as_bytes() != b"0")
     };
-    let length_in_doubt = (out.headers.contains_key(http::header::CONTENT_LENGTH)
-        && out.headers.contains_key(http::header::TRANSFER_ENCODING))
-        || (matches!(status, 204 | 304) || session.req_header().method == http::Method::HEAD)
-            && (announced(http::header::CONTENT_LENGTH)
-                || announced(http::header::TRANSFER_ENCODING));
+    let length_in_doubt = (matches!(status, 204 | 304)
+        || session.req_header().method == http::Method::HEAD)
+        && (announced(http::header::CONTENT_LENGTH) || announced(http::header::TRANSFER_ENCODING));
     if status == 204 {
         // A 204 has no body whatever its head says (RFC 9110 15.3.5), and none is read from
         // the upstream: a length left in the head would leave the caller waiting for it.

@@ -159,7 +159,7 @@ pub struct PointsCount {
     /// Feeds stopped: the body is invalid, or no longer worth counting in parts.
     stopped: bool,
     #[cfg(test)]
-    resumed_from: usize,
+    scans: usize,
 }
 
 /// Where a count of a prefix stopped, inside a counted array whose elements no other pointer
@@ -194,7 +194,7 @@ impl PointsCount {
             step: FEED_STEP,
             stopped: rule.array_pointers.is_empty(),
             #[cfg(test)]
-            resumed_from: 0,
+            scans: 0,
         }
     }
 
@@ -221,11 +221,15 @@ impl PointsCount {
             Ok(_) => self.stopped = true,
             Err(error) if error.offset + PREFIX_CUT_SLACK < end => self.stopped = true,
             Err(_) => {
-                // The next count walks again to the kept point's array (or all of it, when
-                // nothing was kept): waiting for as many new bytes keeps the walking again
-                // below the body's size in all.
-                let walked_again = self.resume.as_ref().map_or(end, |c| c.array_at);
-                self.next_feed = end + self.step.max(walked_again);
+                // The next count walks again to the kept point's array, and scans again from
+                // the kept point (an element still arriving, however long) to here; or all of
+                // it, when nothing was kept. Waiting for as many new bytes keeps the scanning
+                // again below the body's size in all.
+                let again = self
+                    .resume
+                    .as_ref()
+                    .map_or(end, |c| c.array_at + (end - c.pos));
+                self.next_feed = end + self.step.max(again);
             }
         }
     }
@@ -250,7 +254,7 @@ impl PointsCount {
         }
         #[cfg(test)]
         {
-            self.resumed_from = scanner.resume.as_ref().map_or(0, |c| c.pos);
+            self.scans += 1;
         }
         let walked = scanner.walk_body();
         match walked {
@@ -2549,6 +2553,27 @@ mod tests {
                 body.len()
             );
         }
+    }
+
+    #[test]
+    fn a_long_element_still_arriving_is_not_scanned_again_per_feed() {
+        // One element of 4 MiB arriving in 1 KiB pieces: each feed stops at its start, so the
+        // feeds must space out as it grows (in all, scanning stays within a few times the body).
+        let rule = rule(&["/items"], None);
+        let blob = "x".repeat(4 << 20);
+        let body = format!(r#"{{"items":[{{"blob":"{blob}"}}]}}"#).into_bytes();
+        let mut count = PointsCount::with_step(&rule, 1 << 10);
+        for end in (0..body.len()).step_by(1 << 10) {
+            count.feed(&body[..end]);
+        }
+        assert!(count.scans <= 16, "{} scans", count.scans);
+        assert_eq!(
+            count.finish(&body),
+            Ok(Points {
+                points: 1,
+                unique_points: 1
+            })
+        );
     }
 
     #[test]
