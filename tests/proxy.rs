@@ -974,7 +974,7 @@ fn a_hanging_upstream_is_a_504_after_the_route_timeout() {
 }
 
 #[test]
-fn a_body_that_stops_coming_is_a_400_after_the_client_read_timeout() {
+fn a_body_that_stops_coming_is_a_408_after_the_client_read_timeout() {
     let t = Tollgate::start_extra("[limits]\nclient_read_timeout_ms = 300\n");
     let alice = t.token("alice");
     for (path, auth) in [
@@ -987,8 +987,10 @@ fn a_body_that_stops_coming_is_a_400_after_the_client_read_timeout() {
         let started = Instant::now();
         let mut c = Raw::connect(t.port);
         c.send(format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\"").as_bytes());
-        let (status, _) = c.read_head().expect("an answer, not a silent close");
-        assert_eq!(status, 400, "{path}");
+        let answer = c.read_response().expect("an answer, not a silent close");
+        assert_eq!(answer.status, 408, "{path}");
+        let body = String::from_utf8_lossy(&answer.body);
+        assert!(body.contains("client_read_timeout_ms"), "{path}: {body}");
         let elapsed = started.elapsed();
         assert!(
             elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(3),
@@ -2033,4 +2035,53 @@ fn an_absolute_form_target_reaches_the_upstream_in_origin_form() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("ok"), "{text}");
+}
+
+#[test]
+fn a_length_sent_twice_reaches_the_caller_once() {
+    let up = ScriptedUpstream::start(|n, _| {
+        if n % 2 == 1 {
+            Script::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
+        } else {
+            Script::Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok")
+        }
+    });
+    let t = up.behind_tollgate();
+    let alice = t.token("alice");
+    let mut c = Raw::connect(t.port);
+    for _ in 0..2 {
+        c.send(
+            format!("GET /universal/flaky/state HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n")
+                .as_bytes(),
+        );
+        let answer = c.read_response().expect("an answer");
+        assert_eq!(answer.status, 200);
+        let lengths: Vec<&str> = answer
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(lengths, ["2"]);
+        assert_eq!(answer.body, b"ok");
+    }
+}
+
+#[test]
+fn an_expectation_list_naming_100_continue_is_answered_with_100() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    let mut c = Raw::connect(t.port);
+    c.send(
+        format!(
+            "POST /demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nContent-Length: 5\r\nExpect: 100-continue, x-other\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let (status, _) = c.read_head().expect("an interim answer");
+    assert_eq!(status, 100);
+    c.send(b"hello");
+    let answer = c.read_response().expect("the answer");
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body, b"hello");
 }

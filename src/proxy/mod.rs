@@ -239,13 +239,13 @@ impl Tollgate {
             Err(e) => {
                 session.set_keepalive(None);
                 ctx.linger = matches!(e, BodyError::TooLarge);
-                ctx.body_broken = matches!(e, BodyError::Gone);
+                ctx.body_broken = !ctx.linger;
                 Err(match e {
                     BodyError::TooLarge => ApiError::new(
                         413,
                         format!("body: larger than the account API accepts ({limit} bytes)"),
                     ),
-                    BodyError::Gone => ApiError::bad_request(BODY_BROKEN_OFF),
+                    _ => e.unread(&self.app.config.limits),
                 })
             }
         };
@@ -410,10 +410,10 @@ impl Tollgate {
                     ),
                 )));
             }
-            Err(BodyError::Gone) => {
+            Err(e) => {
                 session.set_keepalive(None);
                 ctx.body_broken = true;
-                return Err(plain(ApiError::bad_request(BODY_BROKEN_OFF)));
+                return Err(plain(e.unread(&app.config.limits)));
             }
         };
 
@@ -810,11 +810,31 @@ fn rate_limit_headers(
 const ACCOUNT_BODY_LIMIT: usize = 1 << 20;
 
 const BODY_BROKEN_OFF: &str =
-    "body: broken off (malformed chunked encoding, or the client stopped sending)";
+    "body: broken off (malformed chunked encoding, or the client closed the connection)";
 
 enum BodyError {
     TooLarge,
+    /// Broken off, or malformed.
     Gone,
+    /// Nothing arrived for `client_read_timeout_ms`.
+    Stalled,
+}
+
+impl BodyError {
+    /// The answer to a body that could not be read whole (not one too large).
+    fn unread(&self, limits: &crate::config::Limits) -> ApiError {
+        match self {
+            // RFC 9110 15.5.9: the request did not arrive within the time the server waits.
+            BodyError::Stalled => ApiError::new(
+                408,
+                format!(
+                    "body: nothing arrived for client_read_timeout_ms ({} ms)",
+                    limits.client_read_timeout.as_millis()
+                ),
+            ),
+            _ => ApiError::bad_request(BODY_BROKEN_OFF),
+        }
+    }
 }
 
 /// What makes a request head that pingora read unfit to be served, if anything.
@@ -919,8 +939,10 @@ fn expects_continue(req: &RequestHeader) -> bool {
     req.version >= http::Version::HTTP_11
         && req
             .headers
-            .get(http::header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+            .get_all(http::header::EXPECT)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|e| e.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`;
@@ -958,11 +980,13 @@ async fn read_body(
     } else {
         RequestBody::default()
     };
-    while let Some(piece) = session
-        .read_request_body()
-        .await
-        .map_err(|_| BodyError::Gone)?
-    {
+    while let Some(piece) = session.read_request_body().await.map_err(|e| {
+        if *e.etype() == pingora::ErrorType::ReadTimedout {
+            BodyError::Stalled
+        } else {
+            BodyError::Gone
+        }
+    })? {
         if body.len() + piece.len() > limit {
             return Err(BodyError::TooLarge);
         }

@@ -296,6 +296,32 @@ pub async fn exchange(
     let length_in_doubt = (matches!(status, 204 | 304)
         || session.req_header().method == http::Method::HEAD)
         && (announced(http::header::CONTENT_LENGTH) || announced(http::header::TRANSFER_ENCODING));
+    // A length sent twice, or as a list ("5, 5"), that pingora read as one: the caller gets
+    // it once (RFC 9110 8.6 lets a recipient take such a list as the one value).
+    if out
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .count()
+        > 1
+        || out
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().contains(&b','))
+    {
+        let lengths: Vec<Option<u64>> = out
+            .headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|n| std::str::from_utf8(n.trim_ascii()).ok()?.parse().ok())
+            .collect();
+        if let Some(Some(length)) = lengths.first().copied() {
+            if lengths.iter().all(|n| *n == Some(length)) {
+                let _ = out.insert_header(http::header::CONTENT_LENGTH, length.to_string());
+            }
+        }
+    }
     if status == 204 {
         // A 204 has no body whatever its head says (RFC 9110 15.3.5), and none is read from
         // the upstream: a length left in the head would leave the caller waiting for it.
