@@ -59,6 +59,21 @@ fn seen_headers(r: &Response) -> Value {
     .unwrap()
 }
 
+/// `x-demo-seen-headers` of an echo answer read with [`Raw`].
+fn seen_headers_raw(headers: &[(String, String)]) -> Value {
+    let seen = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-demo-seen-headers"))
+        .expect("echo answers carry x-demo-seen-headers");
+    serde_json::from_str(&seen.1).unwrap()
+}
+
+/// The whole answer to `request` on a new connection, as text.
+fn raw_text(port: u16, request: &str) -> String {
+    let answer = raw_exchange(port, request.as_bytes(), Duration::from_secs(5));
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 fn json_body(r: Response) -> Value {
     let text = r.text().unwrap();
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("body is not JSON: {text:?}"))
@@ -1897,13 +1912,10 @@ fn hop_by_hop_fields_named_by_connection_and_dot_segments_and_bad_hosts() {
         "/universal/%2e%2e/universal/system/version",
         "/universal/./system/version",
     ] {
-        let answer = raw_exchange(
+        let text = raw_text(
             t.port,
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-            Duration::from_secs(5),
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
         );
-        let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 400"), "{path}: {text}");
         assert!(text.contains("dot segments"), "{path}: {text}");
     }
@@ -1911,12 +1923,10 @@ fn hop_by_hop_fields_named_by_connection_and_dot_segments_and_bad_hosts() {
 
     // A Host that is no host (RFC 9112 3.2).
     for host in ["x y", "x/evil", "a@b"] {
-        let answer = raw_exchange(
+        let text = raw_text(
             t.port,
-            format!("GET /universal/system/version HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
-            Duration::from_secs(5),
+            &format!("GET /universal/system/version HTTP/1.1\r\nHost: {host}\r\n\r\n"),
         );
-        let text = String::from_utf8_lossy(&answer);
         assert!(text.starts_with("HTTP/1.1 400"), "{host}: {text}");
         assert!(text.contains("\"tracedata\""), "{host}: {text}");
     }
@@ -1941,14 +1951,7 @@ fn an_http_1_0_caller_is_never_sent_100_continue_and_its_call_gets_a_host_upstre
         status, 200,
         "an HTTP/1.0 caller got an interim answer first"
     );
-    let seen: Value = serde_json::from_str(
-        &headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("x-demo-seen-headers"))
-            .expect("the echo's seen headers")
-            .1,
-    )
-    .unwrap();
+    let seen = seen_headers_raw(&headers);
     // The upstream is spoken to in HTTP/1.1, which needs a Host.
     assert!(seen.get("host").is_some(), "{seen}");
 }
@@ -1975,15 +1978,12 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
 
     // A coding besides chunked: not forwarded as if the bytes were plain.
     let before = demo_count(&t, "/demo/echo");
-    let answer = raw_exchange(
+    let text = raw_text(
         t.port,
-        format!(
+        &format!(
             "POST /demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-        )
-        .as_bytes(),
-        Duration::from_secs(5),
+        ),
     );
-    let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 501"), "{text}");
     assert!(
         text.contains("Transfer-Encoding") && text.contains("\"tracedata\""),
@@ -1999,14 +1999,7 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
     );
     let (status, headers) = c.read_head().expect("an answer");
     assert_eq!(status, 200);
-    let seen: Value = serde_json::from_str(
-        &headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("x-demo-seen-headers"))
-            .expect("the echo's seen headers")
-            .1,
-    )
-    .unwrap();
+    let seen = seen_headers_raw(&headers);
     assert_eq!(seen["content-length"], "0", "{seen}");
 }
 
@@ -2023,16 +2016,13 @@ fn an_absolute_form_target_reaches_the_upstream_in_origin_form() {
     });
     let t = up.behind_tollgate();
     let alice = t.token("alice");
-    let answer = raw_exchange(
+    let text = raw_text(
         t.port,
-        format!(
+        &format!(
             "GET http://127.0.0.1:{port}/universal/flaky/state?x=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {alice}\r\nConnection: close\r\n\r\n",
             port = t.port
-        )
-        .as_bytes(),
-        Duration::from_secs(5),
+        ),
     );
-    let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("ok"), "{text}");
 }
