@@ -1968,13 +1968,13 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
     assert_eq!(r.status(), 200);
     assert!(header(&r, "x-tracecode").is_some());
     assert_eq!(r.bytes().unwrap().len(), 0);
-    // But not on an async process's follow-up route: it would take a stage of the process.
+    // Also on an async process's follow-up route, where the process must be the caller's.
     let r = client()
         .head(t.url("/universal/plan/result/00000000-0000-4000-8000-000000000000"))
         .bearer_auth(&alice)
         .send()
         .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(r.status(), 404, "no such process");
 
     // A coding besides chunked: not forwarded as if the bytes were plain.
     let before = demo_count(&t, "/demo/echo");

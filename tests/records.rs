@@ -945,6 +945,28 @@ fn a_stranger_cannot_follow_up_anothers_process_and_the_upstream_never_hears_of_
     let by_admin = send(&t, reqwest::Method::GET, &path, &admin, None, b"", &[]);
     assert_eq!(by_admin.status, 200, "an ADMIN may touch any process");
     assert_eq!(demo_count(&t, &path), 2);
+
+    // A HEAD asks after the process without being an exchange of it: it is answered, and
+    // takes no stage (the next stage, 3, stays empty rather than holding its empty answer).
+    let head = send(&t, reqwest::Method::HEAD, &path, &alice, None, b"", &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(demo_count(&t, &path), 3);
+    let r = data(
+        &t,
+        &alice,
+        &start.code,
+        "data_flow_type=OUTPUT&data_flow_stage=3",
+    );
+    assert_eq!(r.status(), 404, "a HEAD took a stage");
+    assert_eq!(
+        data_ok(
+            &t,
+            &alice,
+            &start.code,
+            "data_flow_type=OUTPUT&data_flow_stage=2"
+        ),
+        by_admin.body
+    );
 }
 
 // ---------------------------------------------------------------- audit

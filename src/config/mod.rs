@@ -24,9 +24,10 @@ pub struct Problem {
 
 /// Whether two listen addresses would take the same port (a port 0 is picked when bound).
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    let (ip_a, ip_b) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() != 0
         && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        && (ip_a == ip_b || ip_a.is_unspecified() || ip_b.is_unspecified())
 }
 
 impl std::fmt::Display for Problem {
@@ -733,6 +734,10 @@ mod tests {
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["metrics.listen", "demo_upstream.listen"], "{p:?}");
         assert!(p[0].message.contains("server.listen"), "{p:?}");
+        let mapped = problems(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"[::ffff:127.0.0.1]:8080\"\n",
+        );
+        assert_eq!(mapped.len(), 1, "{mapped:?}");
         let fine =
             "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.2:8080\"\n\
                     [demo_upstream]\nlisten = \"127.0.0.1:0\"\n";

@@ -99,6 +99,9 @@ pub struct Ctx {
     linger: bool,
     /// The caller's body stopped coming or broke off: nothing more is read from it.
     body_broken: bool,
+    /// A HEAD: it asks after a resource (or a process) and changes nothing on record but
+    /// the audit.
+    asks_only: bool,
     /// The status this call answered with (0: none was written).
     status: u16,
     local_day: i32,
@@ -150,12 +153,8 @@ impl Tollgate {
             .enumerate()
             .find_map(|(i, r)| {
                 if let MethodMatch::One(m) = &r.method {
-                    // A HEAD is served wherever a GET is (RFC 9110 9.3.2), but for an
-                    // async process's follow-ups: a HEAD would take a stage of the process,
-                    // and its empty capture replace what a GET captured there.
-                    let head_of_get = req.method == http::Method::HEAD
-                        && m == http::Method::GET
-                        && r.process_id.is_none();
+                    // A HEAD is served wherever a GET is (RFC 9110 9.3.2).
+                    let head_of_get = req.method == http::Method::HEAD && m == http::Method::GET;
                     if *m != req.method && !head_of_get {
                         return None;
                     }
@@ -298,6 +297,7 @@ impl Tollgate {
             ))
         })?;
         ctx.route = Some(route_index);
+        ctx.asks_only = session.req_header().method == http::Method::HEAD;
         let route = &app.config.routes[route_index];
         let metrics = &app.metrics.routes[route_index];
         ctx._in_flight = Some({
@@ -521,6 +521,9 @@ impl Tollgate {
         let started = ctx.started;
         // The exchange is sent on: it counts in its process from here, and goes on record.
         let entry = match followed {
+            // A HEAD asks after a process without being one of its exchanges: it takes no
+            // stage, and nothing of it is captured (its empty answer would replace a stage's).
+            Some(seen) if ctx.asks_only => Some(seen),
             Some(seen) => Some(app.processes.advance(ctx.code, seen)),
             None if self.follow_ups => Some(app.processes.start(ctx.code, owner, company, utc_day)),
             // No route can follow this process up: the first exchange, not registered.
@@ -705,7 +708,7 @@ impl Tollgate {
                 duration_us: ctx.started.elapsed().as_micros() as u64,
                 status,
             },
-            findable: route.capture || self.follow_ups,
+            findable: (route.capture || self.follow_ups) && !ctx.asks_only,
             anonymous: user.is_none(),
             process,
             stage: ctx.stage,
@@ -1062,6 +1065,7 @@ impl Tollgate {
             broken_off: false,
             linger: false,
             body_broken: false,
+            asks_only: false,
             status: 0,
             local_day: 0,
             _in_flight: None,
