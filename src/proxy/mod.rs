@@ -251,7 +251,13 @@ impl Tollgate {
         let req = session.req_header();
         let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
         let request = AccountRequest {
-            method: &req.method,
+            // A HEAD is answered as the GET would be, without the body (pingora writes none
+            // for a HEAD).
+            method: if req.method == http::Method::HEAD {
+                &http::Method::GET
+            } else {
+                &req.method
+            },
             path: req.uri.path(),
             query: req.uri.query().unwrap_or(""),
             authorization: header("authorization"),
@@ -876,11 +882,36 @@ fn has_other_coding(req: &RequestHeader) -> bool {
     }
 }
 
-/// RFC 3986 `host [ ":" port ]`, loosely: the bytes of a reg-name, an IP literal and a port.
+/// RFC 3986 `host [ ":" port ]`: an IP literal in brackets, or a reg-name or IPv4 address
+/// (unreserved, percent-encoded and sub-delimiter bytes), then an optional port of digits.
 fn is_host_value(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+    let (host_ok, port) = match value {
+        [b'[', rest @ ..] => match rest.iter().position(|&b| b == b']') {
+            Some(end) => (
+                end > 0
+                    && rest[..end]
+                        .iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b":.%-_~".contains(&b)),
+                &rest[end + 1..],
+            ),
+            None => return false,
+        },
+        _ => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            (
+                value[..end]
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)),
+                &value[end..],
+            )
+        }
+    };
+    host_ok
+        && match port {
+            [] => true,
+            [b':', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
+            _ => false,
+        }
 }
 
 /// Whether a segment of `path` is "." or "..", as an upstream might resolve it: dots spelled
@@ -1274,7 +1305,10 @@ mod tests {
         }
         // RFC 9112 3.2: empty when the target has no authority.
         assert!(is_host_value(b""));
-        for host in ["x y", "x/evil", "a@b", "x?y", "x#y", "x\\y", "x\ty"] {
+        for host in [
+            "x y", "x/evil", "a@b", "x?y", "x#y", "x\\y", "x\ty", "x:abc", "[::1", "x:80:80", "[]",
+            "[::1]x",
+        ] {
             assert!(!is_host_value(host.as_bytes()), "{host}");
         }
     }

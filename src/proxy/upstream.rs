@@ -76,9 +76,9 @@ fn connection_options(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
     headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        // Bytes, not text: a value with one non-ASCII token still names the others.
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim_ascii()).ok())
         .filter(|name| {
             *name != http::header::HOST
                 && *name != http::header::CONTENT_LENGTH
@@ -521,17 +521,30 @@ impl Request {
             self.write(&mut stream).await.map_err(|_| unwritten)?;
             leg.upstream.session(stream)
         };
+        let mut answered = false;
         loop {
             http.read_response_header().await.map_err(|e| HeadFailure {
                 written: true,
-                // Closed or reset before an answer, as an idle connection the upstream
-                // dropped is; not an answer that could not be parsed.
-                closed: matches!(e.retry, pingora::RetryType::ReusedOnly),
+                // Closed or reset before any byte of an answer, as an idle connection the
+                // upstream dropped is; not an answer begun, or one that could not be parsed.
+                closed: !answered
+                    && matches!(e.retry, pingora::RetryType::ReusedOnly)
+                    && e.context
+                        .as_ref()
+                        .is_some_and(|c| c.as_str().ends_with("bytes already read: 0")),
             })?;
+            answered = true;
             let head = http.response_header().ok_or(HeadFailure {
                 written: true,
                 closed: false,
             })?;
+            // A status outside 100-599 (RFC 9110 15) is no answer.
+            if !(100..600).contains(&head.status.as_u16()) {
+                return Err(HeadFailure {
+                    written: true,
+                    closed: false,
+                });
+            }
             // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
             if !head.status.is_informational() {
                 let head = head.clone();
