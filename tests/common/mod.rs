@@ -149,6 +149,7 @@ pub struct Tollgate {
 
 /// What a test puts in the config beyond the base: `@DEMO@` stands for the demo upstream's
 /// address, so extra upstreams and routes can be written before the ports are known.
+#[derive(Clone)]
 pub struct Setup {
     pub extra: String,
     /// More keys of the `[server]` table.
@@ -183,6 +184,21 @@ impl Tollgate {
     }
 
     pub fn start_with(setup: Setup) -> Tollgate {
+        // Ports are picked free, then bound by the child: another test process may take one
+        // in between. Tollgate then exits at start saying so, and gets other ports.
+        for _ in 0..4 {
+            let mut t = Self::configured(setup.clone());
+            match t.try_spawn() {
+                Ok(()) => return t,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("tollgate exited at start:\n{log}"),
+            }
+        }
+        panic!("tollgate found no free ports in four tries");
+    }
+
+    /// A Tollgate configured on free ports, not started.
+    fn configured(setup: Setup) -> Tollgate {
         let dir = tempfile::tempdir().unwrap();
         let (port, metrics_port, demo_port) = (free_port(), free_port(), free_port());
         let demo_addr = format!("127.0.0.1:{demo_port}");
@@ -234,7 +250,7 @@ total_timeout_ms = 5000
         let config_path = dir.path().join("tollgate.toml");
         std::fs::write(&config_path, config).unwrap();
         let log_path = dir.path().join("tollgate.log");
-        let mut t = Tollgate {
+        Tollgate {
             child: None,
             port,
             metrics_port,
@@ -244,13 +260,18 @@ total_timeout_ms = 5000
             dir,
             config_path,
             log_path,
-        };
-        t.spawn();
-        t
+        }
     }
 
     /// Starts (or restarts) the binary on the same config and store.
     pub fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("tollgate exited at start:\n{log}");
+        }
+    }
+
+    /// [`Tollgate::spawn`]; the log when the binary exited at start.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -265,14 +286,15 @@ total_timeout_ms = 5000
             .spawn()
             .expect("starting tollgate");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("tollgate exited at start ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(format!("({status}) {}", self.log()));
             }
             let ok = client()
                 .get(format!("{}/account/system/version", self.base))
@@ -281,7 +303,7 @@ total_timeout_ms = 5000
                 .unwrap_or(false);
             let demo_ok = TcpStream::connect(("127.0.0.1", self.demo_port)).is_ok();
             if ok && demo_ok {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
