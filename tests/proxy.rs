@@ -454,6 +454,10 @@ fn the_upstream_sees_tollgates_identity_headers_never_the_callers() {
         .header("X-Unique-Points", "999999")
         .header("Proxy-Authorization", "Basic bWFsbG9yeTpzZWNyZXQ=")
         .header("X-Custom", "kept")
+        .header("X_Client", "evil_corp_|_mallory")
+        .header("x_tracecode", forged)
+        .header("Transfer_Encoding", "chunked")
+        .header("X_Kept_Too", "kept")
         .body("{}")
         .send()
         .unwrap();
@@ -466,6 +470,16 @@ fn the_upstream_sees_tollgates_identity_headers_never_the_callers() {
     assert_eq!(seen["x-points"], "0", "{seen}");
     assert_eq!(seen["x-unique-points"], "0", "{seen}");
     assert_eq!(seen["x-custom"], "kept", "other headers pass: {seen}");
+    assert_eq!(
+        seen["x_kept_too"], "kept",
+        "other names with '_' pass: {seen}"
+    );
+    for spoof in ["x_client", "x_tracecode", "transfer_encoding"] {
+        assert!(
+            seen.get(spoof).is_none(),
+            "{spoof} reached the upstream: {seen}"
+        );
+    }
     assert!(
         seen.get("authorization").is_none() && seen.get("proxy-authorization").is_none(),
         "the caller's credentials reached the upstream: {seen}"

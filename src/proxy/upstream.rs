@@ -105,6 +105,23 @@ pub fn upstream_request(
     for h in HOP_BY_HOP.iter().chain(dropped) {
         req.remove_header(*h);
     }
+    // A name that differs from one dropped or set here only by '_' for '-' ("X_Client") reads
+    // as that header at upstreams that map names to variables (CGI, WSGI): the caller could
+    // pass itself off as another client, or slip in credentials. (nginx drops every name with
+    // '_' by default.)
+    for name in caller.headers.keys() {
+        let spoofs = name.as_str().contains('_') && {
+            let dashed = name.as_str().replace('_', "-");
+            let own = |h: &str| h.eq_ignore_ascii_case(&dashed);
+            HOP_BY_HOP.iter().chain(dropped).any(|h| own(h))
+                || added.iter().any(|(h, _)| own(h))
+                || own(http::header::HOST.as_str())
+                || own(http::header::CONTENT_LENGTH.as_str())
+        };
+        if spoofs {
+            req.remove_header(name);
+        }
+    }
     if !matches!(caller.raw_path(), [b'/', ..] | b"*") {
         // An absolute-form target (RFC 9112 3.2.2; pingora checked its authority against Host
         // and kept its path in the URI) goes on in origin form.
