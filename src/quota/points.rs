@@ -166,18 +166,15 @@ pub struct PointsCount {
 /// enters: after the ',' before its first element not yet counted (and perhaps part of the
 /// whitespace after it, where the prefix ended).
 struct Checkpoint {
-    /// The array's opening '['.
-    array_at: usize,
-    pos: usize,
-    element_count: u64,
-    whitespace_runs: usize,
-    /// Every element counted before `pos`.
+    at: Boundary,
+    /// Every element counted before `at.pos`.
     distinct: DistinctElements,
 }
 
-/// A [`Checkpoint`] without the distinct elements, kept by the scanner as it goes.
+/// Where a [`Checkpoint`] is, kept by the scanner as it goes.
 #[derive(Clone, Copy)]
 struct Boundary {
+    /// The array's opening '['.
     array_at: usize,
     pos: usize,
     element_count: u64,
@@ -228,7 +225,7 @@ impl PointsCount {
                 let again = self
                     .resume
                     .as_ref()
-                    .map_or(end, |c| c.array_at + (end - c.pos));
+                    .map_or(end, |c| c.at.array_at + (end - c.at.pos));
                 self.next_feed = end + self.step.max(again);
             }
         }
@@ -263,11 +260,8 @@ impl PointsCount {
                 unique_points: scanner.distinct.count(),
             }),
             Err(error) => {
-                self.resume = scanner.boundary.map(|b| Checkpoint {
-                    array_at: b.array_at,
-                    pos: b.pos,
-                    element_count: b.element_count,
-                    whitespace_runs: b.whitespace_runs,
+                self.resume = scanner.boundary.map(|at| Checkpoint {
+                    at,
                     distinct: std::mem::take(&mut scanner.distinct),
                 });
                 Err(error)
@@ -624,12 +618,12 @@ impl<'a, 'p> Scanner<'a, 'p> {
         let array_at = self.pos;
         let mut element_count: u64 = 0;
         match self.resume.as_ref() {
-            Some(kept) if resumable && kept.array_at == array_at => {
+            Some(kept) if resumable && kept.at.array_at == array_at => {
                 let kept = self.resume.take().expect("matched above");
-                self.pos = kept.pos;
-                self.whitespace_runs = kept.whitespace_runs;
+                self.pos = kept.at.pos;
+                self.whitespace_runs = kept.at.whitespace_runs;
                 self.distinct = kept.distinct;
-                element_count = kept.element_count;
+                element_count = kept.at.element_count;
                 // The prefix may have ended inside the whitespace before the element.
                 self.skip_whitespace();
             }
@@ -2541,7 +2535,7 @@ mod tests {
             for end in (0..body.len()).step_by(4 << 10) {
                 count.feed(&body[..end]);
             }
-            let last_kept = count.resume.as_ref().map(|kept| kept.pos);
+            let last_kept = count.resume.as_ref().map(|kept| kept.at.pos);
             let counted = count.finish(&body);
             assert_eq!(counted, Ok(reference(&doc, &rule)));
             assert_eq!(counted, count_points(&body, &rule));
