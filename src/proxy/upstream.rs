@@ -70,15 +70,24 @@ const HOP_BY_HOP: &[&str] = &[
     "expect",
 ];
 
+/// The items of the comma-separated list a header's values make (RFC 9110 5.6.1), trimmed,
+/// empty ones included. Bytes, not text: a value with one non-ASCII item still gives the others.
+pub(super) fn list_items(
+    headers: &http::HeaderMap,
+    name: http::header::HeaderName,
+) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
 /// The fields a `Connection` header names as the connection's own, to be dropped with it
 /// (RFC 9110 7.6.1); never those that frame or address the message, which Tollgate sets itself.
 fn connection_options(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        // Bytes, not text: a value with one non-ASCII token still names the others.
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter_map(|name| http::HeaderName::from_bytes(name.trim_ascii()).ok())
+    list_items(headers, http::header::CONNECTION)
+        .filter_map(|name| http::HeaderName::from_bytes(name).ok())
         .filter(|name| {
             *name != http::header::HOST
                 && *name != http::header::CONTENT_LENGTH
@@ -315,29 +324,18 @@ pub async fn exchange(
         && (announced(http::header::CONTENT_LENGTH) || announced(http::header::TRANSFER_ENCODING));
     // A length sent twice, or as a list ("5, 5"), that pingora read as one: the caller gets
     // it once (RFC 9110 8.6 lets a recipient take such a list as the one value).
-    if out
-        .headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .count()
-        > 1
-        || out
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes().contains(&b','))
-    {
-        let lengths: Vec<Option<u64>> = out
-            .headers
-            .get_all(http::header::CONTENT_LENGTH)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(|n| std::str::from_utf8(n.trim_ascii()).ok()?.parse().ok())
-            .collect();
-        if let Some(Some(length)) = lengths.first().copied() {
-            if lengths.iter().all(|n| *n == Some(length)) {
-                let _ = out.insert_header(http::header::CONTENT_LENGTH, length.to_string());
-            }
+    let lengths = || {
+        list_items(&out.headers, http::header::CONTENT_LENGTH)
+            .map(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok())
+    };
+    let repeated = match lengths().next() {
+        Some(Some(length)) if lengths().nth(1).is_some() => {
+            lengths().all(|n| n == Some(length)).then_some(length)
         }
+        _ => None,
+    };
+    if let Some(length) = repeated {
+        let _ = out.insert_header(http::header::CONTENT_LENGTH, length.to_string());
     }
     if status == 204 {
         // A 204 has no body whatever its head says (RFC 9110 15.3.5), and none is read from
@@ -492,6 +490,12 @@ struct HeadFailure {
     closed: bool,
 }
 
+/// The upstream answered, with something that is no answer: never asked again.
+const ANSWERED_WRONGLY: HeadFailure = HeadFailure {
+    written: true,
+    closed: false,
+};
+
 /// A request ready for the wire: its head serialised once, so a retry sends the same bytes.
 struct Request {
     head: RequestHeader,
@@ -551,16 +555,10 @@ impl Request {
                         .is_some_and(|c| c.as_str().ends_with("bytes already read: 0")),
             })?;
             answered = true;
-            let head = http.response_header().ok_or(HeadFailure {
-                written: true,
-                closed: false,
-            })?;
+            let head = http.response_header().ok_or(ANSWERED_WRONGLY)?;
             // A status outside 100-599 (RFC 9110 15) is no answer.
             if !(100..600).contains(&head.status.as_u16()) {
-                return Err(HeadFailure {
-                    written: true,
-                    closed: false,
-                });
+                return Err(ANSWERED_WRONGLY);
             }
             // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
             if !head.status.is_informational() {
