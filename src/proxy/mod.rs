@@ -95,8 +95,6 @@ pub struct Ctx {
     /// The answer's head went to the caller and its body broke off (the upstream's failed, or
     /// the caller left): the connection is dropped, never ended as if the answer were whole.
     broken_off: bool,
-    /// Answered 413 with the body still coming: read and drop some of it before closing.
-    linger: bool,
     /// The caller's body stopped coming or broke off: nothing more is read from it.
     body_broken: bool,
     /// A HEAD: it asks after a resource (or a process) and changes nothing on record but
@@ -237,8 +235,7 @@ impl Tollgate {
             // Either way the rest of the body is unread: the connection cannot be reused.
             Err(e) => {
                 session.set_keepalive(None);
-                ctx.linger = matches!(e, BodyError::TooLarge);
-                ctx.body_broken = !ctx.linger;
+                ctx.body_broken = !matches!(e, BodyError::TooLarge);
                 Err(match e {
                     BodyError::TooLarge => ApiError::new(
                         413,
@@ -403,7 +400,6 @@ impl Tollgate {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 session.set_keepalive(None);
-                ctx.linger = true;
                 app.metrics
                     .rejections
                     .with_label_values(&["body_too_large"])
@@ -869,12 +865,7 @@ fn head_problem(req: &RequestHeader) -> Option<&'static str> {
 
 /// Whether the request's Transfer-Encoding names a coding besides one `chunked`.
 fn has_other_coding(req: &RequestHeader) -> bool {
-    let mut codings = req
-        .headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(|coding| coding.trim_ascii())
+    let mut codings = upstream::list_items(&req.headers, http::header::TRANSFER_ENCODING)
         .filter(|coding| !coding.is_empty());
     match codings.next() {
         None => false,
@@ -971,12 +962,8 @@ fn has_dot_segment(path: &str) -> bool {
 /// never sent one (RFC 9110 10.1.1 and 15.2: it would take the 100 for the answer).
 fn expects_continue(req: &RequestHeader) -> bool {
     req.version >= http::Version::HTTP_11
-        && req
-            .headers
-            .get_all(http::header::EXPECT)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|e| e.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
+        && upstream::list_items(&req.headers, http::header::EXPECT)
+            .any(|e| e.eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`;
@@ -1039,8 +1026,9 @@ const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 64 << 20;
 
 /// After an answer given before the body was read (a 413, a rejection): reads and drops what
-/// the client goes on sending, for a moment, so that its writes do not meet a closed socket (a
-/// reset, which can discard the answer before the client reads it). A client that sent `Expect: 100-continue`
+/// the client goes on sending, for a moment, so that its writes do not meet a closed socket
+/// (a reset, which can discard the answer before the client reads it). A client that sent
+/// `Expect: 100-continue`
 /// was never asked for the body, and sends none.
 async fn linger(session: &mut Session) {
     if expects_continue(session.req_header()) {
@@ -1094,7 +1082,6 @@ impl Tollgate {
             upstream_failed: false,
             forwarded: false,
             broken_off: false,
-            linger: false,
             body_broken: false,
             asks_only: false,
             status: 0,
@@ -1133,7 +1120,7 @@ impl Tollgate {
         }
         // An answer given before the body was read (a 404, 401, 413...) closes the connection;
         // the body still coming is read and dropped for a moment first.
-        if ctx.linger || (!ctx.body_broken && !session.is_body_done()) {
+        if !ctx.body_broken && !session.is_body_done() {
             linger(session).await;
         }
     }
