@@ -687,6 +687,37 @@ fn invalid_json_where_points_count_is_400_and_never_forwarded() {
             .contains(&format!("byte {offset}")),
         "{err}"
     );
+    // A large body (counted beside the proxy's thread as it arrives) broken deep inside.
+    let pad = "p".repeat(4000);
+    let mut big = serde_json::to_vec(&json!({
+        "locations": (0..800).map(|i| json!({"key": i, "pad": pad})).collect::<Vec<_>>()
+    }))
+    .unwrap();
+    let offset = big.len() * 2 / 3;
+    let offset = offset + big[offset..].iter().position(|&b| b == b',').unwrap();
+    big[offset] = b';';
+    for chunked in [false, true] {
+        let body = if chunked {
+            reqwest::blocking::Body::new(std::io::Cursor::new(big.clone()))
+        } else {
+            reqwest::blocking::Body::from(big.clone())
+        };
+        let r = client()
+            .post(t.url(PLAN))
+            .bearer_auth(&alice)
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let err: Value = r.json().unwrap();
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("byte {offset}")),
+            "{err}"
+        );
+    }
     assert_eq!(
         demo_requests(&t, PLAN),
         0,
@@ -873,7 +904,7 @@ unique_key = "/key"
 [[quotas]]
 service = "UNIVERSAL"
 method_group = "CONVERT"
-points_per_day = 100
+points_per_day = 10000
 "#;
     let t = Tollgate::start_with(Setup {
         extra: extra.to_string(),
@@ -896,7 +927,7 @@ points_per_day = 100
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_ratelimit_headers(&r, 100, Some(95));
+    assert_ratelimit_headers(&r, 10000, Some(9995));
     let seen: Value = serde_json::from_str(header(&r, "x-demo-seen-headers").unwrap()).unwrap();
     assert_eq!(seen["x-points"], "5", "{seen}");
     assert_eq!(seen["x-unique-points"], "3", "{seen}");
@@ -919,25 +950,33 @@ points_per_day = 100
         "{stats}"
     );
 
-    // A body read in many pieces (chunked, ~370 KB) is counted whole and forwarded byte-exact.
+    // A body read in many pieces is counted whole and forwarded byte-exact: ~370 KB, counted
+    // on the proxy's thread, and ~3.7 MB, counted beside it as it arrives; chunked, and with
+    // its length announced.
     let pad = "p".repeat(4000);
-    let big = serde_json::to_vec(&json!({
-        "locations": (0..90).map(|i| json!({"key": i % 30, "pad": pad})).collect::<Vec<_>>()
-    }))
-    .unwrap();
-    let r = client()
-        .post(t.url("/demo/echo"))
-        .bearer_auth(&alice)
-        .header("content-type", "application/json")
-        .body(reqwest::blocking::Body::new(std::io::Cursor::new(
-            big.clone(),
-        )))
-        .send()
+    for (n, chunked) in [(90, true), (900, true), (900, false)] {
+        let big = serde_json::to_vec(&json!({
+            "locations": (0..n).map(|i| json!({"key": i % 30, "pad": pad})).collect::<Vec<_>>()
+        }))
         .unwrap();
-    assert_eq!(r.status(), 200);
-    let seen: Value = serde_json::from_str(header(&r, "x-demo-seen-headers").unwrap()).unwrap();
-    assert_eq!(seen["x-points"], "90", "{seen}");
-    assert_eq!(seen["x-unique-points"], "30", "{seen}");
-    assert_eq!(seen["content-length"], big.len().to_string(), "{seen}");
-    assert!(r.bytes().unwrap()[..] == big[..], "echoed unchanged");
+        let body = if chunked {
+            reqwest::blocking::Body::new(std::io::Cursor::new(big.clone()))
+        } else {
+            reqwest::blocking::Body::from(big.clone())
+        };
+        let r = client()
+            .post(t.url("/demo/echo"))
+            .bearer_auth(&alice)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen: Value =
+            serde_json::from_str(header(&r, "x-demo-seen-headers").unwrap()).unwrap();
+        assert_eq!(seen["x-points"], n.to_string(), "{seen}");
+        assert_eq!(seen["x-unique-points"], "30", "{seen}");
+        assert_eq!(seen["content-length"], big.len().to_string(), "{seen}");
+        assert!(r.bytes().unwrap()[..] == big[..], "echoed unchanged");
+    }
 }
