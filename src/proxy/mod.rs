@@ -19,7 +19,6 @@
 //! when `finish` does not run (a panic, a shutdown that drops the call) dropping the context
 //! refunds it and frees the slot.
 
-mod counting;
 mod pool;
 pub mod upstream;
 
@@ -44,12 +43,11 @@ use crate::config::{MethodMatch, Route};
 use crate::error::ApiError;
 use crate::model::{Role, ServiceName};
 use crate::quota::ledger::{Lease, Rejection, Today};
-use crate::quota::points::{InvalidJson, Points, PointsCount};
+use crate::quota::points::{Points, PointsCount};
 use crate::quota::LedgerKey;
 use crate::store::writer::CallRecord;
 use crate::store::{AuditRecord, Payload, ProcessRecord, UserRecord};
 use crate::trace::{self, Tracedata};
-use counting::CountingThread;
 use upstream::RequestBody;
 
 pub const TRACECODE_HEADER: &str = "x-tracecode";
@@ -233,7 +231,7 @@ impl Tollgate {
             .max_body_bytes
             .min(ACCOUNT_BODY_LIMIT);
         let body = match read_body(session, limit, true, None).await {
-            Ok(mut arrived) => Ok(arrived.body.whole().clone()),
+            Ok(mut b) => Ok(b.whole().clone()),
             // Either way the rest of the body is unread: the connection cannot be reused.
             Err(e) => {
                 session.set_keepalive(None);
@@ -394,11 +392,11 @@ impl Tollgate {
         };
 
         // The whole body, before anything reaches the upstream; its points counted as it arrives.
-        // Counting needs the body in one piece; a route without a points rule never joins it.
+        let mut counting = PointsCount::new(&route.points);
         let whole = !route.points.array_pointers.is_empty();
-        let counting = whole.then(|| PointsCount::new(&route.points));
         let limit = app.config.limits.max_body_bytes;
-        let Arrived { body, points } = match read_body(session, limit, whole, counting).await {
+        let counted_on_arrival = whole.then_some(&mut counting);
+        let mut body = match read_body(session, limit, whole, counted_on_arrival).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 session.set_keepalive(None);
@@ -422,7 +420,13 @@ impl Tollgate {
         };
 
         // Points, then the one atomic admission.
-        ctx.points = points.unwrap_or(Ok(Points::default())).map_err(|e| {
+        // Counting needs the body in one piece; a route without a points rule never joins it.
+        let counted = if whole {
+            counting.finish(body.whole())
+        } else {
+            Ok(Points::default())
+        };
+        ctx.points = counted.map_err(|e| {
             app.metrics
                 .rejections
                 .with_label_values(&["invalid_json"])
@@ -962,21 +966,15 @@ fn expects_continue(req: &RequestHeader) -> bool {
             .any(|e| e.eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// A request body read whole, and its points when they were counted.
-struct Arrived {
-    body: RequestBody,
-    points: Option<Result<Points, InvalidJson>>,
-}
-
 /// Reads the whole request body, refusing (without reading on) once it passes `limit`;
 /// `whole`: it will be needed in one piece; `counting`: its points are counted as it arrives
-/// (with `whole`), from `counting::AWAY_BYTES` on beside the proxy's thread.
+/// (with `whole`).
 async fn read_body(
     session: &mut Session,
     limit: usize,
     whole: bool,
-    mut counting: Option<PointsCount>,
-) -> Result<Arrived, BodyError> {
+    mut counting: Option<&mut PointsCount>,
+) -> Result<RequestBody, BodyError> {
     let req = session.req_header();
     let declared = req
         .headers
@@ -988,11 +986,7 @@ async fn read_body(
     }
     let expects_continue = expects_continue(req);
     if session.is_body_empty() {
-        let points = counting.map(|c| c.finish(b""));
-        return Ok(Arrived {
-            body: RequestBody::default(),
-            points,
-        });
+        return Ok(RequestBody::default());
     }
     if expects_continue {
         // Pingora would close the connection after answering before the body was read; the
@@ -1007,8 +1001,6 @@ async fn read_body(
     } else {
         RequestBody::default()
     };
-    let mut away: Option<CountingThread> = None;
-    let mut len = 0;
     while let Some(piece) = session.read_request_body().await.map_err(|e| {
         if *e.etype() == pingora::ErrorType::ReadTimedout {
             BodyError::Stalled
@@ -1016,36 +1008,16 @@ async fn read_body(
             BodyError::Gone
         }
     })? {
-        len += piece.len();
-        if len > limit {
+        if body.len() + piece.len() > limit {
             return Err(BodyError::TooLarge);
         }
-        if let Some(thread) = &mut away {
-            thread.push(piece).await;
-            continue;
-        }
         body.push(piece);
-        if let Some(mut count) = counting.take() {
-            count.feed(body.received());
-            if len.max(declared.unwrap_or(0)) >= counting::AWAY_BYTES {
-                away = Some(CountingThread::start(body.take_received(), count));
-            } else {
-                counting = Some(count);
-            }
+        if let Some(counting) = counting.as_deref_mut() {
+            counting.feed(body.received());
         }
     }
-    let points = match (away, counting) {
-        (Some(thread), _) => {
-            let (joined, points) = thread.finish().await;
-            body = RequestBody::joined(joined);
-            Some(points)
-        }
-        (None, count) => {
-            body.finish();
-            count.map(|c| c.finish(body.whole()))
-        }
-    };
-    Ok(Arrived { body, points })
+    body.finish();
+    Ok(body)
 }
 
 /// How long, and for how many bytes, a connection answered 413 keeps reading what its client

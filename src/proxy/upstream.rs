@@ -221,37 +221,6 @@ impl RequestBody {
         }
     }
 
-    /// Takes what has arrived, in one buffer with room for the rest of the announced length,
-    /// for joining to go on elsewhere; the body is left empty.
-    pub fn take_received(&mut self) -> BytesMut {
-        let mut joined = match self.joining.take() {
-            Some(joined) if !joined.is_empty() => joined,
-            _ => {
-                let mut joined = BytesMut::with_capacity(self.expected.max(self.len));
-                for piece in &self.pieces {
-                    joined.extend_from_slice(piece);
-                }
-                joined
-            }
-        };
-        joined.reserve(self.expected.saturating_sub(joined.len()));
-        *self = RequestBody::default();
-        joined
-    }
-
-    /// A body read and joined elsewhere.
-    pub fn joined(whole: Bytes) -> RequestBody {
-        RequestBody {
-            len: whole.len(),
-            pieces: if whole.is_empty() {
-                vec![]
-            } else {
-                vec![whole]
-            },
-            ..RequestBody::default()
-        }
-    }
-
     /// Ends the reading: what was joined becomes the one piece.
     pub fn finish(&mut self) {
         if let Some(joined) = self.joining.take().filter(|j| !j.is_empty()) {
