@@ -624,6 +624,30 @@ fn the_daily_budget_and_the_date_window_follow_the_users_local_day() {
     assert_eq!(call_plan(&t, &bob, 1, &[]).status(), 402);
     assert_eq!(matrix_call(1), 402);
 
+    // Setting the clock back is no fresh budget either: spent at UTC+12, alice's day goes on
+    // at UTC-12 (where the local date is the day before) until the local day catches up.
+    let alice = t.token("alice");
+    set_timezone(&t, &alice, "alice", 12);
+    assert_eq!(call_plan(&t, &alice, 10, &[]).status(), 200);
+    assert_eq!(call_plan(&t, &alice, 1, &[]).status(), 402);
+    set_timezone(&t, &alice, "alice", -12);
+    let r = call_plan(&t, &alice, 1, &[]);
+    assert_eq!(
+        r.status(),
+        402,
+        "moving the timezone back opened a fresh daily budget"
+    );
+    let reset: u64 = header(&r, "retry-after")
+        .or_else(|| header(&r, "ratelimit").and_then(|v| v.split("t=").nth(1)))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no reset time in {:?}", r.headers()));
+    assert!(
+        reset > 86_400,
+        "the continued day ends at its own midnight, a day after UTC-12's: {reset}"
+    );
+    let days = statistics(&t, &alice, "UNIVERSAL", "PLAN");
+    assert_eq!(days.len(), 1, "{days:?}");
+
     // Statistics keep each local day apart.
     set_timezone(&t, &bob, "bob", 12);
     let days = statistics(&t, &bob, "UNIVERSAL", "PLAN");
@@ -687,7 +711,7 @@ fn invalid_json_where_points_count_is_400_and_never_forwarded() {
             .contains(&format!("byte {offset}")),
         "{err}"
     );
-    // A large body (counted beside the proxy's thread as it arrives) broken deep inside.
+    // A large body (counted in many feeds as it arrives) broken deep inside.
     let pad = "p".repeat(4000);
     let mut big = serde_json::to_vec(&json!({
         "locations": (0..800).map(|i| json!({"key": i, "pad": pad})).collect::<Vec<_>>()
@@ -950,9 +974,8 @@ points_per_day = 10000
         "{stats}"
     );
 
-    // A body read in many pieces is counted whole and forwarded byte-exact: ~370 KB, counted
-    // on the proxy's thread, and ~3.7 MB, counted beside it as it arrives; chunked, and with
-    // its length announced.
+    // A body read in many pieces is counted whole and forwarded byte-exact (~370 KB, and
+    // ~3.7 MB, counted in many feeds as it arrives); chunked, and with its length announced.
     let pad = "p".repeat(4000);
     for (n, chunked) in [(90, true), (900, true), (900, false)] {
         let big = serde_json::to_vec(&json!({

@@ -219,6 +219,27 @@ impl<K> Account<K> {
         &mut self.days[index]
     }
 
+    /// This key's day: the user's local day `today`, but never a day before the newest one
+    /// already holding points. Without this a user who sets its clock back (a timezone change
+    /// through `PUT /account/info`) would start again a day already begun elsewhere, with a
+    /// fresh budget; with it, moving the clock back continues the newest day until the local
+    /// day catches up. (Moving it forward starts a later day early, once: the day never comes
+    /// back, so this gains a user at most the days between its old and new local date.)
+    fn day_of(&self, today: Today) -> Today {
+        match self.days.iter().rev().find(|entry| entry.used_points() > 0) {
+            Some(newest) if newest.day > today.day => {
+                let ahead = u64::from(newest.day.abs_diff(today.day));
+                Today {
+                    day: newest.day,
+                    seconds_until_midnight: today
+                        .seconds_until_midnight
+                        .saturating_add(ahead.saturating_mul(SECONDS_PER_DAY.unsigned_abs())),
+                }
+            }
+            _ => today,
+        }
+    }
+
     /// Every quota check, in the documented order; changes nothing.
     fn check(&self, limits: &Limits, points: u64, today: Today) -> Result<(), Rejection> {
         if let Some(limit) = limits.points_per_day {
@@ -511,6 +532,7 @@ where
         }
         let cell = self.account(key);
         let mut account = cell.lock();
+        let today = account.day_of(today);
         account.check(limits, points, today)?;
         account.prune(today.day, limits.date_window_days);
         let (slot, generation) =
@@ -533,6 +555,7 @@ where
         let days = account
             .as_ref()
             .map_or(&[][..], |account| &account.days[..]);
+        let today = account.as_ref().map_or(today, |account| account.day_of(today));
         let daily = limits
             .points_per_day
             .map(|limit| remaining_in_day(days, limit, today));
@@ -1102,6 +1125,35 @@ mod tests {
     }
 
     #[test]
+    fn a_day_already_spent_goes_on_when_the_clock_is_set_back() {
+        let ledger = ledger();
+        let limits = daily(10);
+        commit(&ledger, &limits, 10, 11);
+        // A timezone change puts the user on day 10: day 11 goes on, and ends a day later.
+        match ledger.admit(&"k", &limits, 1, day(10), Instant::now()) {
+            Err(Rejection::PointsPerDay {
+                used: 10,
+                reset_seconds,
+                ..
+            }) => assert_eq!(reset_seconds, 3_600 + 86_400),
+            other => panic!("{other:?}"),
+        }
+        let remaining = ledger.remaining(&"k", &limits, day(10)).unwrap();
+        assert_eq!((remaining.remaining, remaining.reset_seconds), (0, 90_000));
+        // A day whose points were all refunded holds nobody back.
+        let refunded = ledger.admit(&"j", &limits, 4, day(11), Instant::now()).unwrap();
+        refunded.settle(false);
+        ledger
+            .admit(&"j", &limits, 10, day(10), Instant::now())
+            .expect("day 11 holds no points of j")
+            .settle(true);
+        assert_eq!(ledger.committed(&"j", 10), 10);
+        // The local day catching up is the same day; the one after it is fresh.
+        assert!(ledger.admit(&"k", &limits, 1, day(11), Instant::now()).is_err());
+        commit(&ledger, &limits, 10, 12);
+    }
+
+    #[test]
     fn an_expired_lease_is_reaped_and_its_late_settle_does_nothing() {
         let ledger = ledger();
         let limits = Limits {
@@ -1160,8 +1212,8 @@ mod tests {
         dirty.sort();
         assert_eq!(dirty, vec![("k", 1, 7), ("k", 2, 5)]);
         assert!(ledger.take_dirty().is_empty());
-        commit(&ledger, &limits, 1, 1);
-        assert_eq!(ledger.take_dirty(), vec![("k", 1, 8)]);
+        commit(&ledger, &limits, 1, 2);
+        assert_eq!(ledger.take_dirty(), vec![("k", 2, 6)]);
     }
 
     #[test]
@@ -1242,6 +1294,15 @@ mod tests {
             })
         );
         commit(&ledger, &limits, 9, 3);
+        // On day 4 the oldest used day of the window is day 3, which leaves two midnights later.
+        assert_eq!(
+            ledger.remaining(&"k", &window(15, 3), day(4)),
+            Some(Remaining {
+                limit: 15,
+                remaining: 6,
+                reset_seconds: 90_000
+            })
+        );
         let _held = ledger
             .admit(&"k", &limits, 2, day(5), Instant::now())
             .expect("within quota");
@@ -1252,15 +1313,6 @@ mod tests {
                 limit: 15,
                 remaining: 4,
                 reset_seconds: 3_600
-            })
-        );
-        // On day 4 the oldest used day of the window is day 3, which leaves two midnights later.
-        assert_eq!(
-            ledger.remaining(&"k", &window(15, 3), day(4)),
-            Some(Remaining {
-                limit: 15,
-                remaining: 6,
-                reset_seconds: 90_000
             })
         );
         assert_eq!(
