@@ -65,7 +65,17 @@ fn roles(names: &[String]) -> Result<Vec<Role>, String> {
     if roles.is_empty() || roles.len() > 2 {
         return Err("roles: give one or two roles".into());
     }
+    if roles.len() == 2 && roles[0] == roles[1] {
+        return Err("roles: give one or two different roles".into());
+    }
     Ok(roles)
+}
+
+/// Why a removed account's name is not given to a new account.
+pub fn removed_name(username: &str) -> String {
+    format!(
+        "user '{username}' was removed, and its name is not given to a new account: the removed          account's audit, captures and statistics stay under it; choose another username"
+    )
 }
 
 fn check_password(p: &str) -> Result<(), String> {
@@ -112,6 +122,9 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
             let roles = roles(r)?;
             if store.user(username).map_err(|e| e.to_string())?.is_some() {
                 return Err(format!("user '{username}' exists already"));
+            }
+            if store.was_removed(username).map_err(|e| e.to_string())? {
+                return Err(removed_name(username));
             }
             let user = UserRecord {
                 username: username.clone(),

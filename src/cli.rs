@@ -77,7 +77,7 @@ enum UserAction {
     },
     /// List users.
     List,
-    /// Remove a user (their tokens stop working).
+    /// Remove a user (their tokens stop working; the name stays taken, with its records).
     Remove { username: String },
     /// Replace a user's roles.
     SetRoles {

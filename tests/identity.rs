@@ -953,6 +953,20 @@ fn cli_refusals(t: &Tollgate, when: &str) {
             "nobody_here",
         ),
         (vec!["set-roles", "nobody_here", "ADMIN"], "nobody_here"),
+        (vec!["set-roles", "dave", "BOT", "BOT"], "different roles"),
+        (
+            vec![
+                "add",
+                "frank",
+                "--company",
+                "acme",
+                "--roles",
+                "USER,USER",
+                "--password",
+                "x",
+            ],
+            "different roles",
+        ),
         (
             vec!["add", "a-b", "--company", "acme", "--password", "x"],
             "username",
@@ -1177,10 +1191,9 @@ fn the_user_command_line_reaches_a_running_server_and_revokes_at_once() {
     );
     assert!(!cli_ok(&t, &["list"], None).contains("dave"));
 
-    // A new account under the removed name is a new account: the old tokens stay dead, and
-    // never speak with the new account's roles.
-    cli_ok(
-        &t,
+    // The removed account's records stay under its name: a new account never gets it (it
+    // would read them as its own), and the old tokens stay dead.
+    let out = t.user_cli(
         &[
             "add",
             "dave",
@@ -1193,10 +1206,29 @@ fn the_user_command_line_reaches_a_running_server_and_revokes_at_once() {
         ],
         None,
     );
-    assert_refused_everywhere(&t, &dave, "a removed user's token after the name is reused");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("'dave' was removed"), "{said}");
+    assert_refused_everywhere(
+        &t,
+        &dave,
+        "a removed user's token after the name is asked again",
+    );
     assert_eq!(validate(&t, &dave).1["valid"], false);
-    let new_dave = t.token_for("dave", "dave-password-3");
-    assert_accepted_everywhere(&t, &new_dave, "the new dave");
+    cli_ok(
+        &t,
+        &[
+            "add",
+            "dave_2",
+            "--company",
+            "other_co",
+            "--password",
+            "dave-password-3",
+        ],
+        None,
+    );
+    let new_dave = t.token_for("dave_2", "dave-password-3");
+    assert_accepted_everywhere(&t, &new_dave, "the new dave_2");
 }
 
 #[test]
@@ -1425,6 +1457,10 @@ fn the_signing_secret_is_private_random_and_kept() {
     let path = a.dir.path().join("store/jwt-secret");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "secret file mode {mode:o}");
+    // Password hashes and captured bodies are below the store's folder: the owner's only.
+    let store = a.dir.path().join("store");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "store folder mode {mode:o}");
     let (sa, sb) = (secret_of(&a), secret_of(&b));
     assert!(sa.len() >= 32, "at least 256 bits");
     assert_ne!(sa, sb, "two fresh stores must not share a secret");

@@ -995,8 +995,7 @@ points_per_day = 10000
             .send()
             .unwrap();
         assert_eq!(r.status(), 200);
-        let seen: Value =
-            serde_json::from_str(header(&r, "x-demo-seen-headers").unwrap()).unwrap();
+        let seen: Value = serde_json::from_str(header(&r, "x-demo-seen-headers").unwrap()).unwrap();
         assert_eq!(seen["x-points"], n.to_string(), "{seen}");
         assert_eq!(seen["x-unique-points"], "30", "{seen}");
         assert_eq!(seen["content-length"], big.len().to_string(), "{seen}");

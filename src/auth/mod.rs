@@ -129,6 +129,17 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                 }
             }
         };
+        if existing.is_none()
+            && store
+                .was_removed(&seed.username)
+                .map_err(|e| e.to_string())?
+        {
+            return Err(format!(
+                "users.{}: {}; take it out of the config",
+                seed.username,
+                crate::admin::removed_name(&seed.username)
+            ));
+        }
         let record = match existing {
             None => UserRecord {
                 username: seed.username.clone(),

@@ -691,6 +691,8 @@ impl Validator {
             .collect();
         if roles.is_empty() || roles.len() > 2 {
             self.problem(key("roles"), "must list 1 or 2 roles");
+        } else if roles.len() == 2 && roles[0] == roles[1] {
+            self.problem(key("roles"), "must list 1 or 2 different roles");
         }
         for (field, value, min, max) in [
             ("name", &u.name, 2, 256),

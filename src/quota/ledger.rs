@@ -555,7 +555,9 @@ where
         let days = account
             .as_ref()
             .map_or(&[][..], |account| &account.days[..]);
-        let today = account.as_ref().map_or(today, |account| account.day_of(today));
+        let today = account
+            .as_ref()
+            .map_or(today, |account| account.day_of(today));
         let daily = limits
             .points_per_day
             .map(|limit| remaining_in_day(days, limit, today));
@@ -1141,7 +1143,9 @@ mod tests {
         let remaining = ledger.remaining(&"k", &limits, day(10)).unwrap();
         assert_eq!((remaining.remaining, remaining.reset_seconds), (0, 90_000));
         // A day whose points were all refunded holds nobody back.
-        let refunded = ledger.admit(&"j", &limits, 4, day(11), Instant::now()).unwrap();
+        let refunded = ledger
+            .admit(&"j", &limits, 4, day(11), Instant::now())
+            .unwrap();
         refunded.settle(false);
         ledger
             .admit(&"j", &limits, 10, day(10), Instant::now())
@@ -1149,7 +1153,9 @@ mod tests {
             .settle(true);
         assert_eq!(ledger.committed(&"j", 10), 10);
         // The local day catching up is the same day; the one after it is fresh.
-        assert!(ledger.admit(&"k", &limits, 1, day(11), Instant::now()).is_err());
+        assert!(ledger
+            .admit(&"k", &limits, 1, day(11), Instant::now())
+            .is_err());
         commit(&ledger, &limits, 10, 12);
     }
 

@@ -176,6 +176,8 @@ pub struct AuditPage {
 pub struct Store {
     db: Database,
     users: Keyspace,
+    /// Names of removed accounts (the value: when, UTC milliseconds), never given to a new one.
+    removed_users: Keyspace,
     stats: Keyspace,
     processes: Keyspace,
     days: Mutex<BTreeMap<String, Keyspace>>,
@@ -1162,8 +1164,16 @@ impl Store {
     /// Opens (or creates) the store at `path`. Fails if another process holds it open.
     pub fn open(path: &Path) -> Result<Arc<Store>> {
         std::fs::create_dir_all(path).map_err(fjall::Error::from)?;
+        // Password hashes and every tenant's captured bodies live below: the owner's only,
+        // like the signing secret.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .map_err(fjall::Error::from)?;
+        }
         let db = Database::builder(path).cache_size(64 << 20).open()?;
         let users = db.keyspace("users", KeyspaceCreateOptions::default)?;
+        let removed_users = db.keyspace("removed_users", KeyspaceCreateOptions::default)?;
         let stats = db.keyspace("stats", KeyspaceCreateOptions::default)?;
         let processes = db.keyspace("processes", KeyspaceCreateOptions::default)?;
         let mut days = BTreeMap::new();
@@ -1179,6 +1189,7 @@ impl Store {
         Ok(Arc::new(Store {
             db,
             users,
+            removed_users,
             stats,
             processes,
             days: Mutex::new(days),
@@ -1244,11 +1255,27 @@ impl Store {
         self.sync()
     }
 
+    /// Removes an account. Its name stays taken: the audit, captures and statistics of the
+    /// account stay under it, and a new account of that name would read them as its own.
     pub fn remove_user(&self, username: &str) -> Result<bool> {
-        let existed = self.users.contains_key(username)?;
-        self.users.remove(username)?;
+        if !self.users.contains_key(username)? {
+            return Ok(false);
+        }
+        let mut batch = self.db.batch();
+        batch.remove(&self.users, username);
+        batch.insert(
+            &self.removed_users,
+            username,
+            Utc::now().timestamp_millis().to_be_bytes(),
+        );
+        batch.commit()?;
         self.sync()?;
-        Ok(existed)
+        Ok(true)
+    }
+
+    /// Whether `username` was the name of an account removed since.
+    pub fn was_removed(&self, username: &str) -> Result<bool> {
+        Ok(self.removed_users.contains_key(username)?)
     }
 
     // ---- statistics ----
@@ -1544,6 +1571,7 @@ impl Store {
     pub fn compact(&self) -> Result<()> {
         let mut all = vec![
             self.users.clone(),
+            self.removed_users.clone(),
             self.stats.clone(),
             self.processes.clone(),
         ];
