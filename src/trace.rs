@@ -213,63 +213,70 @@ impl ProcessRegistry {
 /// What stands in stored captures where a redacted value was.
 pub const REDACTED: &str = "***";
 
-/// `body` with the values at `pointers` replaced by [`REDACTED`], for what is stored (never
-/// for what is forwarded). A body that is not JSON is stored as it is, since there is nothing
-/// to point into. A JSON body cut short (a capture truncated at `max_capture_bytes`) or broken
-/// part way is masked as far as it can be read and cut where it stops being JSON, so a
-/// redacted value never reaches the store whole.
-pub fn redact(body: &bytes::Bytes, pointers: &[String]) -> bytes::Bytes {
-    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
-        let starts_like_json = body
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|b| matches!(b, b'{' | b'['));
-        if !starts_like_json || pointers.is_empty() {
-            return body.clone();
-        }
-        return bytes::Bytes::from(redact_partial(body, pointers));
-    };
-    let mut changed = false;
-    for pointer in pointers {
-        if let Some(v) = value.pointer_mut(pointer) {
-            *v = serde_json::Value::String(REDACTED.into());
-            changed = true;
-        }
+/// Replaces the values at `pointers` in a captured `payload` by [`REDACTED`] (quoted), for
+/// what is stored (never for what is forwarded).
+///
+/// The text is copied token by token: everything else stays byte for byte as sent (member
+/// order, numbers, escapes, whitespace), and a body no pointer names is kept as it is. A body
+/// that is not JSON (one that does not start, after a byte order mark and whitespace, with
+/// `{` or `[`) is kept as it is: there is nothing to point into. JSON that ends or breaks part
+/// way (a capture cut at `max_capture_bytes`, trailing text, a second document) is masked as
+/// far as it can be read and cut where it stops being JSON, and marked truncated: a value that
+/// could not be read as JSON is never stored, so no redacted value reaches the store whole.
+/// What is stored never passes `max_bytes` (a short value's mask is longer than the value).
+pub fn redact(payload: &mut crate::store::Payload, pointers: &[String], max_bytes: usize) {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    if pointers.is_empty() {
+        return;
     }
-    if !changed {
-        return body.clone();
+    let body = &payload.body[..];
+    let bom = if body.starts_with(BOM) { BOM.len() } else { 0 };
+    let starts_like_json = body[bom..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'{' | b'['));
+    if !starts_like_json {
+        return;
     }
-    serde_json::to_vec(&value)
-        .map(bytes::Bytes::from)
-        .unwrap_or_else(|_| body.clone())
-}
-
-/// Deepest nesting [`redact_partial`] follows; deeper text is cut off.
-const MAX_REDACT_DEPTH: usize = 128;
-
-/// Masks the values at `pointers` in JSON text that may end (or break) anywhere: copies the
-/// text token by token, writes [`REDACTED`] (quoted) instead of each value a pointer names, and
-/// stops at the first byte that is not JSON, dropping the rest.
-fn redact_partial(body: &[u8], pointers: &[String]) -> Vec<u8> {
     let mut p = PartialJson {
         src: body,
-        pos: 0,
+        pos: bom,
         out: Vec::with_capacity(body.len()),
         pointers,
+        masked: false,
     };
+    p.out.extend_from_slice(&body[..bom]);
     let mut path = String::new();
     // Err: the text ended or broke; `out` holds what was read up to there, masked.
-    if p.value(&mut path, 0).is_ok() {
+    let read = p.value(&mut path, 0).is_ok() && {
         p.copy_whitespace();
+        p.pos == body.len()
+    };
+    if read && !p.masked {
+        return;
     }
-    p.out
+    let mut out = p.out;
+    let mut cut = !read;
+    if out.len() > max_bytes {
+        out.truncate(max_bytes);
+        cut = true;
+    }
+    payload.body = bytes::Bytes::from(out);
+    payload.truncated |= cut;
 }
 
+/// Deepest nesting [`redact`] follows; deeper text is cut off.
+const MAX_REDACT_DEPTH: usize = 128;
+
+/// JSON text copied token by token, with the values `pointers` name masked: stops at the
+/// first byte that is not JSON.
 struct PartialJson<'a> {
     src: &'a [u8],
     pos: usize,
     out: Vec<u8>,
     pointers: &'a [String],
+    /// A value was masked.
+    masked: bool,
 }
 
 /// The text ended, or stopped being JSON.
@@ -299,6 +306,7 @@ impl PartialJson<'_> {
     fn value(&mut self, path: &mut String, depth: usize) -> Result<(), Stop> {
         self.copy_whitespace();
         if self.pointers.iter().any(|p| p == path) {
+            self.masked = true;
             self.out.push(b'"');
             self.out.extend_from_slice(REDACTED.as_bytes());
             self.out.push(b'"');
@@ -445,6 +453,7 @@ impl PartialJson<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Payload;
 
     #[test]
     fn the_client_label_fits_the_tracedata_limit_and_keeps_the_username() {
@@ -466,8 +475,9 @@ mod tests {
     fn cut_json_is_masked_as_far_as_it_goes_and_never_keeps_a_redacted_value() {
         let masked = |body: &str, pointers: &[&str]| -> String {
             let pointers: Vec<String> = pointers.iter().map(|p| p.to_string()).collect();
-            let out = redact(&bytes::Bytes::from(body.to_string()), &pointers);
-            String::from_utf8(out.to_vec()).unwrap()
+            let out = redacted(body.as_bytes(), &pointers, usize::MAX);
+            assert_eq!(out.truncated, true, "{body}: a cut body is marked");
+            String::from_utf8(out.body.to_vec()).unwrap()
         };
         assert_eq!(
             masked(r#"{"secret": "hunter2", "pad":"xxxx"#, &["/secret"]),
@@ -506,8 +516,58 @@ mod tests {
             masked(r#"[{"secret":"v"}, oops "secret""#, &["/0/secret"]),
             r#"[{"secret":"***"}, "#
         );
-        // Not JSON at all: stored as it is.
-        assert_eq!(masked("secret=abc&x=1", &["/secret"]), "secret=abc&x=1");
+        // Trailing text, a second document: cut where the first value ends.
+        assert_eq!(
+            masked("{\"a\":1} and then some text", &["/b"]),
+            "{\"a\":1} "
+        );
+        assert_eq!(
+            masked("{\"tok\":\"A\"}\n{\"tok\":\"B\"}\n", &["/tok"]),
+            "{\"tok\":\"***\"}\n"
+        );
+    }
+
+    fn redacted(body: &[u8], pointers: &[String], max_bytes: usize) -> Payload {
+        let mut payload = Payload {
+            content_type: None,
+            truncated: false,
+            body: bytes::Bytes::copy_from_slice(body),
+        };
+        redact(&mut payload, pointers, max_bytes);
+        payload
+    }
+
+    #[test]
+    fn redaction_keeps_every_other_byte_as_sent() {
+        let pointers = vec!["/tok".to_string(), "/list/1".to_string()];
+        let body = br#"{ "z":1,"tok":"S","n":1.0, "e":1e2,"big":123456789012345678901234567890,"s":"\u00e9\/","list":[0,{"k":"v"},2],"tok":"again" }"#;
+        let out = redacted(body, &pointers, usize::MAX);
+        assert_eq!(
+            std::str::from_utf8(&out.body).unwrap(),
+            r#"{ "z":1,"tok":"***","n":1.0, "e":1e2,"big":123456789012345678901234567890,"s":"\u00e9\/","list":[0,"***",2],"tok":"***" }"#
+        );
+        assert!(!out.truncated);
+        // Nothing to mask: the very bytes are kept.
+        let out = redacted(br#"{"a" : 1.50}"#, &pointers, usize::MAX);
+        assert_eq!(&out.body[..], br#"{"a" : 1.50}"#);
+        // A byte order mark does not hide the body from redaction.
+        let out = redacted(
+            b"\xEF\xBB\xBF{\"tok\":\"SECRET_BOM\"}",
+            &pointers,
+            usize::MAX,
+        );
+        assert_eq!(&out.body[..], b"\xEF\xBB\xBF{\"tok\":\"***\"}");
+        // Not JSON at all: kept as it is, nothing to point into.
+        let out = redacted(b"secret=abc&x=1", &pointers, usize::MAX);
+        assert_eq!(
+            (&out.body[..], out.truncated),
+            (&b"secret=abc&x=1"[..], false)
+        );
+        // The mask of a short value never takes what is stored past the limit.
+        let body = br#"{"pad":"xxxxxxxxxx","tok":1}"#;
+        let out = redacted(body, &pointers, body.len());
+        assert_eq!(&out.body[..], &br#"{"pad":"xxxxxxxxxx","tok":"*"#[..]);
+        assert!(out.truncated);
     }
 
     #[test]
@@ -517,21 +577,17 @@ mod tests {
             .iter()
             .map(|p| p.to_string())
             .collect();
-        let whole = redact(&bytes::Bytes::from(body), &pointers);
-        assert!(!String::from_utf8_lossy(&whole).contains("S3CRET"));
+        let whole = redacted(body.as_bytes(), &pointers, usize::MAX);
+        assert!(!String::from_utf8_lossy(&whole.body).contains("S3CRET"));
+        assert!(!whole.truncated);
         for cut in 0..body.len() {
-            let out = redact(
-                &bytes::Bytes::copy_from_slice(&body.as_bytes()[..cut]),
-                &pointers,
-            );
-            let text = String::from_utf8_lossy(&out);
+            let out = redacted(&body.as_bytes()[..cut], &pointers, usize::MAX);
+            let text = String::from_utf8_lossy(&out.body);
             // Not even a prefix of a secret longer than what its key already gives away.
             assert!(!text.contains("S3C"), "cut at {cut}: {text}");
-            // A cut body is copied as it was up to the first mask (a whole one is re-written).
-            if serde_json::from_slice::<serde_json::Value>(&body.as_bytes()[..cut]).is_err() {
-                let before_mask = text.split("\"***\"").next().unwrap();
-                assert!(body.starts_with(before_mask), "cut at {cut}: {text}");
-            }
+            // A cut body is copied as it was up to the first mask.
+            let before_mask = text.split("\"***\"").next().unwrap();
+            assert!(body.starts_with(before_mask), "cut at {cut}: {text}");
         }
     }
 
@@ -587,14 +643,14 @@ mod tests {
 
     #[test]
     fn redaction_replaces_only_the_named_values() {
-        let body = bytes::Bytes::from_static(br#"{"auth":{"key":"s3cret"},"locations":[1,2]}"#);
-        let out = redact(&body, &["/auth/key".into(), "/missing".into()]);
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let body = br#"{"auth":{"key":"s3cret"},"locations":[1,2]}"#;
+        let out = redacted(body, &["/auth/key".into(), "/missing".into()], usize::MAX);
+        let v: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
         assert_eq!(v["auth"]["key"], REDACTED);
         assert_eq!(v["locations"], serde_json::json!([1, 2]));
         assert_eq!(
-            redact(&bytes::Bytes::from_static(b"not json"), &["/a".into()]),
-            bytes::Bytes::from_static(b"not json")
+            &redacted(b"not json", &["/a".into()], usize::MAX).body[..],
+            b"not json"
         );
     }
 

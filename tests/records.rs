@@ -671,6 +671,55 @@ fn redacted_values_are_stored_masked_while_the_upstream_gets_the_real_ones() {
 }
 
 #[test]
+fn redaction_keeps_the_rest_byte_for_byte_and_stores_no_unreadable_json() {
+    let t = redacting_echo("");
+    let alice = t.token("alice");
+    let stored = |body: &[u8]| {
+        let call = send(
+            &t,
+            reqwest::Method::POST,
+            "/demo/echo",
+            &alice,
+            Some("application/json"),
+            body,
+            &[],
+        );
+        assert_eq!(call.status, 200);
+        assert_eq!(call.body, body, "the upstream got the body as sent");
+        let r = data(&t, &alice, &call.code, "data_flow_type=INPUT");
+        assert_eq!(r.status(), 200);
+        let truncated = header(&r, "x-capture-truncated");
+        (
+            r.bytes().unwrap().to_vec(),
+            truncated.as_deref() == Some("true"),
+        )
+    };
+    // Member order, numbers, escapes and spacing stay as sent; only the named value changes.
+    let (body, cut) = stored(
+        br#"{"z":1,"secret":"S","n":1.0,"big":123456789012345678901234567890,"s":"\u00e9\/"}"#,
+    );
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        r#"{"z":1,"secret":"***","n":1.0,"big":123456789012345678901234567890,"s":"\u00e9\/"}"#
+    );
+    assert!(!cut);
+    // A byte order mark does not hide the body from redaction.
+    let (body, _) = stored(b"\xEF\xBB\xBF{\"secret\":\"SECRET_BOM\"}");
+    assert_eq!(body, b"\xEF\xBB\xBF{\"secret\":\"***\"}");
+    // What cannot be read as JSON is not stored, and the capture says it was cut.
+    let (body, cut) = stored(b"{\"secret\":\"A\"}\n{\"secret\":\"B\"}\n");
+    assert_eq!(
+        (body.as_slice(), cut),
+        (&b"{\"secret\":\"***\"}\n"[..], true)
+    );
+    let (body, cut) = stored(b"{\"a\":1} and then some text");
+    assert_eq!((body.as_slice(), cut), (&b"{\"a\":1} "[..], true));
+    // Text that is not JSON at all is kept whole: there is nothing to point into.
+    let (body, cut) = stored(b"secret=abc");
+    assert_eq!((body.as_slice(), cut), (&b"secret=abc"[..], false));
+}
+
+#[test]
 fn redaction_holds_when_the_capture_is_truncated() {
     let t = redacting_echo("\n[limits]\nmax_capture_bytes = 1000\n");
     let alice = t.token("alice");

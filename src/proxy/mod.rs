@@ -685,7 +685,7 @@ impl Tollgate {
         let mut output = ctx.output.take();
         if !route.redact.is_empty() {
             for p in [&mut input, &mut output].into_iter().flatten() {
-                p.body = trace::redact(&p.body, &route.redact);
+                trace::redact(p, &route.redact, app.config.limits.max_capture_bytes);
             }
         }
         Some(CallRecord {
