@@ -76,6 +76,19 @@ impl ApiError {
         Self::new(500, message)
     }
 
+    /// The header fields that go with this error's status: `Retry-After` for a wait, and
+    /// for a 401 the scheme that would be accepted (RFC 9110 11.6.1: a 401 must name one).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        if let Some(s) = self.retry_after_seconds {
+            headers.push(("Retry-After", s.to_string()));
+        }
+        if self.status == 401 {
+            headers.push(("WWW-Authenticate", "Bearer".to_string()));
+        }
+        headers
+    }
+
     /// The JSON body for this error with the call's tracedata.
     pub fn body(&self, trace: &Tracedata) -> Vec<u8> {
         let value = match (&self.resource_id, self.status) {

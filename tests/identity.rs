@@ -70,12 +70,20 @@ fn proxied(t: &Tollgate, token: &str) -> reqwest::blocking::Response {
 
 /// 401 in the API shape on a proxied route and on /account/info and /account/quota.
 fn assert_refused_everywhere(t: &Tollgate, token: &str, what: &str) {
+    // A 401 names the scheme that would be accepted (RFC 9110 11.6.1).
+    let challenge = |r: &reqwest::blocking::Response| {
+        r.headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
     let r = proxied(t, token);
     assert_eq!(r.status(), 401, "{what}: proxied route");
+    assert_eq!(challenge(&r).as_deref(), Some("Bearer"), "{what}");
     assert_error_shape(&r.json().unwrap(), "UNIVERSAL");
     for path in ["/account/info", "/account/quota"] {
         let r = t.get(path, token);
         assert_eq!(r.status(), 401, "{what}: {path}");
+        assert_eq!(challenge(&r).as_deref(), Some("Bearer"), "{what}: {path}");
         assert_error_shape(&r.json().unwrap(), "ACCOUNT");
     }
 }

@@ -842,6 +842,16 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
             400,
             "Host: an HTTP/1.1 request must carry one",
         ),
+        (
+            b"GET /universal/system/version HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            400,
+            "request: not a valid HTTP/1.1 request head",
+        ),
+        (
+            b"GET /account/info HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer x\r\nAuthorization: Bearer y\r\n\r\n",
+            400,
+            "Authorization: must be sent once",
+        ),
     ] {
         let mut c = Raw::connect(t.port);
         c.send(wire);

@@ -244,10 +244,7 @@ pub async fn handle(app: &App, req: AccountRequest<'_>) -> AccountResponse {
                 call.user = app.authority.authenticate(call.req.authorization).ok();
             }
             let body = error.body(&call.tracedata());
-            let mut headers = Vec::new();
-            if let Some(s) = error.retry_after_seconds {
-                headers.push(("Retry-After", s.to_string()));
-            }
+            let headers = error.headers();
             AccountResponse {
                 status: error.status,
                 content_type: "application/json".into(),

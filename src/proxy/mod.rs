@@ -208,9 +208,7 @@ impl Tollgate {
     ) {
         let body = error.body(&self.tracedata(ctx, service, operation));
         let mut headers: Vec<(&str, String)> = extra.to_vec();
-        if let Some(s) = error.retry_after_seconds {
-            headers.push(("Retry-After", s.to_string()));
-        }
+        headers.extend(error.headers());
         ctx.status = error.status;
         let _ = respond(
             session,
@@ -848,6 +846,17 @@ fn head_problem(req: &RequestHeader) -> Option<&'static str> {
     if req.version >= http::Version::HTTP_11 && host.is_none() {
         // RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
         return Some("Host: an HTTP/1.1 request must carry one");
+    }
+    if req
+        .headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        // One credential per request: a proxy in front that read the last where Tollgate reads
+        // the first would authorize one identity while Tollgate serves another.
+        return Some("Authorization: must be sent once");
     }
     if host.is_some_and(|h| !is_host_value(h.as_bytes())) {
         // RFC 9112 3.2: nor to one whose Host is not a host (and port).
