@@ -14,6 +14,8 @@ pub struct ApiError {
     pub resource_id: Option<String>,
     /// For 429 (and 503): seconds the caller should wait.
     pub retry_after_seconds: Option<u64>,
+    /// For 405: the methods the resource serves.
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             message: message.into(),
             resource_id: None,
             retry_after_seconds: None,
+            allow: None,
         }
     }
 
@@ -54,6 +57,7 @@ impl ApiError {
             message: format!("{resource_id} not found"),
             resource_id: Some(resource_id),
             retry_after_seconds: None,
+            allow: None,
         }
     }
 
@@ -72,6 +76,17 @@ impl ApiError {
         }
     }
 
+    /// 405: the resource exists, but not for this method; `allow` lists those it serves.
+    pub fn method_not_allowed(method: &http::Method, allow: &'static str) -> Self {
+        ApiError {
+            allow: Some(allow),
+            ..Self::new(
+                405,
+                format!("method: {method} is not served here; use {allow}"),
+            )
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, message)
     }
@@ -85,6 +100,9 @@ impl ApiError {
         }
         if self.status == 401 {
             headers.push(("WWW-Authenticate", "Bearer".to_string()));
+        }
+        if let Some(allow) = self.allow {
+            headers.push(("Allow", allow.to_string()));
         }
         headers
     }

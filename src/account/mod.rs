@@ -316,10 +316,27 @@ async fn route(
             endpoint("file", call);
             system::file(call.app, &r["file/".len()..])
         }
-        _ => {
+        (method, rest) => {
             endpoint("account_lookup", call);
-            Err(ApiError::not_found(path.to_string()))
+            Err(match allowed_methods(rest) {
+                Some(allow) => ApiError::method_not_allowed(method, allow),
+                None => ApiError::not_found(path.to_string()),
+            })
         }
+    }
+}
+
+/// The methods an account API resource serves (the `Allow` of a 405), `None` for a path that
+/// is none of its resources. Reads also serve HEAD.
+fn allowed_methods(rest: &str) -> Option<&'static str> {
+    match rest {
+        "token/generation" | "token/validation" | "password" => Some("POST"),
+        "info" => Some("GET, HEAD, PUT"),
+        "quota" | "statistics" | "report" | "audit" | "system/version" | "system/check" => {
+            Some("GET, HEAD")
+        }
+        r if r.starts_with("data/") || r.starts_with("file/") => Some("GET, HEAD"),
+        _ => None,
     }
 }
 
