@@ -135,11 +135,14 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        // A number too large for any type is a syntax error to serde_json, but its field is
+        // known and is the better name.
+        let out_of_range = inner.to_string().starts_with("number out of range");
         let field = if path == "."
             || path.contains('?')
             || path.is_empty()
             || inner.is_eof()
-            || inner.is_syntax()
+            || (inner.is_syntax() && !out_of_range)
         {
             "body".to_string()
         } else {
@@ -349,6 +352,12 @@ mod tests {
     struct Req {
         username: String,
         ttl_seconds: Option<i64>,
+    }
+
+    #[test]
+    fn a_number_out_of_range_names_its_field() {
+        let e = parse_json::<Req>(br#"{"username": "a", "ttl_seconds": 1e400}"#).unwrap_err();
+        assert_eq!(e.message, "ttl_seconds: number out of range");
     }
 
     #[test]
