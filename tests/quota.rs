@@ -664,6 +664,20 @@ fn the_daily_budget_and_the_date_window_follow_the_users_local_day() {
     );
 }
 
+/// `bytes` as a request body: chunked (reqwest knows no length of a reader), or with its length.
+fn body_of(bytes: &[u8], chunked: bool) -> reqwest::blocking::Body {
+    if chunked {
+        reqwest::blocking::Body::new(std::io::Cursor::new(bytes.to_vec()))
+    } else {
+        reqwest::blocking::Body::from(bytes.to_vec())
+    }
+}
+
+fn assert_names_offset(err: &Value, offset: usize) {
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains(&format!("byte {offset}")), "{err}");
+}
+
 #[test]
 fn invalid_json_where_points_count_is_400_and_never_forwarded() {
     let t = Tollgate::start_extra(&quota_table(
@@ -702,15 +716,8 @@ fn invalid_json_where_points_count_is_400_and_never_forwarded() {
         .body(body.to_vec())
         .send()
         .unwrap();
-    let err: Value = r.json().unwrap();
     let offset = body.iter().position(|&b| b == b']').unwrap();
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("byte {offset}")),
-        "{err}"
-    );
+    assert_names_offset(&r.json().unwrap(), offset);
     // A large body (counted in many feeds as it arrives) broken deep inside.
     let pad = "p".repeat(4000);
     let mut big = serde_json::to_vec(&json!({
@@ -721,26 +728,14 @@ fn invalid_json_where_points_count_is_400_and_never_forwarded() {
     let offset = offset + big[offset..].iter().position(|&b| b == b',').unwrap();
     big[offset] = b';';
     for chunked in [false, true] {
-        let body = if chunked {
-            reqwest::blocking::Body::new(std::io::Cursor::new(big.clone()))
-        } else {
-            reqwest::blocking::Body::from(big.clone())
-        };
         let r = client()
             .post(t.url(PLAN))
             .bearer_auth(&alice)
-            .body(body)
+            .body(body_of(&big, chunked))
             .send()
             .unwrap();
         assert_eq!(r.status(), 400);
-        let err: Value = r.json().unwrap();
-        assert!(
-            err["message"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("byte {offset}")),
-            "{err}"
-        );
+        assert_names_offset(&r.json().unwrap(), offset);
     }
     assert_eq!(
         demo_requests(&t, PLAN),
@@ -982,16 +977,11 @@ points_per_day = 10000
             "locations": (0..n).map(|i| json!({"key": i % 30, "pad": pad})).collect::<Vec<_>>()
         }))
         .unwrap();
-        let body = if chunked {
-            reqwest::blocking::Body::new(std::io::Cursor::new(big.clone()))
-        } else {
-            reqwest::blocking::Body::from(big.clone())
-        };
         let r = client()
             .post(t.url("/demo/echo"))
             .bearer_auth(&alice)
             .header("content-type", "application/json")
-            .body(body)
+            .body(body_of(&big, chunked))
             .send()
             .unwrap();
         assert_eq!(r.status(), 200);
