@@ -917,6 +917,43 @@ fn a_removed_user_loses_their_tokens() {
         .status(),
         401
     );
+
+    // The name stays taken: a config that lists it again is refused at start, naming the key.
+    t.terminate();
+    let config = std::fs::read_to_string(&t.config_path).unwrap();
+    std::fs::write(
+        &t.config_path,
+        format!(
+            "{config}\n[[users]]\nusername = \"carol\"\npassword = \"carol-password-2\"\n\
+             company_key = \"acme\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&t.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("tollgate started with a removed user's name in its config");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(!status.success());
+    assert!(
+        said.contains("users.carol") && said.contains("was removed"),
+        "{said}"
+    );
 }
 
 fn cli_ok(t: &Tollgate, args: &[&str], stdin: Option<&str>) -> String {
