@@ -1165,11 +1165,15 @@ impl Store {
     pub fn open(path: &Path) -> Result<Arc<Store>> {
         std::fs::create_dir_all(path).map_err(fjall::Error::from)?;
         // Password hashes and every tenant's captured bodies live below: the owner's only,
-        // like the signing secret.
+        // like the signing secret. A folder this process may write but not own (a mounted
+        // volume) keeps its mode, with a warning.
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-                .map_err(fjall::Error::from)?;
+            let owner_only = std::fs::Permissions::from_mode(0o700);
+            if let Err(e) = std::fs::set_permissions(path, owner_only) {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "the store folder could not be made owner-only (0700)");
+            }
         }
         let db = Database::builder(path).cache_size(64 << 20).open()?;
         let users = db.keyspace("users", KeyspaceCreateOptions::default)?;
