@@ -74,7 +74,8 @@ fn roles(names: &[String]) -> Result<Vec<Role>, String> {
 /// Why a removed account's name is not given to a new account.
 pub fn removed_name(username: &str) -> String {
     format!(
-        "user '{username}' was removed, and its name is not given to a new account: the removed          account's audit, captures and statistics stay under it; choose another username"
+        "user '{username}' was removed, and its name is not given to a new account: the \
+         removed account's audit, captures and statistics stay under it; choose another username"
     )
 }
 

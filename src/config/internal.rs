@@ -131,6 +131,12 @@ impl PathPattern {
                 if !crate::model::is_word(name) {
                     return Err(format!("parameter '{{{name}}}' must be a word"));
                 }
+                if segments
+                    .iter()
+                    .any(|s| matches!(s, Segment::Param(other) if other == name))
+                {
+                    return Err(format!("parameter '{{{name}}}' is named twice"));
+                }
                 Segment::Param(name.to_string())
             } else if part.is_empty() {
                 return Err("empty segment ('//')".into());
@@ -349,6 +355,9 @@ mod tests {
         assert!(PathPattern::parse("/a/*/b").unwrap_err().contains("end"));
         assert!(PathPattern::parse("/a//b").unwrap_err().contains("empty"));
         assert!(PathPattern::parse("/a/{b-c}").unwrap_err().contains("word"));
+        assert!(PathPattern::parse("/r/{id}/{id}/x")
+            .unwrap_err()
+            .contains("twice"));
     }
 
     #[test]

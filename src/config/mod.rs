@@ -299,6 +299,15 @@ impl Validator {
             .enumerate()
             .map(|(i, u)| self.upstream(i, u))
             .collect();
+        for (i, u) in upstreams.iter().enumerate() {
+            if upstreams[..i].iter().any(|o| o.name == u.name) {
+                // Routes name upstreams: the later one could never be reached.
+                self.problem(
+                    format!("upstreams[{i}].name"),
+                    format!("'{}' is listed twice", u.name),
+                );
+            }
+        }
         let store = Store {
             path: self.path(f.store.path.as_deref().unwrap_or("data")),
             flush_interval: Duration::from_millis(self.range(
@@ -420,12 +429,22 @@ impl Validator {
             .enumerate()
             .filter_map(|(i, r)| self.route(i, r, &upstreams))
             .collect();
-        let quotas = f
-            .quotas
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, q)| self.quota(i, q))
-            .collect();
+        let mut quotas: Vec<Quota> = Vec::new();
+        for (i, q) in f.quotas.into_iter().enumerate() {
+            if let Some(q) = self.quota(i, q) {
+                let same = |o: &Quota| {
+                    (o.service, o.method_group, &o.scope) == (q.service, q.method_group, &q.scope)
+                };
+                if quotas.iter().any(same) {
+                    // One would silently win over the other.
+                    self.problem(
+                        format!("quotas[{i}]"),
+                        "another [[quotas]] entry sets this service, method_group and scope",
+                    );
+                }
+                quotas.push(q);
+            }
+        }
         let mut users: Vec<UserSeed> = Vec::new();
         for (i, u) in f.users.into_iter().enumerate() {
             if let Some(seed) = self.user(i, u) {
@@ -501,6 +520,12 @@ impl Validator {
         let pattern = PathPattern::parse(&r.path)
             .map_err(|e| self.problem(key("path"), format!("'{}' {e}", r.path)))
             .ok();
+        if r.path == "/account" || r.path.starts_with("/account/") {
+            self.problem(
+                key("path"),
+                "/account/ is the account API's: a route there would never be reached",
+            );
+        }
         let upstream = upstreams.iter().position(|u| u.name == r.upstream);
         if upstream.is_none() {
             self.problem(
@@ -536,11 +561,10 @@ impl Validator {
             .filter_map(|(j, role)| self.parsed::<Role>(&format!("routes[{i}].roles[{j}]"), role))
             .collect();
         for (j, pointer) in r.redact.iter().flatten().enumerate() {
-            if !(pointer.is_empty() || pointer.starts_with('/')) {
-                self.problem(
-                    format!("routes[{i}].redact[{j}]"),
-                    "a JSON pointer must be empty or start with '/'",
-                );
+            // A pointer that is no pointer would never match: the values it means to hide
+            // would be stored in clear.
+            if let Err(rule) = crate::quota::points::check_pointer(pointer) {
+                self.problem(format!("routes[{i}].redact[{j}]"), rule);
             }
         }
         let total_timeout = self
@@ -666,14 +690,16 @@ impl Validator {
                 self.problem(key("password"), "must be 1..1000 characters");
                 None
             }
-            (None, Some(h)) if h.starts_with("$argon2") => Some(PasswordSeed::Hash(h)),
-            (None, Some(_)) => {
-                self.problem(
-                    key("password_hash"),
-                    "must be an argon2 PHC string ($argon2id$...)",
-                );
-                None
-            }
+            (None, Some(h)) => match crate::auth::password::meets_minimum(&h) {
+                Ok(()) => Some(PasswordSeed::Hash(h)),
+                Err(rule) => {
+                    self.problem(
+                        key("password_hash"),
+                        format!("must be an argon2id PHC string ($argon2id$...): {rule}"),
+                    );
+                    None
+                }
+            },
             _ => {
                 self.problem(
                     key("password"),
@@ -876,6 +902,58 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn what_would_silently_never_apply_is_a_problem() {
+        let p = problems(
+            r#"
+            [[upstreams]]
+            name = "u"
+            address = "127.0.0.1:9"
+            [[upstreams]]
+            name = "u"
+            address = "127.0.0.1:10"
+            [[routes]]
+            method = "GET"
+            path = "/account/info"
+            upstream = "u"
+            service = "UNIVERSAL"
+            method_group = "PLAN"
+            operation = "abc"
+            redact = ["/a/~", "/b/~2", "/ok~0~1"]
+            [[quotas]]
+            service = "UNIVERSAL"
+            method_group = "PLAN"
+            points_per_day = 5
+            [[quotas]]
+            service = "UNIVERSAL"
+            method_group = "PLAN"
+            points_per_day = 6
+            [[quotas]]
+            service = "UNIVERSAL"
+            method_group = "PLAN"
+            company = "acme"
+            points_per_day = 7
+            [[users]]
+            username = "weak"
+            company_key = "acme"
+            password_hash = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+            "#,
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upstreams[1].name",
+                "routes[0].path",
+                "routes[0].redact[0]",
+                "routes[0].redact[1]",
+                "quotas[1]",
+                "users[0].password_hash",
+            ],
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -270,7 +270,8 @@ impl PointsCount {
     }
 }
 
-fn check_pointer(pointer: &str) -> Result<(), &'static str> {
+/// Whether `pointer` is an RFC 6901 JSON pointer; the rule it breaks when not.
+pub fn check_pointer(pointer: &str) -> Result<(), &'static str> {
     if !pointer.is_empty() && !pointer.starts_with('/') {
         return Err("a JSON pointer must be empty (the whole value) or start with '/' (RFC 6901)");
     }
