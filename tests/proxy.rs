@@ -1567,8 +1567,14 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
             .header("x-demo-delay-ms", "1500")
             .json(&json!({"locations": [1]}))
             .send();
-        r.map(|r| (r.status().as_u16(), r.text().unwrap_or_default()))
-            .map_err(|e| e.to_string())
+        r.map(|r| {
+            let connection = r
+                .headers()
+                .get("connection")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), connection, r.text().unwrap_or_default())
+        })
+        .map_err(|e| e.to_string())
     });
     assert!(
         eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1),
@@ -1590,14 +1596,52 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
         "the idle connection stayed open {after:?} into a 1.5 s drain"
     );
     let answer = call.join().unwrap();
-    let (status, body) = answer.unwrap_or_else(|e| {
+    let (status, connection, body) = answer.unwrap_or_else(|e| {
         panic!(
             "the call in flight was dropped at SIGTERM: {e}\n{}",
             t.log()
         )
     });
     assert_eq!(status, 200, "{body}");
+    // Begun before the drain, answered during it: the connection will not be read again.
+    assert_eq!(connection.as_deref(), Some("close"), "{body}");
     assert_eq!(code, Some(0), "{}", t.log());
+}
+
+#[test]
+fn a_connection_accepted_while_draining_is_answered_with_connection_close() {
+    let mut t = start_with_config_edit(Setup::default(), |c| {
+        c.replace("grace_period_seconds = 0", "grace_period_seconds = 2")
+    });
+    let alice = t.token("alice");
+    let url = t.url("/universal/plan/calculation");
+    // A slow call keeps the drain going while the new connection comes.
+    let call = std::thread::spawn(move || {
+        client()
+            .post(url)
+            .bearer_auth(alice)
+            .header("x-demo-delay-ms", "2500")
+            .json(&json!({"locations": [1]}))
+            .send()
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
+    });
+    assert!(eventually(Duration::from_secs(5), || {
+        t.demo_stats()["in_flight"] == 1
+    }));
+    unsafe {
+        libc::kill(t.pid() as i32, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut late = Raw::connect(t.port);
+    // Its head comes a moment after the connection.
+    std::thread::sleep(Duration::from_millis(100));
+    late.send(b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let r = late.read_response().expect("no answer to a request sent while draining");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(call.join().unwrap(), Ok(200));
+    assert_eq!(t.terminate(), Some(0), "{}", t.log());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -210,6 +210,7 @@ impl Tollgate {
         let mut headers: Vec<(&str, String)> = extra.to_vec();
         headers.extend(error.headers());
         ctx.status = error.status;
+        self.close_if_draining(session);
         let _ = respond(
             session,
             error.status,
@@ -273,6 +274,7 @@ impl Tollgate {
             .iter()
             .map(|(k, v)| (*k, v.clone()))
             .collect();
+        self.close_if_draining(session);
         let _ = respond(
             session,
             response.status,
@@ -509,6 +511,7 @@ impl Tollgate {
         )
         .map_err(|_| plain(ApiError::bad_request("request head cannot be forwarded")))?;
         let leg = upstream::Leg {
+            draining: &app.draining,
             transport: &self.transport,
             upstream: &self.upstreams[route.upstream],
             total_timeout: route.total_timeout.unwrap_or(upstream_cfg.total_timeout),
@@ -1029,6 +1032,9 @@ async fn read_body(
     Ok(body)
 }
 
+/// How long a connection accepted while draining may take to send its request head.
+const DRAINING_HEAD_WAIT: Duration = Duration::from_secs(2);
+
 /// How long, and for how many bytes, a connection answered 413 keeps reading what its client
 /// is still sending before it closes.
 const LINGER: Duration = Duration::from_secs(2);
@@ -1099,6 +1105,14 @@ impl Tollgate {
         }
     }
 
+    /// An answer written once the drain has begun says `Connection: close`, also for a call
+    /// that began before it: the connection will not be read again.
+    fn close_if_draining(&self, session: &mut Session) {
+        if self.app.draining.is_set() {
+            session.set_keepalive(None);
+        }
+    }
+
     /// Answers one call whose request head has been read.
     async fn handle(&self, session: &mut Session, ctx: &mut Ctx) {
         session.set_read_timeout(Some(self.app.config.limits.client_read_timeout));
@@ -1159,7 +1173,19 @@ impl HttpServerApp for Tollgate {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         let keepalive = Duration::from_secs(self.app.config.server.keepalive_timeout_seconds);
-        let read = tokio::select! {
+        let read = if self.app.draining.is_set() {
+            // A connection accepted while draining (the listener stays open for the grace
+            // period): its request is read, for a moment, and answered with Connection: close.
+            // (A connection served before the drain is not handed back once it has begun:
+            // its last answer said close.)
+            match pingora::time::timeout(keepalive.min(DRAINING_HEAD_WAIT), session.read_request())
+                .await
+            {
+                Ok(read) => read,
+                Err(_) => return None,
+            }
+        } else {
+            tokio::select! {
             // Biased: a request already buffered is served rather than dropped.
             biased;
             // One deadline for the wait and the whole head. Pingora has none for an HTTP/1.1
@@ -1172,6 +1198,7 @@ impl HttpServerApp for Tollgate {
             },
             // A connection waiting for its next request is closed at shutdown.
             _ = self.app.draining.wait() => return None,
+            }
         };
         match read {
             Ok(true) => {}

@@ -165,6 +165,8 @@ pub fn upstream_request(
 }
 
 pub struct Leg<'a> {
+    /// Set once the server drains: the answer then says `Connection: close`.
+    pub draining: &'a crate::app::Draining,
     pub transport: &'a TransportConnector,
     pub upstream: &'a Upstream,
     pub total_timeout: Duration,
@@ -366,6 +368,9 @@ pub async fn exchange(
         let _ = out.insert_header(http::header::TRANSFER_ENCODING, "chunked");
     }
     on_head(&mut out, upstream_time);
+    if leg.draining.is_set() {
+        session.set_keepalive(None);
+    }
     let mut ex = Exchange {
         status,
         content_type,
