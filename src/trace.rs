@@ -217,35 +217,44 @@ pub const REDACTED: &str = "***";
 /// what is stored (never for what is forwarded).
 ///
 /// The text is copied token by token: everything else stays byte for byte as sent (member
-/// order, numbers, escapes, whitespace), and a body no pointer names is kept as it is. A body
-/// that is not JSON (one that does not start, after a byte order mark and whitespace, with
-/// `{` or `[`) is kept as it is: there is nothing to point into. JSON that ends or breaks part
-/// way (a capture cut at `max_capture_bytes`, trailing text, a second document) is masked as
+/// order, numbers, escapes, whitespace), and a body no pointer names is kept as it is. Text
+/// that is not JSON (UTF-8 that does not start, after byte order marks and whitespace, with
+/// `{` or `[`) is kept as it is: there is nothing to point into. Bytes that are not such text
+/// (compressed, UTF-16, binary) are not stored at all, and marked truncated: the upstream may
+/// read JSON in them that cannot be masked here. JSON that ends or breaks part way (a capture
+/// cut at `max_capture_bytes`, trailing text, a second document) is masked as
 /// far as it can be read and cut where it stops being JSON, and marked truncated: a value that
 /// could not be read as JSON is never stored, so no redacted value reaches the store whole.
 /// What is stored never passes `max_bytes` (a short value's mask is longer than the value).
 pub fn redact(payload: &mut crate::store::Payload, pointers: &[String], max_bytes: usize) {
-    const BOM: &[u8] = b"\xEF\xBB\xBF";
     if pointers.is_empty() {
         return;
     }
     let body = &payload.body[..];
-    let bom = if body.starts_with(BOM) { BOM.len() } else { 0 };
-    let starts_like_json = body[bom..]
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| matches!(b, b'{' | b'['));
-    if !starts_like_json {
+    let start = skip_bom_and_whitespace(body);
+    if !matches!(body.get(start), Some(b'{' | b'[')) {
+        // Text that is not JSON has nothing to point into. Bytes that are not text (compressed,
+        // UTF-16, binary) may still be JSON to the upstream, and cannot be redacted here: they
+        // are not stored.
+        // (A capture cut at max_capture_bytes may end inside a character.)
+        let text = match std::str::from_utf8(body) {
+            Ok(text) => !text.contains('\0'),
+            Err(e) => e.error_len().is_none() && !body[..e.valid_up_to()].contains(&0),
+        };
+        if !text {
+            payload.body = bytes::Bytes::new();
+            payload.truncated = true;
+        }
         return;
     }
     let mut p = PartialJson {
         src: body,
-        pos: bom,
+        pos: start,
         out: Vec::with_capacity(body.len()),
         pointers,
         masked: false,
     };
-    p.out.extend_from_slice(&body[..bom]);
+    p.out.extend_from_slice(&body[..start]);
     let mut path = String::new();
     // Err: the text ended or broke; `out` holds what was read up to there, masked.
     let read = p.value(&mut path, 0).is_ok() && {
@@ -263,6 +272,21 @@ pub fn redact(payload: &mut crate::store::Payload, pointers: &[String], max_byte
     }
     payload.body = bytes::Bytes::from(out);
     payload.truncated |= cut;
+}
+
+/// Where JSON text would start: after any byte order marks and whitespace.
+fn skip_bom_and_whitespace(body: &[u8]) -> usize {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    let mut at = 0;
+    loop {
+        if body[at..].starts_with(BOM) {
+            at += BOM.len();
+        } else if body.get(at).is_some_and(u8::is_ascii_whitespace) {
+            at += 1;
+        } else {
+            return at;
+        }
+    }
 }
 
 /// Deepest nesting [`redact`] follows; deeper text is cut off.
@@ -563,6 +587,22 @@ mod tests {
             (&out.body[..], out.truncated),
             (&b"secret=abc&x=1"[..], false)
         );
+        // Marks and whitespace in any order before the JSON.
+        let out = redacted(b" \xEF\xBB\xBF\n{\"tok\":\"S\"}", &pointers, usize::MAX);
+        assert_eq!(&out.body[..], b" \xEF\xBB\xBF\n{\"tok\":\"***\"}");
+        // Bytes that are not text cannot be masked, and are not stored: UTF-16 JSON with its
+        // mark, a gzip stream, NULs.
+        let utf16: Vec<u8> = "\u{feff}{\"tok\":\"S\"}"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        for body in [&utf16[..], b"\x1f\x8b\x08\x00\xff\xfe", b"\0{\0\"\0t"] {
+            let out = redacted(body, &pointers, usize::MAX);
+            assert_eq!((&out.body[..], out.truncated), (&b""[..], true), "{body:?}");
+        }
+        // Text cut inside a character (at max_capture_bytes) is still text.
+        let out = redacted("<p>caf\u{e9}</p>".as_bytes().split_at(7).0, &pointers, 7);
+        assert_eq!(&out.body[..], b"<p>caf\xC3");
         // The mask of a short value never takes what is stored past the limit.
         let body = br#"{"pad":"xxxxxxxxxx","tok":1}"#;
         let out = redacted(body, &pointers, body.len());

@@ -1572,7 +1572,11 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
                 .headers()
                 .get("connection")
                 .map(|v| v.to_str().unwrap().to_string());
-            (r.status().as_u16(), connection, r.text().unwrap_or_default())
+            (
+                r.status().as_u16(),
+                connection,
+                r.text().unwrap_or_default(),
+            )
         })
         .map_err(|e| e.to_string())
     });
@@ -1637,7 +1641,9 @@ fn a_connection_accepted_while_draining_is_answered_with_connection_close() {
     // Its head comes a moment after the connection.
     std::thread::sleep(Duration::from_millis(100));
     late.send(b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    let r = late.read_response().expect("no answer to a request sent while draining");
+    let r = late
+        .read_response()
+        .expect("no answer to a request sent while draining");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(call.join().unwrap(), Ok(200));

@@ -717,6 +717,14 @@ fn redaction_keeps_the_rest_byte_for_byte_and_stores_no_unreadable_json() {
     // Text that is not JSON at all is kept whole: there is nothing to point into.
     let (body, cut) = stored(b"secret=abc");
     assert_eq!((body.as_slice(), cut), (&b"secret=abc"[..], false));
+    // Bytes that are not text (here JSON in UTF-16) may be JSON to the upstream and cannot be
+    // masked: nothing of them is stored.
+    let utf16: Vec<u8> = "\u{feff}{\"secret\":\"S16\"}"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let (body, cut) = stored(&utf16);
+    assert_eq!((body.as_slice(), cut), (&b""[..], true));
 }
 
 #[test]
