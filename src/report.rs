@@ -11,6 +11,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use chrono::NaiveDate;
+
+/// The first date an Excel cell holds as a date (its 1900 date system; 1900-01-01 to
+/// 1900-02-28 are off by one there, since Excel counts a 1900-02-29).
+pub const FIRST_EXCEL_DATE: NaiveDate = match NaiveDate::from_ymd_opt(1900, 3, 1) {
+    Some(date) => date,
+    None => panic!("a valid date"),
+};
 use rust_xlsxwriter::{Chart, ChartType, ColNum, Format, RowNum, Workbook, Worksheet, XlsxError};
 use serde_json::Value;
 

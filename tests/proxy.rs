@@ -870,6 +870,16 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
             "the connection is closed after it"
         );
     }
+    // Each refusal is counted, by reason.
+    let metrics = t.metrics();
+    for (reason, count) in [
+        ("unreadable_request_head", 3),
+        ("connect", 1),
+        ("bad_request_head", 2),
+    ] {
+        let line = format!("tollgate_rejections_total{{reason=\"{reason}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "no {line} in\n{metrics}");
+    }
     // The server goes on serving.
     let r = client()
         .get(t.url("/universal/system/version"))

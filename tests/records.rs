@@ -1895,6 +1895,19 @@ fn the_report_is_a_workbook_whose_daily_sheet_matches_the_statistics() {
         names.iter().any(|n| n == "Daily") && names.iter().any(|n| n == "Totals"),
         "{names:?}"
     );
+    // Excel holds no dates before 1900: a report starting earlier is refused, naming `from`.
+    let r = t.get("/account/report?from=1899-12-31&to=1900-03-05", &alice);
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().unwrap();
+    assert!(
+        err["message"].as_str().unwrap().starts_with("from: "),
+        "{err}"
+    );
+    assert_eq!(
+        t.get("/account/report?from=1900-03-01&to=1900-03-05", &alice)
+            .status(),
+        200
+    );
 
     let daily = rows(&mut wb, "Daily");
     assert_eq!(

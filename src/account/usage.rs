@@ -201,6 +201,13 @@ pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
 pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = subject(call)?;
     let (from, to) = period(call, &user)?;
+    // Excel has no dates before 1900: cells before it would read as errors.
+    if from < report::FIRST_EXCEL_DATE {
+        return Err(ApiError::invalid(
+            "from",
+            format!("the report's dates start at {}", report::FIRST_EXCEL_DATE),
+        ));
+    }
     flush(call).await?;
     let rows = daily_rows(call, &user, from, to)?;
     let bytes = report::statistics_workbook(&user.username, from, to, &rows)

@@ -295,6 +295,10 @@ impl Tollgate {
         let app = &self.app;
         let plain = |e: ApiError| (e, Vec::new());
         let (route_index, process_id) = self.route(session.req_header()).ok_or_else(|| {
+            app.metrics
+                .rejections
+                .with_label_values(&["no_route"])
+                .inc();
             plain(ApiError::not_found(
                 session.req_header().uri.path().to_string(),
             ))
@@ -1120,19 +1124,29 @@ impl Tollgate {
         // order on the same connection (pingora otherwise closes it after the first answer and
         // drops the rest).
         session.set_pipelining_enabled(true);
+        let refused = |reason: &str| {
+            self.app
+                .metrics
+                .rejections
+                .with_label_values(&[reason])
+                .inc()
+        };
         if let Some(problem) = head_problem(session.req_header()) {
+            refused("bad_request_head");
             session.set_keepalive(None);
             self.reject(session, ctx, ApiError::bad_request(problem), &[])
                 .await;
         } else if has_other_coding(session.req_header()) {
             // RFC 9112 6.1: a coding the server does not know is a 501; passing the body on
             // without it would hand the upstream encoded bytes as they were plain.
+            refused("unsupported_transfer_coding");
             session.set_keepalive(None);
             let error = ApiError::new(501, "Transfer-Encoding: only chunked is supported");
             self.reject(session, ctx, error, &[]).await;
         } else if session.req_header().method == http::Method::CONNECT {
             // No tunnels: and a CONNECT's framing differs from other requests', so the
             // connection is not read on.
+            refused("connect");
             session.set_keepalive(None);
             let error = ApiError::new(405, "method: CONNECT is not served");
             self.reject(session, ctx, error, &[]).await;
@@ -1151,6 +1165,11 @@ impl Tollgate {
     /// Answers a request whose head could not be read as HTTP/1.1, in the API's error shape.
     async fn reject_unreadable(&self, session: &mut Session, ctx: &mut Ctx) {
         let error = ApiError::bad_request("request: not a valid HTTP/1.1 request head");
+        self.app
+            .metrics
+            .rejections
+            .with_label_values(&["unreadable_request_head"])
+            .inc();
         session.set_keepalive(None);
         // No head was read: no path to guess the service from.
         self.reject_as(
