@@ -34,13 +34,21 @@ pub struct App {
 #[derive(Default)]
 pub struct Draining {
     flag: AtomicBool,
+    /// When it began (the first `begin`).
+    began: std::sync::OnceLock<std::time::SystemTime>,
     notify: tokio::sync::Notify,
 }
 
 impl Draining {
     pub fn begin(&self) {
+        self.began.get_or_init(std::time::SystemTime::now);
         self.flag.store(true, Ordering::Release);
         self.notify.notify_waiters();
+    }
+
+    /// Whether the drain had begun by `at`.
+    pub fn had_begun_by(&self, at: std::time::SystemTime) -> bool {
+        self.is_set() && self.began.get().is_some_and(|began| *began <= at)
     }
 
     pub fn is_set(&self) -> bool {

@@ -878,7 +878,10 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
         ("bad_request_head", 2),
     ] {
         let line = format!("tollgate_rejections_total{{reason=\"{reason}\"}} {count}");
-        assert!(metrics.lines().any(|l| l == line), "no {line} in\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
     }
     // The server goes on serving.
     let r = client()

@@ -1192,11 +1192,13 @@ impl HttpServerApp for Tollgate {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         let keepalive = Duration::from_secs(self.app.config.server.keepalive_timeout_seconds);
-        let read = if self.app.draining.is_set() {
+        let accepted = session
+            .digest()
+            .and_then(|d| d.timing_digest.first().cloned().flatten())
+            .map(|t| t.established_ts);
+        let read = if accepted.is_some_and(|at| self.app.draining.had_begun_by(at)) {
             // A connection accepted while draining (the listener stays open for the grace
             // period): its request is read, for a moment, and answered with Connection: close.
-            // (A connection served before the drain is not handed back once it has begun:
-            // its last answer said close.)
             match pingora::time::timeout(keepalive.min(DRAINING_HEAD_WAIT), session.read_request())
                 .await
             {
