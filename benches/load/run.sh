@@ -4,7 +4,7 @@
 #
 # Settings (environment):
 #   DURATION=10 CONNECTIONS=32 ROUNDS=3 WARMUP=2 SETTLE_SECONDS=1 WRK_THREADS=1
-#   MODES="passthrough"        Tollgate config variants to measure: passthrough, full
+#   MODES="passthrough"        Tollgate config variants to measure: passthrough, full, metered (full without capture)
 #   PROXY_CPU=0 LOAD_CPU=1     CPU of the proxy under test / of the upstream and wrk
 #   NICE=0                     nice level of everything the bench starts, and of its scheduler
 #                              autogroup while it runs (-20 as root on a busy machine, so other
@@ -103,9 +103,11 @@ tollgate_config() {
             capture=false
             points=""
             ;;
-        full)
+        full | metered)
             auth=true
             capture=true
+            # metered: the full path without capture, to tell capture's cost from the rest.
+            [ "$mode" = metered ] && capture=false
             # Every element of the body's "locations" is a point; unique points by its "id".
             points='points = ["/locations"]
 unique_key = "/id"'
@@ -208,7 +210,7 @@ check_settings() {
         die "this machine has $cpus CPUs; PROXY_CPU=$PROXY_CPU and LOAD_CPU=$LOAD_CPU must be below that"
     local mode
     for mode in $MODES; do
-        case "$mode" in passthrough | full) ;; *) die "MODES: unknown mode '$mode' (known: passthrough full)" ;; esac
+        case "$mode" in passthrough | full | metered) ;; *) die "MODES: unknown mode '$mode' (known: passthrough full metered)" ;; esac
     done
     [[ "$BENCH_USERNAME" =~ ^[A-Za-z0-9_]{2,256}$ ]] || die "BENCH_USERNAME must match \\w{2,256}"
     [[ "$BENCH_PASSWORD" =~ ^[A-Za-z0-9_.-]{1,1000}$ ]] ||
@@ -537,7 +539,7 @@ start_tollgate() {
     TARGET_PID[$target]=$LAST_PID
     TARGET_LABEL[$target]="tollgate ($mode)"
     TARGET_AUTH[$target]=""
-    if [ "$mode" = full ]; then
+    if [ "$mode" != passthrough ]; then
         TARGET_AUTH[$target]="Authorization: Bearer $(fetch_token "http://127.0.0.1:$port")"
     fi
 }
