@@ -293,6 +293,13 @@ fn bad_token_requests_are_400s_naming_the_field() {
     assert_eq!(body["tracedata"]["client"], "alice");
     let body: Value = login_raw(&t, b"").json().unwrap();
     assert_eq!(body["tracedata"]["client"], "anonymous");
+    // A name that is no `\w+` is not echoed: the client reads `client` as one.
+    for name in ["!!", "-x", "a b"] {
+        let r = login(&t, &json!({"username": name, "password": "x"}));
+        assert_eq!(r.status(), 400, "{name}");
+        let body: Value = r.json().unwrap();
+        assert_eq!(body["tracedata"]["client"], "anonymous", "{name}: {body}");
+    }
     // Valid at the edges of the bounds: not a 400 (just unknown users).
     for name in [
         "ab".to_string(),

@@ -647,6 +647,20 @@ fn the_daily_budget_and_the_date_window_follow_the_users_local_day() {
     );
     let days = statistics(&t, &alice, "UNIVERSAL", "PLAN");
     assert_eq!(days.len(), 1, "{days:?}");
+    // A period left to its default (this month so far) ends on the continued day, a date
+    // ahead of alice's local one: its points show at once, in statistics and in the report.
+    let body: Value = t.get("/account/statistics", &alice).json().unwrap();
+    let shown: Vec<&Value> = body["dates"].as_array().unwrap().iter().collect();
+    assert_eq!(shown.len(), 1, "{body}");
+    assert_eq!(shown[0]["date"], days[0].0.as_str(), "{body}");
+    let r = t.get("/account/report", &alice);
+    assert_eq!(r.status(), 200);
+    let disposition = header(&r, "content-disposition").unwrap().to_string();
+    assert!(
+        disposition.contains(&days[0].0.replace('-', "")),
+        "{disposition} ends before {}",
+        days[0].0
+    );
 
     // Statistics keep each local day apart.
     set_timezone(&t, &bob, "bob", 12);

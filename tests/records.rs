@@ -1333,6 +1333,9 @@ fn audit_pages_filters_and_validates_its_parameters() {
         (vec![("method_group", "NOPE")], "method_group"),
         (vec![("operation_id", "ab")], "operation_id"),
         (vec![("from", "yesterday")], "from"),
+        // Empty is no value, as for every other parameter: not the default.
+        (vec![("from", "")], "from"),
+        (vec![("to", "")], "to"),
         (vec![("to", "2025-13-01T00:00:00Z")], "to"),
         // Either order: no silent pick of one of two values.
         (
@@ -1851,6 +1854,24 @@ fn statistics_count_points_per_day_service_and_method_group_live() {
         );
     }
     assert_eq!(t.get("/account/statistics", "not-a-token").status(), 401);
+
+    // A removed account's statistics stay under its name, for an ADMIN (its company is no
+    // longer known, so its former PARTNER gets the 404 of an unknown name).
+    let out = t.user_cli(&["remove", "alice"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = t.token("root_admin");
+    let (status, body) = stats(&t, &admin, "username=alice");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stats_table(&body), more, "the removed account's statistics");
+    assert_eq!(
+        t.get("/account/report?username=alice", &admin).status(),
+        200
+    );
+    assert_eq!(stats(&t, &t.token("paula"), "username=alice").0, 404);
 }
 
 #[test]

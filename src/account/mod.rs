@@ -109,7 +109,10 @@ impl Call<'_> {
     fn tracedata(&self) -> Tracedata {
         let (client, tz) = match (&self.user, &self.tried) {
             (Some(u), _) => (trace::client_label(&u.company_key, &u.username), u.timezone),
-            (None, Some(name)) if name.chars().count() >= 2 && name.len() <= 256 => {
+            // Only a name that could be an account's: the client reads `client` as `\w+`.
+            (None, Some(name))
+                if name.len() >= 2 && name.len() <= 256 && crate::model::is_word(name) =>
+            {
                 (name.clone(), 0)
             }
             _ => (trace::ANONYMOUS.to_string(), 0),

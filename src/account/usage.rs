@@ -70,8 +70,9 @@ pub fn quota(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     ))
 }
 
-/// The statistics/report period: inclusive local dates, defaulting to this month so far.
-fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), ApiError> {
+/// The statistics/report period: inclusive local dates, defaulting to this month so far; and
+/// whether `to` was left to its default.
+fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate, bool), ApiError> {
     let query = call.query()?;
     let today = Utc::now().with_timezone(&offset_of(user)).date_naive();
     let date = |field: &str| -> Result<Option<NaiveDate>, ApiError> {
@@ -84,7 +85,8 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), 
             .transpose()
     };
     let from = date("from")?.unwrap_or_else(|| today.with_day(1).unwrap_or(today));
-    let to = date("to")?.unwrap_or(today);
+    let given_to = date("to")?;
+    let to = given_to.unwrap_or(today);
     if to < from {
         return Err(ApiError::invalid("to", "must not be before from"));
     }
@@ -94,7 +96,36 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate), 
             format!("the period may span at most {MAX_PERIOD_DAYS} days"),
         ));
     }
-    Ok((from, to))
+    Ok((from, to, given_to.is_none()))
+}
+
+/// The end of a period whose `to` was left out: today, or the day after when it holds points.
+/// A user who set its timezone back keeps charging the later day it had reached (quota days
+/// never go back), and "today's traffic shows at once" holds for that day too.
+fn through_continued_day(
+    call: &Call<'_>,
+    user: &UserRecord,
+    today: NaiveDate,
+) -> Result<NaiveDate, ApiError> {
+    let Some(next) = today.succ_opt() else {
+        return Ok(today);
+    };
+    let day = store::day_of_date(next);
+    let rows = call
+        .app
+        .store
+        .stats(&user.username, day, day)
+        .map_err(internal)?;
+    Ok(
+        if rows
+            .iter()
+            .any(|(_, _, _, c)| c.points > 0 || c.unique_points > 0)
+        {
+            next
+        } else {
+            today
+        },
+    )
 }
 
 /// A calendar date written exactly as `YYYY-MM-DD` (what the client's `date.isoformat()`
@@ -154,21 +185,48 @@ fn subject(call: &mut Call<'_>) -> Result<Arc<UserRecord>, ApiError> {
     if name == caller.username {
         return Ok(caller);
     }
-    call.app
+    let seen = call
+        .app
         .authority
         .user(name)
         .filter(|other| match visibility(&caller) {
             Visibility::All => true,
             Visibility::Company(c) => other.company_key == c,
             Visibility::User(_) => false,
-        })
-        .ok_or_else(|| ApiError::not_found(name.to_string()))
+        });
+    if let Some(other) = seen {
+        return Ok(other);
+    }
+    // A removed account's statistics stay under its name, for an ADMIN to read (its company
+    // is no longer known, so a PARTNER cannot be shown to be its). Its days are read in the
+    // caller's timezone.
+    if matches!(visibility(&caller), Visibility::All)
+        && call.app.store.was_removed(name).map_err(internal)?
+    {
+        return Ok(Arc::new(UserRecord {
+            username: name.to_string(),
+            password_hash: String::new(),
+            company_key: String::new(),
+            roles: Vec::new(),
+            name: None,
+            email: None,
+            phone: None,
+            timezone: caller.timezone,
+            token_version: 0,
+            password_changed: false,
+            quotas: Vec::new(),
+        }));
+    }
+    Err(ApiError::not_found(name.to_string()))
 }
 
 pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = subject(call)?;
-    let (from, to) = period(call, &user)?;
+    let (from, mut to, default_to) = period(call, &user)?;
     flush(call).await?;
+    if default_to {
+        to = through_continued_day(call, &user, to)?;
+    }
     let rows = daily_rows(call, &user, from, to)?;
     let mut dates: BTreeMap<NaiveDate, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     for r in rows {
@@ -200,7 +258,7 @@ pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
 
 pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = subject(call)?;
-    let (from, to) = period(call, &user)?;
+    let (from, mut to, default_to) = period(call, &user)?;
     // Excel has no dates before 1900: cells before it would read as errors.
     if from < report::FIRST_EXCEL_DATE {
         return Err(ApiError::invalid(
@@ -209,6 +267,9 @@ pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
         ));
     }
     flush(call).await?;
+    if default_to {
+        to = through_continued_day(call, &user, to)?;
+    }
     let rows = daily_rows(call, &user, from, to)?;
     let bytes = report::statistics_workbook(&user.username, from, to, &rows)
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -319,7 +380,7 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let now = Utc::now();
     let time = |field: &str, default: DateTime<Utc>| -> Result<DateTime<Utc>, ApiError> {
         match get(&query, field) {
-            None | Some("") => Ok(default),
+            None => Ok(default),
             Some(v) => parse_time(v, tz).ok_or_else(|| {
                 ApiError::invalid(
                     field,
