@@ -9,6 +9,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY vendor ./vendor
 RUN cargo build --profile production --locked --bin tollgate
 
 FROM debian:bookworm-slim

@@ -49,6 +49,8 @@
 //!   `x-demo-seen-headers` as a JSON object `{lowercase name: value}` (repeated headers joined
 //!   with `, `).
 //!
+//! Every answer carries `Server-Timing: compute;dur=MS`, the demo's own time for the request.
+//!
 //! Bodies may use Content-Length or chunked framing; `Expect: 100-continue` is honoured;
 //! connections are kept alive.
 
@@ -214,6 +216,7 @@ impl DemoUpstream {
 
     /// Reads the rest of the request and computes its answer; `None` when the client is gone.
     async fn serve(&self, session: &mut ServerSession) -> Option<Reply> {
+        let started = Instant::now();
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let headers = session.req_header().headers.clone();
@@ -268,6 +271,15 @@ impl DemoUpstream {
         let mut reply = self.answer(&method, &path, &headers, body);
         if let Some(status) = hooks.status {
             reply.status = status;
+        }
+        // Its own time, as a computation service reports it (W3C Server Timing).
+        if let Ok(timing) = HeaderValue::from_str(&format!(
+            "compute;dur={:.3}",
+            started.elapsed().as_secs_f64() * 1000.0
+        )) {
+            reply
+                .headers
+                .push((HeaderName::from_static("server-timing"), timing));
         }
         drop(in_flight);
         Some(reply)

@@ -47,6 +47,10 @@ fn server_timing(r: &Response) -> (f64, f64) {
             .unwrap_or_else(|_| panic!("Server-Timing {v:?}: {name} duration is not a number"))
     };
     let (p, u) = (dur("proxy"), dur("upstream"));
+    // The upstream's own entries are kept, before Tollgate's (the demo reports its time).
+    if r.url().path().starts_with("/demo/") || r.url().path().starts_with("/universal/") {
+        assert!(v.starts_with("compute;dur="), "{v}");
+    }
     assert!(p >= 0.0 && u >= 0.0, "{v}");
     (p, u)
 }
@@ -852,6 +856,27 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
             400,
             "Authorization: must be sent once",
         ),
+        // Targets in no form a GET may use: not served as "/".
+        (
+            b"GET zz/echo HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+            "request target: must be a path starting with '/' or an absolute http URI",
+        ),
+        (
+            b"GET ?x=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+            "request target: must be a path starting with '/' or an absolute http URI",
+        ),
+        (
+            b"GET mailto:a@b HTTP/1.1\r\nHost: a\r\n\r\n",
+            400,
+            "request target: must be a path starting with '/' or an absolute http URI",
+        ),
+        (
+            b"TRACE /universal/system/version HTTP/1.1\r\nHost: a\r\nCookie: c=1\r\n\r\n",
+            405,
+            "method: TRACE is not served",
+        ),
     ] {
         let mut c = Raw::connect(t.port);
         c.send(wire);
@@ -875,7 +900,8 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
     for (reason, count) in [
         ("unreadable_request_head", 3),
         ("connect", 1),
-        ("bad_request_head", 2),
+        ("trace", 1),
+        ("bad_request_head", 5),
     ] {
         let line = format!("tollgate_rejections_total{{reason=\"{reason}\"}} {count}");
         assert!(
@@ -1353,7 +1379,12 @@ fn an_upstream_reset_mid_answer_cuts_the_callers_answer_short() {
 
 #[test]
 fn a_chunked_answer_that_breaks_off_never_ends_as_if_whole() {
-    for fault in [Fault::ResetMidChunked, Fault::BadChunk] {
+    // An empty chunk-size line is no last chunk (RFC 9112 7.1: `1*HEXDIG`).
+    for fault in [
+        Fault::ResetMidChunked,
+        Fault::BadChunk,
+        Fault::EmptyChunkSize,
+    ] {
         let upstream = FaultUpstream::start(fault);
         let t = Tollgate::start_extra(&fault_route("cut", upstream.port, ""));
         let alice = t.token("alice");
@@ -1391,6 +1422,54 @@ fn a_chunked_answer_that_breaks_off_never_ends_as_if_whole() {
             t.log()
         );
     }
+}
+
+#[test]
+fn an_answer_in_a_coding_tollgate_cannot_take_off_is_a_502() {
+    for fault in [Fault::GzipCoded, Fault::CodedWithLength] {
+        let upstream = FaultUpstream::start(fault);
+        let t = Tollgate::start_extra(&fault_route("coded", upstream.port, ""));
+        let alice = t.token("alice");
+        let started = Instant::now();
+        let r = client()
+            .post(t.url("/universal/coded/calculation"))
+            .bearer_auth(&alice)
+            .body("{}")
+            .send()
+            .unwrap();
+        assert_upstream_error(r, 502);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "answered after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_chunk_size_line_without_digits_is_a_400_and_smuggles_nothing() {
+    let t = Tollgate::start();
+    let alice = t.token("alice");
+    for size_line in ["", ";ext", " "] {
+        // Read as a last chunk, the empty line would end the body after "abc" and the request
+        // behind it would be served on its own.
+        let wire = format!(
+            "POST /demo/echo HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n{size_line}\r\nGET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n\r\n0\r\n\r\n"
+        );
+        let mut c = Raw::connect(t.port);
+        c.send(wire.as_bytes());
+        let r = c.read_response().expect("the request is answered");
+        assert_eq!(r.status, 400, "{size_line:?}");
+        assert_eq!(r.header("connection"), Some("close"));
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_error_shape(&body, "UNIVERSAL");
+        assert!(
+            c.read_response().is_none(),
+            "{size_line:?}: a second answer, to a request hidden in the body"
+        );
+    }
+    assert_eq!(demo_count(&t, "/demo/echo"), 0);
+    assert_eq!(demo_count(&t, "/universal/system/version"), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

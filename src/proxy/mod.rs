@@ -560,14 +560,22 @@ impl Tollgate {
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
             let _ = head.insert_header("X-Tracecode", &code);
             let proxy_time = started.elapsed().saturating_sub(upstream_time);
-            let _ = head.insert_header(
-                "Server-Timing",
-                format!(
-                    "proxy;dur={}, upstream;dur={}",
-                    Ms(proxy_time),
-                    Ms(upstream_time)
-                ),
+            let mut timing = String::new();
+            // The upstream's own entries (its compute time, say) come first, then Tollgate's.
+            for theirs in head.headers.get_all("server-timing") {
+                if let Ok(theirs) = theirs.to_str() {
+                    timing.push_str(theirs);
+                    timing.push_str(", ");
+                }
+            }
+            use std::fmt::Write as _;
+            let _ = write!(
+                timing,
+                "proxy;dur={}, upstream;dur={}",
+                Ms(proxy_time),
+                Ms(upstream_time)
             );
+            let _ = head.insert_header("Server-Timing", timing);
             for (k, v) in &rate_headers {
                 let _ = head.insert_header(*k, v);
             }
@@ -869,6 +877,11 @@ fn head_problem(req: &RequestHeader) -> Option<&'static str> {
         // RFC 9112 3.2: nor to one whose Host is not a host (and port).
         return Some("Host: not a host name or address, with an optional port");
     }
+    if req.method != http::Method::CONNECT && !is_request_target(req) {
+        // RFC 9112 3.2: origin form, absolute form, or `*` for OPTIONS. Pingora would route
+        // "GET zz/x" or "GET ?x" as "/" (and percent-encodes what a target may not hold).
+        return Some("request target: must be a path starting with '/' or an absolute http URI");
+    }
     let path = req.uri.path();
     if !path.starts_with("/account/") && has_dot_segment(path) {
         // Routes match the path as sent; an upstream that resolves "..", as most do, would
@@ -877,6 +890,18 @@ fn head_problem(req: &RequestHeader) -> Option<&'static str> {
         return Some("path: dot segments ('.' and '..', also percent-encoded) are not allowed");
     }
     None
+}
+
+/// Whether the request target is in one of the forms a request other than CONNECT may use.
+fn is_request_target(req: &RequestHeader) -> bool {
+    let target = req.raw_path();
+    let starts = |scheme: &[u8]| {
+        target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme)
+    };
+    target.first() == Some(&b'/')
+        || starts(b"http://")
+        || starts(b"https://")
+        || (target == b"*" && req.method == http::Method::OPTIONS)
 }
 
 /// Whether the request's Transfer-Encoding names a coding besides one `chunked`.
@@ -1149,6 +1174,13 @@ impl Tollgate {
             refused("connect");
             session.set_keepalive(None);
             let error = ApiError::new(405, "method: CONNECT is not served");
+            self.reject(session, ctx, error, &[]).await;
+        } else if session.req_header().method == http::Method::TRACE {
+            // A TRACE echoes the request, credentials and cookies included, to whatever
+            // script can read the answer (as nginx, it is not served).
+            refused("trace");
+            session.set_keepalive(None);
+            let error = ApiError::new(405, "method: TRACE is not served");
             self.reject(session, ctx, error, &[]).await;
         } else if session.req_header().uri.path().starts_with("/account/") {
             self.serve_account(session, ctx).await;

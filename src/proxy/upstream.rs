@@ -83,6 +83,22 @@ pub(super) fn list_items(
         .map(<[u8]>::trim_ascii)
 }
 
+/// Whether an answer's `Transfer-Encoding` is anything but one `chunked`: a coding Tollgate
+/// cannot take off (RFC 9112 6.1). Passed on, an HTTP/1.0 caller (which knows no codings) would
+/// get the coded bytes as if plain, and a coding without `chunked` last leaves the answer's end
+/// to the upstream's close, which a kept connection never gives.
+fn has_coding_besides_chunked(headers: &http::HeaderMap) -> bool {
+    if !headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return false;
+    }
+    let mut codings =
+        list_items(headers, http::header::TRANSFER_ENCODING).filter(|c| !c.is_empty());
+    !matches!(
+        (codings.next(), codings.next()),
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked")
+    )
+}
+
 /// The fields a `Connection` header names as the connection's own, to be dropped with it
 /// (RFC 9110 7.6.1); never those that frame or address the message, which Tollgate sets itself.
 fn connection_options(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
@@ -561,8 +577,11 @@ impl Request {
             })?;
             answered = true;
             let head = http.response_header().ok_or(ANSWERED_WRONGLY)?;
-            // A status outside 100-599 (RFC 9110 15) is no answer.
-            if !(100..600).contains(&head.status.as_u16()) {
+            // A status outside 100-599 (RFC 9110 15) is no answer; nor is one in a coding
+            // Tollgate cannot take off (as nginx: "upstream sent unknown Transfer-Encoding").
+            if !(100..600).contains(&head.status.as_u16())
+                || has_coding_besides_chunked(&head.headers)
+            {
                 return Err(ANSWERED_WRONGLY);
             }
             // 1xx answers (100 Continue, 103 Early Hints) precede the real one.

@@ -529,6 +529,12 @@ pub enum Fault {
     CloseDelimited,
     /// Answers 200 in two chunks and stays open.
     Chunked,
+    /// Answers 200 in a coding Tollgate cannot take off (`gzip, chunked`) and stays open.
+    GzipCoded,
+    /// Answers 200 with `Transfer-Encoding: gzip` beside a length, and stays open.
+    CodedWithLength,
+    /// Answers 200 chunked with an empty chunk-size line before the body's real end.
+    EmptyChunkSize,
 }
 
 const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
@@ -591,6 +597,23 @@ impl FaultUpstream {
                                 let _ = s.write_all(
                                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
                                 );
+                                held.push(s);
+                            }
+                            Fault::GzipCoded => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                                );
+                                held.push(s);
+                            }
+                            Fault::CodedWithLength => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+                                );
+                                held.push(s);
+                            }
+                            Fault::EmptyChunkSize => {
+                                let _ = s.write_all(CHUNKED_HEAD);
+                                let _ = s.write_all(b"\r\nX: y\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
                                 held.push(s);
                             }
                             Fault::BadChunk => {
