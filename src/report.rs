@@ -84,11 +84,16 @@ impl From<XlsxError> for ReportError {
 struct SheetLimits {
     max_data_rows: u32,
     max_columns: ColNum,
+    /// Sheets of a JSON workbook's arrays: one per top-level array, this many at most.
+    max_array_sheets: usize,
 }
 
 const EXCEL_LIMITS: SheetLimits = SheetLimits {
     max_data_rows: EXCEL_MAX_DATA_ROWS,
     max_columns: EXCEL_MAX_COLUMNS,
+    // Excel sets no number, but a workbook of thousands of sheets is no table anyone reads,
+    // and each costs its building: a payload of 20,000 one-element arrays is 1 MiB.
+    max_array_sheets: 250,
 };
 
 /// The usage report for one user and period.
@@ -377,6 +382,9 @@ fn prefix_within_utf16_units(text: &str, max_units: usize) -> &str {
 /// compared without case as Excel does.
 struct SheetNames {
     taken_lowercase: HashSet<String>,
+    /// Per base name (lowercase) given copies, the copy number to try next: many names cut
+    /// to the same 31 characters are numbered in one pass, not each from " (2)" again.
+    next_copy: HashMap<String, u32>,
 }
 
 impl SheetNames {
@@ -384,6 +392,7 @@ impl SheetNames {
         // Excel reserves "History" for its change tracking.
         SheetNames {
             taken_lowercase: HashSet::from(["history".to_string()]),
+            next_copy: HashMap::new(),
         }
     }
 
@@ -404,12 +413,13 @@ impl SheetNames {
             trimmed => trimmed,
         };
         let mut candidate = base.to_string();
-        let mut copy_number = 2u32;
+        let base_key = base.to_lowercase();
+        let copy_number = self.next_copy.entry(base_key).or_insert(2);
         while self.taken_lowercase.contains(&candidate.to_lowercase()) {
             let suffix = format!(" ({copy_number})");
             let room = EXCEL_MAX_SHEET_NAME_UTF16_UNITS - suffix.len();
             candidate = format!("{}{suffix}", prefix_within_utf16_units(base, room));
-            copy_number += 1;
+            *copy_number += 1;
         }
         self.taken_lowercase.insert(candidate.to_lowercase());
         candidate
@@ -476,12 +486,28 @@ fn build_json_workbook(value: &Value, limits: SheetLimits) -> Result<Vec<u8>, Re
                 let sheet = workbook.add_worksheet().set_name(&name)?;
                 record(name, write_fields_sheet(sheet, &fields, limits, &bold)?);
             }
-            for (member_name, member) in members {
-                if let Value::Array(elements) = member {
-                    let name = names.claim(member_name);
-                    let sheet = workbook.add_worksheet().set_name(&name)?;
-                    record(name, write_array_sheet(sheet, elements, limits, &bold)?);
+            let arrays = members.iter().filter_map(|(name, member)| match member {
+                Value::Array(elements) => Some((name, elements)),
+                _ => None,
+            });
+            let mut left_out = 0usize;
+            for (index, (member_name, elements)) in arrays.enumerate() {
+                if index >= limits.max_array_sheets {
+                    left_out += 1;
+                    continue;
                 }
+                let name = names.claim(member_name);
+                let sheet = workbook.add_worksheet().set_name(&name)?;
+                record(name, write_array_sheet(sheet, elements, limits, &bold)?);
+            }
+            if left_out > 0 {
+                notes.push((
+                    "(workbook)".to_string(),
+                    format!(
+                        "only the first {} arrays have a sheet; {left_out} more were left out",
+                        limits.max_array_sheets
+                    ),
+                ));
             }
         }
         Value::Array(elements) => {
@@ -901,7 +927,7 @@ mod tests {
     fn daily_rows_past_the_sheet_limit_are_cut_with_a_note_and_still_totalled() {
         let limits = SheetLimits {
             max_data_rows: 3,
-            max_columns: EXCEL_MAX_COLUMNS,
+            ..EXCEL_LIMITS
         };
         let rows = sample_rows();
         let bytes = build_statistics_workbook(
@@ -1125,6 +1151,7 @@ mod tests {
         let limits = SheetLimits {
             max_data_rows: 2,
             max_columns: 2,
+            ..EXCEL_LIMITS
         };
         let payload = json!({"notes": [
             {"a": 1, "b": 2},
@@ -1154,6 +1181,27 @@ mod tests {
                     text("columns left out past the limit of 2: 1")
                 ],
             ]
+        );
+    }
+
+    #[test]
+    fn arrays_past_the_sheet_limit_are_left_out_with_a_note_and_names_stay_distinct() {
+        // Names alike in their first 31 characters, as a caller can send thousands of: each
+        // gets its own copy number, and the workbook stops at the sheet limit.
+        let members: serde_json::Map<String, Value> = (0..12_000)
+            .map(|i| (format!("{}{i:06}", "a".repeat(31)), json!([i])))
+            .collect();
+        let bytes = json_workbook(&Value::Object(members)).expect("workbook builds");
+        let mut opened = Opened::new(bytes);
+        let names = opened.sheet_names();
+        assert_eq!(names.len(), EXCEL_LIMITS.max_array_sheets + 1, "{names:?}");
+        let distinct: HashSet<String> = names.iter().map(|n| n.to_lowercase()).collect();
+        assert_eq!(distinct.len(), names.len());
+        assert_eq!(names[1], format!("{} (2)", "a".repeat(27)));
+        let notes = opened.rows(names.last().unwrap());
+        assert_eq!(
+            notes[1][1],
+            text("only the first 250 arrays have a sheet; 11750 more were left out")
         );
     }
 

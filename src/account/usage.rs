@@ -553,9 +553,15 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                 serde_json::from_slice::<serde::de::IgnoredAny>(&payload.body).map_err(not_json)?;
                 AccountResponse::file("application/json", payload.body.clone(), None)
             } else {
-                let value: Value = serde_json::from_slice(&payload.body).map_err(not_json)?;
-                let bytes =
-                    report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))?;
+                // Parsing and laying out a payload of up to max_capture_bytes is CPU work of
+                // milliseconds to seconds: off the threads that serve calls.
+                let body = payload.body.clone();
+                let bytes = tokio::task::spawn_blocking(move || {
+                    let value: Value = serde_json::from_slice(&body).map_err(not_json)?;
+                    report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))
+                })
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))??;
                 let name = format!(
                     "{code}_{}_{stage}.xlsx",
                     if flow == Flow::Input {
