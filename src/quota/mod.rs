@@ -90,7 +90,7 @@ impl Quotas {
             .iter()
             .find(|q| q.service == service && q.method_group == group)
         {
-            v = stored.values.over(v);
+            v = stored.values.clamped().over(v);
         }
         v
     }
@@ -207,5 +207,23 @@ mod tests {
             q.limits(&dave, s, g).date_window_days,
             DEFAULT_DATE_WINDOW_DAYS
         );
+
+        // A store written before the bounds held may carry values past them: what is enforced
+        // is held to the bounds /account/quota shows.
+        let mut erin = user("erin", "acme");
+        erin.quotas.push(UserQuota {
+            service: s,
+            method_group: g,
+            values: QuotaValues {
+                points_per_day: Some(999_999_999_999),
+                date_window_days: Some(4_000_000_000),
+                points_per_date_window: Some(100),
+                ..Default::default()
+            },
+        });
+        let limits = q.limits(&erin, s, g);
+        assert_eq!(limits.date_window_days, 366);
+        assert_eq!(limits.points_per_day, Some(100_000_000));
+        assert_eq!(limits.points_per_date_window, Some(100));
     }
 }
