@@ -146,7 +146,9 @@ fn fill() -> Filled {
             writer.record_blocking(full.0).expect("the writer runs");
         }
     }
-    writer.flush_blocking().expect("the writer runs");
+    writer
+        .flush_blocking(std::time::Duration::from_secs(600))
+        .expect("the writer runs");
     let filled = began.elapsed();
     let writer_cpu = thread_cpu_named("store-writer");
     drop(writer);
@@ -326,7 +328,9 @@ fn payload_writer_cost() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    writer.flush_blocking().expect("the writer runs");
+    writer
+        .flush_blocking(std::time::Duration::from_secs(600))
+        .expect("the writer runs");
     let writer_cpu = thread_cpu_named("store-writer").map(|t| t.saturating_sub(writer_before));
     let process = cpu_time(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(process_before);
     drop(writer);

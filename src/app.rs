@@ -199,7 +199,9 @@ date_window_days = {window_days}
             app.writer
                 .record_blocking(Box::new(charged_call(today - 40, 70)))
                 .unwrap();
-            app.writer.flush_blocking().unwrap();
+            app.writer
+                .flush_blocking(std::time::Duration::from_secs(60))
+                .unwrap();
             drop(app);
             writer_thread.join().unwrap();
         }

@@ -15,6 +15,9 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service as ListeningService;
 
 use crate::app::App;
+
+/// How long the exit waits for the store writer to write what it holds.
+const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(30);
 use crate::auth::{self, Authority, Keys};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -253,7 +256,9 @@ pub fn serve(config: Config) -> Result<(), String> {
     });
 
     // Calls have drained; write what the writer still holds before exiting.
-    if let Err(e) = app.writer.flush_blocking() {
+    // Bounded: a writer whose batches keep failing must not hold the exit; what it could not
+    // write is named in the log.
+    if let Err(e) = app.writer.flush_blocking(FINAL_FLUSH_WAIT) {
         tracing::error!(error = %e, "final store flush failed");
     }
     let _ = app.store.sync();

@@ -28,8 +28,21 @@ fn internal(e: store::StoreError) -> ApiError {
     ApiError::internal("the store could not be read")
 }
 
+/// How long a read waits for the calls before it to be on record.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn flush(call: &Call<'_>) -> Result<(), ApiError> {
-    call.app.writer.flush().await.map_err(internal)
+    match call.app.writer.flush(FLUSH_WAIT).await {
+        Ok(()) => Ok(()),
+        Err(e @ store::StoreError::Behind(_)) => {
+            tracing::error!(error = %e, "an account read did not see the latest calls on record");
+            Err(ApiError::new(
+                503,
+                "store: the latest calls are not on record yet; try again shortly",
+            ))
+        }
+        Err(e) => Err(internal(e)),
+    }
 }
 
 fn get<'q>(query: &'q [(String, String)], name: &str) -> Option<&'q str> {

@@ -57,6 +57,10 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("store: the writer has stopped")]
     WriterGone,
+    /// The writer did not get to what was handed over within the wait (it is failing, or far
+    /// behind): the caller may try again.
+    #[error("store: the writer has not caught up within {0:?}")]
+    Behind(std::time::Duration),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -1713,7 +1717,9 @@ mod tests {
         for c in calls {
             writer.try_record(c).unwrap();
         }
-        writer.flush_blocking().unwrap();
+        writer
+            .flush_blocking(std::time::Duration::from_secs(60))
+            .unwrap();
         drop(writer);
         handle.join().unwrap();
     }
@@ -1745,6 +1751,51 @@ mod tests {
             )
             .unwrap();
         assert_eq!(today.points, 6, "both calls are charged");
+    }
+
+    #[test]
+    fn a_day_whose_counter_cannot_be_read_is_counted_again_and_written_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now().timestamp_millis();
+        let day = day_of_ms(now);
+        let codes: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            write(
+                &store,
+                (0..4)
+                    .map(|i| call(if i == 3 { "bob" } else { "alice" }, now, codes[i], 1, day))
+                    .collect(),
+            );
+            // Damage the day's whole-day count of everything: a varint cut short.
+            let audit = store.day_keyspace("audit", day).unwrap();
+            let everything = counter_prefix(SCOPE_ALL, "");
+            let damaged = audit
+                .prefix(&everything)
+                .map(|g| g.key().unwrap().to_vec())
+                .find(|k| counter_cell(k).is_some_and(|(hour, _)| hour == WHOLE_DAY))
+                .expect("a whole-day cell");
+            audit.insert(&damaged, [0x80u8]).unwrap();
+        }
+        // After a restart the writer reads the day's counts again: it counts the records
+        // instead of failing every batch, and numbers the new records after the old ones.
+        let store = Store::open(dir.path()).unwrap();
+        write(
+            &store,
+            vec![
+                call("alice", now, codes[4], 1, day),
+                call("alice", now, codes[5], 1, day),
+            ],
+        );
+        let page = store.audit(&everything_seen_by(Visibility::All)).unwrap();
+        let mut seen: Vec<Uuid> = page.records.iter().map(|r| r.code).collect();
+        seen.sort();
+        let mut want = codes.clone();
+        want.sort();
+        assert_eq!(seen, want, "no record overwritten or lost");
+        assert_eq!(page.overall_total, 6);
+        assert_eq!(store.audit(&everything("alice")).unwrap().overall_total, 5);
+        assert_eq!(store.audit(&everything("bob")).unwrap().overall_total, 1);
     }
 
     #[test]

@@ -145,17 +145,36 @@ impl StoreWriter {
 
     /// Waits until everything handed over before this call is written (read-your-writes for
     /// the account API).
-    pub async fn flush(&self) -> Result<()> {
+    /// Waits at most `wait`: a writer whose batches fail (a full disk, say) keeps them and
+    /// retries, and a reader is told so rather than held.
+    pub async fn flush(&self, wait: Duration) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
         self.send_waking(Op::Flush(ack)).await?;
-        done.await.map_err(|_| StoreError::WriterGone)
+        match tokio::time::timeout(wait, done).await {
+            Ok(done) => done.map_err(|_| StoreError::WriterGone),
+            Err(_) => Err(StoreError::Behind(wait)),
+        }
     }
 
     /// As [`StoreWriter::flush`], from a thread outside any runtime (shutdown).
-    pub fn flush_blocking(&self) -> Result<()> {
-        let (ack, done) = tokio::sync::oneshot::channel();
+    pub fn flush_blocking(&self, wait: Duration) -> Result<()> {
+        let (ack, mut done) = tokio::sync::oneshot::channel();
         self.send_blocking(Op::Flush(ack))?;
-        done.blocking_recv().map_err(|_| StoreError::WriterGone)
+        let deadline = Instant::now() + wait;
+        loop {
+            match done.try_recv() {
+                Ok(()) => return Ok(()),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(StoreError::WriterGone)
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                    if Instant::now() >= deadline {
+                        return Err(StoreError::Behind(wait));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
     }
 
     /// Queues an op someone waits on and wakes the writer for it; a full queue is waited out
@@ -278,7 +297,9 @@ impl Tallies {
     fn day(&mut self, store: &Store, day: Day) -> Result<&mut DayTally> {
         Ok(match self.days.entry(day) {
             Entry::Occupied(known) => known.into_mut(),
-            Entry::Vacant(new) => new.insert(DayTally::load(store.day_keyspace("audit", day)?)?),
+            Entry::Vacant(new) => {
+                new.insert(DayTally::load(store.day_keyspace("audit", day)?, day)?)
+            }
         })
     }
 
@@ -291,7 +312,110 @@ impl Tallies {
 }
 
 impl DayTally {
-    fn load(keyspace: Keyspace) -> Result<DayTally> {
+    /// The day's counts as stored; when a cell cannot be read (a damaged store), counted again
+    /// from the day's records, which are what the counts count. Refusing the day instead would
+    /// stop every later batch, and audit with it.
+    fn load(keyspace: Keyspace, day: Day) -> Result<DayTally> {
+        match Self::read_counts(keyspace.clone()) {
+            Err(StoreError::Corrupt { key, reason }) => {
+                tracing::error!(
+                    day = %date_of_day(day),
+                    key,
+                    reason,
+                    "an audit counter cannot be read; counting the day's records again"
+                );
+                Self::recount(keyspace, day)
+            }
+            read => read,
+        }
+    }
+
+    fn read_operations(keyspace: &Keyspace) -> Result<HashMap<String, u32>> {
+        let mut operations = HashMap::default();
+        for guard in keyspace.prefix([OPERATION]) {
+            let (k, v) = guard.into_inner()?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            operations.insert(name, operation_id_from(&v));
+        }
+        Ok(operations)
+    }
+
+    fn recount(keyspace: Keyspace, day: Day) -> Result<DayTally> {
+        let operations = Self::read_operations(&keyspace)?;
+        let mut tally = DayTally {
+            keyspace,
+            next_seq: 0,
+            operations,
+            cells: HashMap::default(),
+            dirty: Vec::new(),
+        };
+        // Every stored cell is written again: the damaged one with its true count (0 if no
+        // record counts in it).
+        for guard in tally.keyspace.prefix([COUNTER]) {
+            let k = guard.key()?;
+            tally.cells.insert(
+                k.to_vec(),
+                Cell {
+                    count: 0,
+                    dirty: true,
+                },
+            );
+            tally.dirty.push(k.to_vec());
+        }
+        let mut records = 0u64;
+        let mut cell = Vec::with_capacity(64);
+        let keyspace = tally.keyspace.clone();
+        for guard in keyspace.prefix([RECORD]) {
+            let (k, v) = guard.into_inner()?;
+            // A record's number is its place in the day: the next one follows them all, read
+            // or not.
+            records += 1;
+            let Ok(a) = decode_audit(day, &k, &v) else {
+                continue;
+            };
+            let Some(&operation) = tally.operations.get(&a.operation) else {
+                continue;
+            };
+            let header = Header {
+                service: a.service.code(),
+                group: a.method_group.code(),
+                operation,
+            };
+            let hour = ((a.time_ms - day as i64 * DAY_MS) as u32 / HOUR_MS) as u8;
+            let anonymous = a.username == crate::trace::ANONYMOUS;
+            tally.count_record(&mut cell, &a, hour, header, anonymous);
+        }
+        tally.next_seq = u32::try_from(records).map_err(|_| corrupt(b"R", "too many records"))?;
+        Ok(tally)
+    }
+
+    /// Counts one record in the cells of everyone who sees it: all, and (unless made without
+    /// a token) its user and its company; by hour, and by day where the scope has day cells.
+    fn count_record(
+        &mut self,
+        cell: &mut Vec<u8>,
+        a: &AuditRecord,
+        hour: u8,
+        header: Header,
+        anonymous: bool,
+    ) {
+        let scopes = [
+            (SCOPE_ALL, ""),
+            (SCOPE_USER, a.username.as_str()),
+            (SCOPE_COMPANY, a.company_key.as_str()),
+        ];
+        let seen_by = if anonymous { 1 } else { scopes.len() };
+        for (scope, owner) in scopes.into_iter().take(seen_by) {
+            counter_key(cell, scope, owner, hour, header);
+            self.count(cell);
+            if has_day_cells(scope) {
+                counter_key(cell, scope, owner, WHOLE_DAY, header);
+                self.count(cell);
+            }
+        }
+    }
+
+    fn read_counts(keyspace: Keyspace) -> Result<DayTally> {
         let mut cells = HashMap::default();
         let mut next_seq = 0u64;
         let everything = counter_prefix(SCOPE_ALL, "");
@@ -312,12 +436,7 @@ impl DayTally {
                 },
             );
         }
-        let mut operations = HashMap::default();
-        for guard in keyspace.prefix([OPERATION]) {
-            let (k, v) = guard.into_inner()?;
-            let name = String::from_utf8_lossy(&k[1..]).into_owned();
-            operations.insert(name, operation_id_from(&v));
-        }
+        let operations = Self::read_operations(&keyspace)?;
         Ok(DayTally {
             keyspace,
             next_seq: u32::try_from(next_seq).map_err(|_| corrupt(b"N", "too many records"))?,
@@ -510,20 +629,7 @@ fn write_batch_with(
                 header_bytes.as_slice(),
             );
         }
-        let scopes = [
-            (SCOPE_ALL, ""),
-            (SCOPE_USER, a.username.as_str()),
-            (SCOPE_COMPANY, a.company_key.as_str()),
-        ];
-        let seen_by = if call.anonymous { 1 } else { scopes.len() };
-        for (scope, owner) in scopes.into_iter().take(seen_by) {
-            counter_key(&mut cell, scope, owner, hour, header);
-            tally.count(&cell);
-            if has_day_cells(scope) {
-                counter_key(&mut cell, scope, owner, WHOLE_DAY, header);
-                tally.count(&cell);
-            }
-        }
+        tally.count_record(&mut cell, a, hour, header, call.anonymous);
 
         if call.findable {
             let mut pointers = [None, None];
