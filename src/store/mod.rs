@@ -175,7 +175,14 @@ pub struct AuditPage {
     pub records: Vec<AuditRecord>,
     pub overall_total: u64,
     pub filter_total: u64,
+    /// Sorted by another field than time, more records matched than
+    /// [`MAX_SORTED_MATCHES`]: no page was made (the totals hold).
+    pub too_many_to_sort: bool,
 }
+
+/// The most records a query sorted by another field than time may match: each is read and
+/// sorted in memory (a time-sorted page reads only its own records, at any total).
+pub const MAX_SORTED_MATCHES: u64 = 250_000;
 
 pub struct Store {
     db: Database,
@@ -1433,6 +1440,10 @@ impl Store {
     /// skips whole days and hours by those counts and decodes only the records it returns.
     /// Everything is read from one snapshot, so the totals always agree with the page.
     pub fn audit(&self, q: &AuditQuery) -> Result<AuditPage> {
+        self.audit_sorting_at_most(q, MAX_SORTED_MATCHES)
+    }
+
+    fn audit_sorting_at_most(&self, q: &AuditQuery, max_sorted: u64) -> Result<AuditPage> {
         let scope = Scope::of(&q.visibility);
         let snap = self.db.snapshot();
         let mut plans = self.plan_days(&snap, q, &scope)?;
@@ -1440,12 +1451,15 @@ impl Store {
             records: Vec::new(),
             overall_total: plans.iter().map(|p| p.overall).sum(),
             filter_total: plans.iter().map(|p| p.matched).sum(),
+            too_many_to_sort: false,
         };
-        page.records = if q.sort == AuditSort::Time {
-            time_page(&snap, &scope, q, &mut plans)?
+        if q.sort == AuditSort::Time {
+            page.records = time_page(&snap, &scope, q, &mut plans)?;
+        } else if page.filter_total > max_sorted {
+            page.too_many_to_sort = true;
         } else {
-            sorted_page(&snap, &scope, q, &plans)?
-        };
+            page.records = sorted_page(&snap, &scope, q, &plans)?;
+        }
         Ok(page)
     }
 
@@ -1751,6 +1765,31 @@ mod tests {
             )
             .unwrap();
         assert_eq!(today.points, 6, "both calls are charged");
+    }
+
+    #[test]
+    fn a_query_sorted_by_another_field_than_time_reads_a_bounded_number_of_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now().timestamp_millis();
+        write(
+            &store,
+            (0..3)
+                .map(|_| call("alice", now, Uuid::new_v4(), 1, day_of_ms(now)))
+                .collect(),
+        );
+        let mut q = everything("alice");
+        q.sort = AuditSort::PointsCount;
+        let page = store.audit_sorting_at_most(&q, 3).unwrap();
+        assert_eq!((page.records.len(), page.too_many_to_sort), (3, false));
+        let page = store.audit_sorting_at_most(&q, 2).unwrap();
+        assert!(page.too_many_to_sort);
+        assert!(page.records.is_empty());
+        assert_eq!((page.overall_total, page.filter_total), (3, 3));
+        // Sorted by time, any number.
+        q.sort = AuditSort::Time;
+        let page = store.audit_sorting_at_most(&q, 2).unwrap();
+        assert_eq!((page.records.len(), page.too_many_to_sort), (3, false));
     }
 
     #[test]
