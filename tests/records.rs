@@ -1874,6 +1874,82 @@ fn statistics_count_points_per_day_service_and_method_group_live() {
     assert_eq!(stats(&t, &t.token("paula"), "username=alice").0, 404);
 }
 
+fn put_info(t: &Tollgate, token: &str, username: &str, company: &str, timezone: i32) {
+    let r = client()
+        .put(t.url("/account/info"))
+        .bearer_auth(token)
+        .json(&json!({"username": username, "company_key": company, "timezone": timezone}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().unwrap());
+}
+
+#[test]
+fn a_partner_sees_a_moved_users_statistics_from_the_day_it_joined_only() {
+    let t = Tollgate::start();
+    let bob = t.token("bob");
+    let admin = t.token("root_admin");
+    // Two local dates of bob's: at UTC-12, then at UTC+12 (the next date, whatever the hour).
+    put_info(&t, &bob, "bob", "acme", -12);
+    plan(&t, &bob, &[1]);
+    put_info(&t, &bob, "bob", "acme", 12);
+    plan(&t, &bob, &[1, 2]);
+    let wide = {
+        let today = Utc::now().date_naive();
+        format!(
+            "username=bob&from={}&to={}",
+            today - chrono::Duration::days(3),
+            today + chrono::Duration::days(3)
+        )
+    };
+    let dates = |body: &Value| -> Vec<String> {
+        body["dates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["date"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = dates(&stats(&t, &admin, &wide).1);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // bob moves to evil_corp, on his second date.
+    put_info(&t, &admin, "bob", "evil_corp", 12);
+    let out = t.user_cli(
+        &[
+            "add",
+            "pete",
+            "--company",
+            "evil_corp",
+            "--roles",
+            "PARTNER",
+            "--password",
+            "pete-password-1",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pete = t.token_for("pete", "pete-password-1");
+    let (status, body) = stats(&t, &pete, &wide);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        dates(&body),
+        before[1..],
+        "evil_corp's PARTNER sees bob's days since he joined, not acme's"
+    );
+    // bob and an ADMIN still see all of it; acme's PARTNER no longer sees bob.
+    assert_eq!(dates(&stats(&t, &admin, &wide).1), before);
+    assert_eq!(
+        dates(&stats(&t, &bob, &wide.replace("username=bob&", "")).1),
+        before
+    );
+    assert_eq!(stats(&t, &t.token("paula"), &wide).0, 404);
+}
+
 #[test]
 fn the_report_is_a_workbook_whose_daily_sheet_matches_the_statistics() {
     let t = Tollgate::start();

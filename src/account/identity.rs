@@ -207,7 +207,7 @@ pub fn info_put(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
             target.name = name;
             target.email = email;
             target.phone = phone;
-            target.company_key = company_key;
+            target.move_to_company(company_key);
             target.timezone = timezone as i32;
             Ok(())
         })?

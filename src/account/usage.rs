@@ -162,7 +162,12 @@ fn daily_rows(
     user: &UserRecord,
     from: NaiveDate,
     to: NaiveDate,
+    first_visible: Option<NaiveDate>,
 ) -> Result<Vec<DailyRow>, ApiError> {
+    let from = first_visible.map_or(from, |first| from.max(first));
+    if from > to {
+        return Ok(Vec::new());
+    }
     let rows = call
         .app
         .store
@@ -228,19 +233,41 @@ fn subject(call: &mut Call<'_>) -> Result<Arc<UserRecord>, ApiError> {
             token_version: 0,
             password_changed: false,
             quotas: Vec::new(),
+            company_since_ms: None,
         }));
     }
     Err(ApiError::not_found(name.to_string()))
 }
 
+/// The first local date of `user`'s statistics the caller may see: a PARTNER looking at
+/// another account sees the days since it joined the PARTNER's company, not what it used
+/// under another company (which that company's audit keeps).
+fn first_visible_date(
+    call: &mut Call<'_>,
+    user: &UserRecord,
+) -> Result<Option<NaiveDate>, ApiError> {
+    let caller = call.caller()?;
+    if caller.username == user.username || !matches!(visibility(&caller), Visibility::Company(_)) {
+        return Ok(None);
+    }
+    Ok(user.company_since_ms.and_then(|ms| {
+        Some(
+            DateTime::<Utc>::from_timestamp_millis(ms)?
+                .with_timezone(&offset_of(user))
+                .date_naive(),
+        )
+    }))
+}
+
 pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = subject(call)?;
     let (from, mut to, default_to) = period(call, &user)?;
+    let first_visible = first_visible_date(call, &user)?;
     flush(call).await?;
     if default_to {
         to = through_continued_day(call, &user, to)?;
     }
-    let rows = daily_rows(call, &user, from, to)?;
+    let rows = daily_rows(call, &user, from, to, first_visible)?;
     let mut dates: BTreeMap<NaiveDate, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     for r in rows {
         dates
@@ -272,6 +299,7 @@ pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
 pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = subject(call)?;
     let (from, mut to, default_to) = period(call, &user)?;
+    let first_visible = first_visible_date(call, &user)?;
     // Excel has no dates before 1900: cells before it would read as errors.
     if from < report::FIRST_EXCEL_DATE {
         return Err(ApiError::invalid(
@@ -283,7 +311,7 @@ pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     if default_to {
         to = through_continued_day(call, &user, to)?;
     }
-    let rows = daily_rows(call, &user, from, to)?;
+    let rows = daily_rows(call, &user, from, to, first_visible)?;
     let bytes = report::statistics_workbook(&user.username, from, to, &rows)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let filename = format!(

@@ -153,6 +153,7 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                 token_version: first_token_version(),
                 password_changed: false,
                 quotas: Vec::new(),
+                company_since_ms: None,
             },
             Some(mut user) => {
                 if !user.password_changed {
@@ -163,7 +164,7 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                     }
                 }
                 user.roles = seed.roles.clone();
-                user.company_key = seed.company_key.clone();
+                user.move_to_company(seed.company_key.clone());
                 user
             }
         };

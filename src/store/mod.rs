@@ -89,6 +89,20 @@ pub struct UserRecord {
     pub password_changed: bool,
     #[serde(default)]
     pub quotas: Vec<UserQuota>,
+    /// When the user last moved to another company (Unix ms); None: never moved. A PARTNER of
+    /// the new company sees the user's statistics from then on only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company_since_ms: Option<i64>,
+}
+
+impl UserRecord {
+    /// Moves the user to `company_key`, remembering when, if it is another company.
+    pub fn move_to_company(&mut self, company_key: String) {
+        if company_key != self.company_key {
+            self.company_key = company_key;
+            self.company_since_ms = Some(Utc::now().timestamp_millis());
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
