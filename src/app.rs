@@ -55,6 +55,12 @@ impl Draining {
         self.flag.load(Ordering::Acquire)
     }
 
+    /// Whether a connection accepted at `at` came after the drain's first `grace` had passed:
+    /// the listener is as good as closed to it.
+    pub fn closed_to_new_by(&self, at: std::time::SystemTime, grace: std::time::Duration) -> bool {
+        self.is_set() && self.began.get().is_some_and(|began| *began + grace <= at)
+    }
+
     /// Resolves once the drain has begun.
     pub async fn wait(&self) {
         let notified = self.notify.notified();

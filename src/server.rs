@@ -156,10 +156,14 @@ impl BackgroundService for AdminSocket {
     }
 }
 
-/// SIGTERM waits for the calls in flight (up to `shutdown_timeout_seconds`) before pingora
-/// shuts its runtimes down, which would cancel them. SIGINT stops at once; SIGQUIT upgrades.
+/// SIGTERM: for `grace_period_seconds` the listener keeps accepting (a load balancer has time
+/// to see the drain) and new calls are answered with `Connection: close`; then connections
+/// accepted later are closed unanswered, and the calls in flight get up to
+/// `shutdown_timeout_seconds` to finish before pingora shuts its runtimes down, which would
+/// cancel them. SIGINT stops at once; SIGQUIT upgrades.
 struct DrainThenStop {
     app: Arc<App>,
+    grace: Duration,
     timeout: Duration,
 }
 
@@ -180,6 +184,8 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
             _ = term.recv() => {
                 self.app.draining.begin();
+                tracing::info!(grace = ?self.grace, "SIGTERM: accepting for the grace period");
+                tokio::time::sleep(self.grace).await;
                 let deadline = Instant::now() + self.timeout;
                 tracing::info!(in_flight = self.app.metrics.in_flight.get(), "SIGTERM: draining calls in flight");
                 while self.app.metrics.in_flight.get() > 0 && Instant::now() < deadline {
@@ -211,8 +217,10 @@ pub fn serve(config: Config) -> Result<(), String> {
     let (app, writer_thread) = build_app(config)?;
     let conf = ServerConf {
         threads: server_cfg.threads,
-        grace_period_seconds: Some(server_cfg.grace_period_seconds),
-        graceful_shutdown_timeout_seconds: Some(server_cfg.shutdown_timeout_seconds),
+        // Both phases of the drain happen before pingora's own shutdown (`DrainThenStop`):
+        // by then no call is left to wait for.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         // One single-threaded runtime per worker thread, connections spread over them: no
         // work-stealing bookkeeping on every wake-up, about 15 % less CPU per proxied call
         // (benches/load). A connection stays on its thread for its whole life.
@@ -251,6 +259,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainThenStop {
             app: app.clone(),
+            grace: Duration::from_secs(server_cfg.grace_period_seconds),
             timeout: Duration::from_secs(server_cfg.shutdown_timeout_seconds),
         }),
     });

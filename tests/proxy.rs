@@ -1716,7 +1716,7 @@ fn a_connection_accepted_while_draining_is_answered_with_connection_close() {
         client()
             .post(url)
             .bearer_auth(alice)
-            .header("x-demo-delay-ms", "2500")
+            .header("x-demo-delay-ms", "4000")
             .json(&json!({"locations": [1]}))
             .send()
             .map(|r| r.status().as_u16())
@@ -1728,6 +1728,7 @@ fn a_connection_accepted_while_draining_is_answered_with_connection_close() {
     unsafe {
         libc::kill(t.pid() as i32, libc::SIGTERM);
     }
+    let signalled = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     let mut late = Raw::connect(t.port);
     // Its head comes a moment after the connection.
@@ -1738,7 +1739,40 @@ fn a_connection_accepted_while_draining_is_answered_with_connection_close() {
         .expect("no answer to a request sent while draining");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("connection"), Some("close"));
+    // After the grace period, while the slow call still drains, a new connection gets no
+    // answer: the listener is as good as closed.
+    std::thread::sleep(Duration::from_millis(2400).saturating_sub(signalled.elapsed()));
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", t.port)) {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = s.write_all(b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        assert!(
+            answer.is_empty(),
+            "answered after the grace period: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
     assert_eq!(call.join().unwrap(), Ok(200));
+    assert_eq!(t.terminate(), Some(0), "{}", t.log());
+}
+
+#[test]
+fn an_idle_server_keeps_accepting_for_the_grace_period_after_sigterm() {
+    let mut t = start_with_config_edit(Setup::default(), |c| {
+        c.replace("grace_period_seconds = 0", "grace_period_seconds = 1")
+    });
+    unsafe {
+        libc::kill(t.pid() as i32, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut late = Raw::connect(t.port);
+    late.send(b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let r = late
+        .read_response()
+        .expect("a connection made within the grace period is answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(t.terminate(), Some(0), "{}", t.log());
 }
 

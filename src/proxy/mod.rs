@@ -1228,6 +1228,12 @@ impl HttpServerApp for Tollgate {
             .digest()
             .and_then(|d| d.timing_digest.first().cloned().flatten())
             .map(|t| t.established_ts);
+        let grace = Duration::from_secs(self.app.config.server.grace_period_seconds);
+        if accepted.is_some_and(|at| self.app.draining.closed_to_new_by(at, grace)) {
+            // Accepted after the grace period: the listener is closing, the caller retries
+            // elsewhere.
+            return None;
+        }
         let read = if accepted.is_some_and(|at| self.app.draining.had_begun_by(at)) {
             // A connection accepted while draining (the listener stays open for the grace
             // period): its request is read, for a moment, and answered with Connection: close.
