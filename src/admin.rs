@@ -182,7 +182,14 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
         }
         UserCommand::SetRoles { username, roles: r } => {
             let mut user = existing(username)?;
-            user.roles = roles(r)?;
+            let new_roles = roles(r)?;
+            if new_roles == user.roles {
+                return Ok(format!(
+                    "roles of {username} are already {:?}; nothing changed",
+                    user.roles
+                ));
+            }
+            user.roles = new_roles;
             user.token_version += 1;
             save(&user)?;
             Ok(format!(

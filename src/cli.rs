@@ -85,7 +85,8 @@ enum UserAction {
         #[arg(value_delimiter = ',')]
         roles: Vec<String>,
     },
-    /// Override one quota for a user; values not given are inherited.
+    /// Set a user's override of one quota: it replaces any earlier override of that service
+    /// and method group; values not given are inherited from the company and the defaults.
     SetQuota {
         username: String,
         #[arg(long)]
@@ -158,7 +159,15 @@ pub fn main() -> i32 {
             )
             .map_err(|e| e.to_string())
         }
-        Command::User { config, action } => load(&config).and_then(|c| user(&c, action)),
+        Command::User { config, action } => {
+            // Output piped into `head` and cut short ends the command quietly, as for any
+            // Unix tool, not with a panic over the broken pipe.
+            // SAFETY: setting a signal's disposition before any thread is started.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            load(&config).and_then(|c| user(&c, action))
+        }
     };
     match result {
         Ok(()) => 0,

@@ -883,6 +883,36 @@ fn concurrent_account_writes_never_undo_a_password_change() {
 }
 
 #[test]
+fn roles_the_config_sets_again_at_a_restart_revoke_the_tokens_issued_under_others() {
+    let mut t = Tollgate::start();
+    let out = t.user_cli(&["set-roles", "alice", "USER", "PARTNER"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = t.token("alice");
+    assert_eq!(validate(&t, &token).1["valid"], true);
+    // The config lists alice as USER only: the start puts that back, and the token that says
+    // PARTNER is revoked.
+    t.terminate();
+    t.spawn();
+    assert_eq!(validate(&t, &token).1["valid"], false);
+    // Roles the config leaves as they are revoke nothing, at a restart or from the CLI.
+    let token = t.token("alice");
+    t.terminate();
+    t.spawn();
+    assert_eq!(validate(&t, &token).1["valid"], true);
+    let out = t.user_cli(&["set-roles", "alice", "USER"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(validate(&t, &token).1["valid"], true);
+}
+
+#[test]
 fn a_removed_user_loses_their_tokens() {
     let mut t = Tollgate::start();
     t.terminate();

@@ -571,6 +571,52 @@ fn counters_survive_kill_9_and_restart() {
     assert_eq!(statistics_total(&t, &alice, "UNIVERSAL", "PLAN"), 10);
 }
 
+/// With `durability = "strict"` every call's charge or refund and its record are on disk
+/// before its caller hears the end of the answer: a kill -9 right after loses none, whatever
+/// the flush interval (10 s here), also for calls whose upstream failed.
+#[test]
+fn strict_durability_keeps_answered_and_failed_calls_through_kill_9() {
+    let down = free_port();
+    let mut extra = quota_table("UNIVERSAL", "PLAN", "", "points_per_day = 10");
+    extra.push_str(&failing_plan_routes(&[("down", down)]));
+    let mut t = start_with_config_edit(
+        Setup {
+            extra,
+            ..Setup::default()
+        },
+        |c| {
+            c.replace(
+                "flush_interval_ms = 20",
+                "flush_interval_ms = 10000\ndurability = \"strict\"",
+            )
+        },
+    );
+    let alice = t.token("alice");
+    assert_eq!(call_plan(&t, &alice, 4, &[]).status(), 200);
+    let r = client()
+        .post(t.url("/universal/plan/down"))
+        .bearer_auth(&alice)
+        .json(&json!({"locations": [1, 2]}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    t.kill9();
+    t.spawn();
+    let alice = t.token("alice");
+    assert_eq!(statistics_total(&t, &alice, "UNIVERSAL", "PLAN"), 4);
+    let audit: Value = t.get("/account/audit", &alice).json().unwrap();
+    let statuses: Vec<u64> = audit["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 502], "{audit}");
+    // 4 of 10 spent: 6 more fit, 7 do not.
+    assert_eq!(call_plan(&t, &alice, 7, &[]).status(), 402);
+    assert_eq!(call_plan(&t, &alice, 6, &[]).status(), 200);
+}
+
 fn set_timezone(t: &Tollgate, token: &str, username: &str, timezone: i32) {
     let r = client()
         .put(t.url("/account/info"))

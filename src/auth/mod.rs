@@ -163,7 +163,11 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                         user.token_version += 1;
                     }
                 }
-                user.roles = seed.roles.clone();
+                if user.roles != seed.roles {
+                    // A role change revokes the tokens issued before, which carry the old roles.
+                    user.roles = seed.roles.clone();
+                    user.token_version += 1;
+                }
                 user.move_to_company(seed.company_key.clone());
                 user
             }

@@ -602,15 +602,7 @@ impl Tollgate {
                     // ends.
                     Some(held) => {
                         if let Some(record) = self.settle_and_take_record(ctx) {
-                            if app.config.store.durability == crate::config::Durability::Strict {
-                                // Strict durability: the charge and the record are on disk
-                                // before the caller sees the end of the answer.
-                                if let Err(e) = app.writer.record_durable(record).await {
-                                    tracing::error!(error = %e, "strict record failed");
-                                }
-                            } else {
-                                self.enqueue(record);
-                            }
+                            self.put_on_record(record).await;
                         }
                         upstream::end_response(session, held).await;
                     }
@@ -630,7 +622,7 @@ impl Tollgate {
                 // the caller hears of the failure.
                 ctx.status = failure.status();
                 if let Some(record) = self.settle_and_take_record(ctx) {
-                    self.enqueue(record);
+                    self.put_on_record(record).await;
                 }
                 app.metrics
                     .upstream_errors
@@ -656,6 +648,19 @@ impl Tollgate {
             .total_seconds
             .observe(ctx.started.elapsed().as_secs_f64());
         if let Some(record) = self.settle_and_take_record(ctx) {
+            self.enqueue(record);
+        }
+    }
+
+    /// Puts an answered call on record before its caller hears the end of the answer: durably
+    /// (the charge or refund and the record on disk) with `durability = "strict"`, else handed
+    /// to the writer.
+    async fn put_on_record(&self, record: CallRecord) {
+        if self.app.config.store.durability == crate::config::Durability::Strict {
+            if let Err(e) = self.app.writer.record_durable(record).await {
+                tracing::error!(error = %e, "strict record failed");
+            }
+        } else {
             self.enqueue(record);
         }
     }
