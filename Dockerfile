@@ -1,7 +1,10 @@
 # Tollgate container image: build with the production profile, run as a non-root user with the
 # config and the store on volumes.
 #   docker build -t tollgate .
-#   docker run -p 8080:8080 -v ./config:/etc/tollgate -v tollgate-data:/var/lib/tollgate tollgate
+#   docker run -p 8080:8080 -p 9090:9090 -v tollgate-data:/var/lib/tollgate tollgate   # the demo
+# Your own config: -v "$PWD/tollgate.toml:/etc/tollgate/tollgate.toml:ro", with
+# [store] path = "/var/lib/tollgate", [docs] dir = "/usr/share/tollgate/docs" and listen
+# addresses on 0.0.0.0. The demo config's users have published passwords: not for production.
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*

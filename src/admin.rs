@@ -222,7 +222,10 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
                 values: *values,
             });
             save(&user)?;
-            Ok(format!("quota of {username} for {service}/{method_group} is now {values:?} (unset values are inherited)"))
+            let set = values.describe();
+            Ok(format!(
+                "quota of {username} for {service}/{method_group} is now: {set}; values not given are inherited"
+            ))
         }
     }
 }

@@ -17,6 +17,9 @@
 #   PERF=1                     also record a perf profile of each proxy (extra, unmeasured runs)
 #   RESULTS_DIR=benches/load   where results-<date>.md goes
 #   KEEP_TMP=1                 keep the temp dir (configs, logs, raw wrk output)
+#   BENCH_USERNAME BENCH_PASSWORD  the bench account written into the configs (letters,
+#                              digits, '_' and '-'; defaults in the script)
+#   BUILD_TIMEOUT_SECONDS=1800 the limit on building Tollgate when its binary is missing
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -25,7 +25,7 @@ if [ -z "$BIN" ]; then
         if [ -x "$b" ]; then BIN=$b; break; fi
     done
 fi
-[ -n "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+[ -n "$BIN" ] || { echo "build first: cargo build --profile production --bin tollgate" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
 
 TMP=$(mktemp -d)

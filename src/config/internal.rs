@@ -229,8 +229,8 @@ pub mod quota_bounds {
 }
 
 impl QuotaValues {
-    /// Every value set that is out of its bound (see [`quota_bounds`]), as "name: rule".
-    pub fn out_of_bounds(&self) -> Vec<String> {
+    /// Each value by its key name, with its bound (see [`quota_bounds`]).
+    fn named(&self) -> [(&'static str, Option<u64>, (u64, u64)); 5] {
         use quota_bounds::*;
         [
             (
@@ -255,12 +255,31 @@ impl QuotaValues {
                 MAX_CONCURRENT_EXECUTION,
             ),
         ]
-        .into_iter()
-        .filter_map(|(name, value, (min, max))| {
-            let v = value?;
-            (v < min || v > max).then(|| format!("{name}: {v} is out of range {min}..={max}"))
-        })
-        .collect()
+    }
+
+    /// Every value set that is out of its bound (see [`quota_bounds`]), as "name: rule".
+    pub fn out_of_bounds(&self) -> Vec<String> {
+        self.named()
+            .into_iter()
+            .filter_map(|(name, value, (min, max))| {
+                let v = value?;
+                (v < min || v > max).then(|| format!("{name}: {v} is out of range {min}..={max}"))
+            })
+            .collect()
+    }
+
+    /// The values set, as "name = value, ..." (or that none is).
+    pub fn describe(&self) -> String {
+        let set: Vec<String> = self
+            .named()
+            .into_iter()
+            .filter_map(|(name, value, _)| Some(format!("{name} = {}", value?)))
+            .collect();
+        if set.is_empty() {
+            "no values (all inherited)".to_string()
+        } else {
+            set.join(", ")
+        }
     }
 
     /// Every value set held to its bound (see [`quota_bounds`]). Stores written before the
