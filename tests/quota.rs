@@ -472,11 +472,11 @@ fn points_of_failed_upstream_calls_are_refunded() {
     let t = Tollgate::start_extra(&extra);
     let alice = t.token("alice");
 
-    // The upstream answers an error: proxied as is, not charged.
+    // The upstream answers an error: proxied as is, not charged, and its RateLimit says so.
     for status in ["500", "503", "400"] {
         let r = call_plan(&t, &alice, 10, &[("x-demo-status", status)]);
         assert_eq!(r.status().as_u16().to_string(), status);
-        assert_ratelimit_headers(&r, 10, None);
+        assert_ratelimit_headers(&r, 10, Some(10));
     }
     assert_eq!(demo_requests(&t, PLAN), 3);
     // The upstream is down, closes without a word, or never answers.

@@ -437,7 +437,7 @@ impl Tollgate {
                 .inc();
             plain(ApiError::bad_request(format!("body: {e}")))
         })?;
-        let mut rate_headers = Vec::new();
+        let mut remaining = None;
         if let Some(user) = &user {
             let key: LedgerKey = (
                 Arc::from(user.username.as_str()),
@@ -469,8 +469,9 @@ impl Tollgate {
                     return Err((rejection_error(&rejection), headers));
                 }
             }
-            rate_headers = rate_limit_headers(app.ledger.remaining(&key, &limits, today));
+            remaining = app.ledger.remaining(&key, &limits, today);
         }
+        let call_points = ctx.points.points;
 
         // Forward, stream back, capture.
         if route.capture {
@@ -576,8 +577,16 @@ impl Tollgate {
                 Ms(upstream_time)
             );
             let _ = head.insert_header("Server-Timing", timing);
-            for (k, v) in &rate_headers {
-                let _ = head.insert_header(*k, v);
+            // An answer other than 2xx is refunded once it ends: its points are not spent.
+            let refunded = !(200..300).contains(&head.status.as_u16());
+            let remaining = remaining.map(|mut r| {
+                if refunded {
+                    r.remaining = r.remaining.saturating_add(call_points).min(r.limit);
+                }
+                r
+            });
+            for (k, v) in rate_limit_headers(remaining) {
+                let _ = head.insert_header(k, v);
             }
         })
         .await;
