@@ -39,13 +39,16 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
 }
 
+/// The `status_class` label by hundreds of the status; status 0 is a call that got no answer.
+pub const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
 impl Metrics {
     pub fn new(routes: &[Route]) -> Metrics {
         let registry = Registry::new_custom(Some("tollgate".into()), None).expect("valid prefix");
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Proxied requests by service, method group and status class",
+                "Proxied requests by service, method group and status class (1xx..5xx, or none: the caller left before an answer began)",
             ),
             &["service", "method_group", "status_class"],
         )
@@ -116,7 +119,7 @@ impl Metrics {
             .map(|r| {
                 let (s, g) = (r.service.as_str(), r.method_group.as_str());
                 RouteMetrics {
-                    by_class: ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"]
+                    by_class: STATUS_CLASSES
                         .map(|class| requests.with_label_values(&[s, g, class])),
                     total_seconds: total.with_label_values(&[s, g]),
                     upstream_seconds: upstream.with_label_values(&[s, g]),

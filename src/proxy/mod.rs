@@ -777,7 +777,7 @@ fn canonical_tracecode(id: &str) -> Result<Uuid, ()> {
 }
 
 fn status_class(status: u16) -> &'static str {
-    ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"][(status / 100).min(5) as usize]
+    crate::metrics::STATUS_CLASSES[(status / 100).min(5) as usize]
 }
 
 fn guess_service(path: &str) -> ServiceName {
