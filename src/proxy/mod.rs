@@ -816,7 +816,11 @@ fn rejection_error(r: &Rejection) -> ApiError {
             "points_per_date_window: {used} of {limit} points used in the last {window_days} days, the request needs {requested}"
         )),
         Rejection::Concurrency { limit, retry_after_seconds } => ApiError::too_many(
-            format!("max_concurrent_execution: {limit} calls already in flight"),
+            if *limit == 0 {
+                "max_concurrent_execution: the quota allows no calls (0)".to_string()
+            } else {
+                format!("max_concurrent_execution: {limit} calls already in flight, the quota allows {limit}")
+            },
             *retry_after_seconds,
         ),
     }
