@@ -183,7 +183,7 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
         UserCommand::SetRoles { username, roles: r } => {
             let mut user = existing(username)?;
             let new_roles = roles(r)?;
-            if new_roles == user.roles {
+            if crate::model::same_roles(&new_roles, &user.roles) {
                 return Ok(format!(
                     "roles of {username} are already {:?}; nothing changed",
                     user.roles

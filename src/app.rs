@@ -37,9 +37,31 @@ pub struct Draining {
     /// When it began (the first `begin`).
     began: std::sync::OnceLock<std::time::SystemTime>,
     notify: tokio::sync::Notify,
+    /// Requests being read or served (account API and proxied alike): the drain waits for them.
+    active: std::sync::atomic::AtomicUsize,
+}
+
+/// One request being read or served; counted in [`Draining::active`] until dropped.
+pub struct Active<'a>(&'a Draining);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Draining {
+    /// Counts a request (from the wait for its head to its answer's end) until the guard drops.
+    pub fn enter(&self) -> Active<'_> {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Active(self)
+    }
+
+    /// How many requests are being read or served.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
     pub fn begin(&self) {
         self.began.get_or_init(std::time::SystemTime::now);
         self.flag.store(true, Ordering::Release);

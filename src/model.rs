@@ -83,6 +83,11 @@ api_enum!(
     Role { ADMIN, PARTNER, USER, BOT }
 );
 
+/// Whether two role lists grant the same roles, in whatever order.
+pub fn same_roles(a: &[Role], b: &[Role]) -> bool {
+    a.len() == b.len() && a.iter().all(|r| b.contains(r))
+}
+
 /// `\w+` as the API means it: ASCII letters, digits and underscore.
 pub fn is_word(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')

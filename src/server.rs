@@ -187,8 +187,10 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
                 tracing::info!(grace = ?self.grace, "SIGTERM: accepting for the grace period");
                 tokio::time::sleep(self.grace).await;
                 let deadline = Instant::now() + self.timeout;
-                tracing::info!(in_flight = self.app.metrics.in_flight.get(), "SIGTERM: draining calls in flight");
-                while self.app.metrics.in_flight.get() > 0 && Instant::now() < deadline {
+                tracing::info!(active = self.app.draining.active(), "SIGTERM: draining requests in progress");
+                // Every request being read or served, account API included: pingora's shutdown
+                // after this cancels whatever still runs.
+                while self.app.draining.active() > 0 && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 ShutdownSignal::GracefulTerminate

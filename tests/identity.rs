@@ -893,6 +893,14 @@ fn roles_the_config_sets_again_at_a_restart_revoke_the_tokens_issued_under_other
     );
     let token = t.token("alice");
     assert_eq!(validate(&t, &token).1["valid"], true);
+    // The same roles in another order are no change.
+    let out = t.user_cli(&["set-roles", "alice", "PARTNER", "USER"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(validate(&t, &token).1["valid"], true);
     // The config lists alice as USER only: the start puts that back, and the token that says
     // PARTNER is revoked.
     t.terminate();

@@ -153,14 +153,41 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         };
         let rule = inner.to_string();
         // serde_json appends " at line L column C"; the field name says more to a caller.
-        let rule = rule.split(" at line ").next().unwrap_or(&rule).to_string();
-        ApiError::invalid(&field, rule)
+        let rule = rule.split(" at line ").next().unwrap_or(&rule);
+        ApiError::invalid(&field, plain_json_types(rule))
     })?;
     // One JSON value and only whitespace after it: a second object or stray bytes are not
     // silently ignored.
     de.end()
         .map_err(|_| ApiError::invalid("body", "trailing characters after the JSON value"))?;
     Ok(value)
+}
+
+/// serde's message with its Rust type names ("expected i64", "expected struct AccountInfo")
+/// in JSON's words.
+fn plain_json_types(rule: &str) -> String {
+    let Some((before, expected)) = rule.split_once("expected ") else {
+        return rule.to_string();
+    };
+    let json = if expected.starts_with("struct ") || expected.starts_with("map") {
+        "a JSON object"
+    } else if let Some(kind) = ["i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64"]
+        .iter()
+        .find(|t| expected == **t || expected.starts_with(&format!("{t} ")))
+    {
+        if kind.starts_with('u') {
+            "a non-negative integer"
+        } else {
+            "an integer"
+        }
+    } else if expected.starts_with("f64") || expected.starts_with("f32") {
+        "a number"
+    } else if expected.starts_with("a boolean") || expected.starts_with("bool") {
+        "true or false"
+    } else {
+        return rule.to_string();
+    };
+    format!("{before}expected {json}")
 }
 
 /// Query pairs, percent-decoded (`+` as space).
@@ -398,6 +425,25 @@ mod tests {
             );
         }
         assert!(parse_json::<Req>(b"{\"username\": \"a1\"} \r\n\t ").is_ok());
+    }
+
+    #[test]
+    fn json_errors_speak_of_json_types_not_rust_ones() {
+        let e = parse_json::<Req>(br#"{"username": "a1", "ttl_seconds": "soon"}"#).unwrap_err();
+        assert_eq!(
+            e.message,
+            r#"ttl_seconds: invalid type: string "soon", expected an integer"#
+        );
+        let e = parse_json::<Req>(br#""just a string""#).unwrap_err();
+        assert_eq!(
+            e.message,
+            r#"body: invalid type: string "just a string", expected a JSON object"#
+        );
+        let e = parse_json::<Req>(br#"{"username": true}"#).unwrap_err();
+        assert_eq!(
+            e.message,
+            "username: invalid type: boolean `true`, expected a string"
+        );
     }
 
     #[test]

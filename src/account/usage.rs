@@ -36,9 +36,9 @@ async fn flush(call: &Call<'_>) -> Result<(), ApiError> {
         Ok(()) => Ok(()),
         Err(e @ store::StoreError::Behind(_)) => {
             tracing::error!(error = %e, "an account read did not see the latest calls on record");
-            Err(ApiError::new(
-                503,
+            Err(ApiError::unavailable(
                 "store: the latest calls are not on record yet; try again shortly",
+                1,
             ))
         }
         Err(e) => Err(internal(e)),

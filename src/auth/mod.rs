@@ -163,7 +163,7 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                         user.token_version += 1;
                     }
                 }
-                if user.roles != seed.roles {
+                if !crate::model::same_roles(&user.roles, &seed.roles) {
                     // A role change revokes the tokens issued before, which carry the old roles.
                     user.roles = seed.roles.clone();
                     user.token_version += 1;

@@ -1246,6 +1246,7 @@ impl HttpServerApp for Tollgate {
             .digest()
             .and_then(|d| d.timing_digest.first().cloned().flatten())
             .map(|t| t.established_ts);
+        let _active = self.app.draining.enter();
         let grace = Duration::from_secs(self.app.config.server.grace_period_seconds);
         if accepted.is_some_and(|at| self.app.draining.closed_to_new_by(at, grace)) {
             // Accepted after the grace period: the listener is closing, the caller retries

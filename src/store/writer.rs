@@ -149,18 +149,49 @@ impl StoreWriter {
     /// retries, and a reader is told so rather than held.
     pub async fn flush(&self, wait: Duration) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.send_waking(Op::Flush(ack)).await?;
-        match tokio::time::timeout(wait, done).await {
+        let deadline = Instant::now() + wait;
+        match self.shared.tx.try_send(Op::Flush(ack)) {
+            Ok(()) => self.shared.thread.unpark(),
+            // A full queue (the writer failing, or far behind) is waited on off the async
+            // workers, within the same bound.
+            Err(TrySendError::Full(op)) => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.send_until(op, deadline))
+                    .await
+                    .map_err(|_| StoreError::WriterGone)??
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(StoreError::WriterGone),
+        }
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), done).await {
             Ok(done) => done.map_err(|_| StoreError::WriterGone),
             Err(_) => Err(StoreError::Behind(wait)),
+        }
+    }
+
+    /// Queues `op`, waiting for room until `deadline` at most.
+    fn send_until(&self, op: Op, deadline: Instant) -> Result<()> {
+        let shared = &self.shared;
+        shared.thread.unpark();
+        let sent = shared
+            .tx
+            .send_timeout(op, deadline.saturating_duration_since(Instant::now()));
+        shared.thread.unpark();
+        match sent {
+            Ok(()) => Ok(()),
+            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => Err(StoreError::Behind(
+                deadline.saturating_duration_since(Instant::now()),
+            )),
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                Err(StoreError::WriterGone)
+            }
         }
     }
 
     /// As [`StoreWriter::flush`], from a thread outside any runtime (shutdown).
     pub fn flush_blocking(&self, wait: Duration) -> Result<()> {
         let (ack, mut done) = tokio::sync::oneshot::channel();
-        self.send_blocking(Op::Flush(ack))?;
         let deadline = Instant::now() + wait;
+        self.send_until(Op::Flush(ack), deadline)?;
         loop {
             match done.try_recv() {
                 Ok(()) => return Ok(()),
@@ -221,6 +252,8 @@ fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bo
         while calls.len() < MAX_BATCH_OPS {
             match rx.try_recv() {
                 Ok(Op::Call(c)) => calls.push(c),
+                // A flush whose reader gave up (it answered 503) needs no batch.
+                Ok(Op::Flush(ack)) if ack.is_closed() => {}
                 Ok(Op::Flush(ack)) => acks.push(ack),
                 Ok(Op::Durable(c, ack)) => {
                     calls.push(c);
