@@ -51,7 +51,7 @@ fn acme_user(username: String, password_hash: String) -> UserRecord {
         token_version: 3,
         password_changed: false,
         quotas: Vec::new(),
-        company_since_ms: None,
+        company_days_from: None,
     }
 }
 

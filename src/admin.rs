@@ -139,7 +139,7 @@ pub fn apply(store: &Store, command: &UserCommand) -> Result<String, String> {
                 token_version: crate::auth::first_token_version(),
                 password_changed: true,
                 quotas: Vec::new(),
-                company_since_ms: None,
+                company_days_from: None,
             };
             save(&user)?;
             Ok(format!(

@@ -1885,15 +1885,10 @@ fn put_info(t: &Tollgate, token: &str, username: &str, company: &str, timezone: 
 }
 
 #[test]
-fn a_partner_sees_a_moved_users_statistics_from_the_day_it_joined_only() {
+fn a_partner_sees_a_moved_users_statistics_from_the_day_after_it_joined() {
     let t = Tollgate::start();
     let bob = t.token("bob");
     let admin = t.token("root_admin");
-    // Two local dates of bob's: at UTC-12, then at UTC+12 (the next date, whatever the hour).
-    put_info(&t, &bob, "bob", "acme", -12);
-    plan(&t, &bob, &[1]);
-    put_info(&t, &bob, "bob", "acme", 12);
-    plan(&t, &bob, &[1, 2]);
     let wide = {
         let today = Utc::now().date_naive();
         format!(
@@ -1910,11 +1905,10 @@ fn a_partner_sees_a_moved_users_statistics_from_the_day_it_joined_only() {
             .map(|d| d["date"].as_str().unwrap().to_string())
             .collect()
     };
-    let before = dates(&stats(&t, &admin, &wide).1);
-    assert_eq!(before.len(), 2, "{before:?}");
-
-    // bob moves to evil_corp, on his second date.
-    put_info(&t, &admin, "bob", "evil_corp", 12);
+    // bob calls under acme at UTC-12, and moves to evil_corp that same local day.
+    put_info(&t, &bob, "bob", "acme", -12);
+    plan(&t, &bob, &[1]);
+    put_info(&t, &admin, "bob", "evil_corp", -12);
     let out = t.user_cli(
         &[
             "add",
@@ -1938,14 +1932,21 @@ fn a_partner_sees_a_moved_users_statistics_from_the_day_it_joined_only() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         dates(&body),
-        before[1..],
-        "evil_corp's PARTNER sees bob's days since he joined, not acme's"
+        Vec::<String>::new(),
+        "the move's day holds acme's calls: not evil_corp's to see"
     );
-    // bob and an ADMIN still see all of it; acme's PARTNER no longer sees bob.
-    assert_eq!(dates(&stats(&t, &admin, &wide).1), before);
+    // A timezone set after the move does not open earlier days.
+    put_info(&t, &admin, "bob", "evil_corp", 12);
+    assert_eq!(dates(&stats(&t, &pete, &wide).1), Vec::<String>::new());
+    // At UTC+12 bob is on the next local date: wholly evil_corp's, and shown.
+    plan(&t, &bob, &[1, 2]);
+    let all = dates(&stats(&t, &admin, &wide).1);
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(dates(&stats(&t, &pete, &wide).1), all[1..]);
+    // bob sees all of it; acme's PARTNER no longer sees bob.
     assert_eq!(
         dates(&stats(&t, &bob, &wide.replace("username=bob&", "")).1),
-        before
+        all
     );
     assert_eq!(stats(&t, &t.token("paula"), &wide).0, 404);
 }

@@ -233,15 +233,16 @@ fn subject(call: &mut Call<'_>) -> Result<Arc<UserRecord>, ApiError> {
             token_version: 0,
             password_changed: false,
             quotas: Vec::new(),
-            company_since_ms: None,
+            company_days_from: None,
         }));
     }
     Err(ApiError::not_found(name.to_string()))
 }
 
 /// The first local date of `user`'s statistics the caller may see: a PARTNER looking at
-/// another account sees the days since it joined the PARTNER's company, not what it used
-/// under another company (which that company's audit keeps).
+/// another account sees the days wholly after it joined the PARTNER's company, not what it
+/// used under another company (which that company's audit keeps). Statistics are daily, so
+/// the day of the move itself, which may hold the former company's calls, is not shown.
 fn first_visible_date(
     call: &mut Call<'_>,
     user: &UserRecord,
@@ -250,13 +251,7 @@ fn first_visible_date(
     if caller.username == user.username || !matches!(visibility(&caller), Visibility::Company(_)) {
         return Ok(None);
     }
-    Ok(user.company_since_ms.and_then(|ms| {
-        Some(
-            DateTime::<Utc>::from_timestamp_millis(ms)?
-                .with_timezone(&offset_of(user))
-                .date_naive(),
-        )
-    }))
+    Ok(user.company_days_from.map(store::date_of_day))
 }
 
 pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {

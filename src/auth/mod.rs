@@ -153,7 +153,7 @@ pub fn seed_users(store: &Store, seeds: &[UserSeed]) -> Result<(), String> {
                 token_version: first_token_version(),
                 password_changed: false,
                 quotas: Vec::new(),
-                company_since_ms: None,
+                company_days_from: None,
             },
             Some(mut user) => {
                 if !user.password_changed {

@@ -143,7 +143,7 @@ mod tests {
             token_version: 1,
             password_changed: false,
             quotas: vec![],
-            company_since_ms: None,
+            company_days_from: None,
         }
     }
 

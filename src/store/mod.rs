@@ -89,18 +89,22 @@ pub struct UserRecord {
     pub password_changed: bool,
     #[serde(default)]
     pub quotas: Vec<UserQuota>,
-    /// When the user last moved to another company (Unix ms); None: never moved. A PARTNER of
-    /// the new company sees the user's statistics from then on only.
+    /// After the user last moved to another company, the first of its statistics days that
+    /// is wholly the new company's: the day after the move's local date (in the timezone of
+    /// the move). None: never moved. A PARTNER of the new company sees the days from it on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub company_since_ms: Option<i64>,
+    pub company_days_from: Option<Day>,
 }
 
 impl UserRecord {
-    /// Moves the user to `company_key`, remembering when, if it is another company.
+    /// Moves the user to `company_key`, if it is another company, and notes from which
+    /// statistics day on the usage is the new company's. Call it before changing the timezone:
+    /// the move's day is in the timezone its last calls were counted in.
     pub fn move_to_company(&mut self, company_key: String) {
         if company_key != self.company_key {
             self.company_key = company_key;
-            self.company_since_ms = Some(Utc::now().timestamp_millis());
+            let local = crate::trace::in_timezone(Utc::now(), self.timezone).date_naive();
+            self.company_days_from = Some(day_of_date(local) + 1);
         }
     }
 }
