@@ -884,8 +884,31 @@ fn count_entries(
 }
 
 /// Counts a day's part of the window: a whole day from its day cells; otherwise its whole
-/// hours from their hour cells and the partial hours at the edges entry by entry.
+/// hours from their hour cells and the partial hours at the edges entry by entry. A day whose
+/// counters cannot be read (a damaged store; the writer counts them again when it next writes
+/// the day) is counted entry by entry.
 fn count_day(snap: &Snapshot, scope: &Scope, plan: &mut DayPlan) -> Result<()> {
+    match count_day_by_cells(snap, scope, plan) {
+        Err(StoreError::Corrupt { key, reason }) => {
+            tracing::warn!(
+                key,
+                reason,
+                "an audit counter cannot be read; counting entries"
+            );
+            let (lo, hi) = (plan.lo_ms, plan.hi_ms);
+            (plan.overall, plan.matched) = count_entries(snap, scope, plan, lo, hi)?;
+            plan.slices = vec![TimeSlice {
+                lo_ms: lo,
+                hi_ms: hi,
+                matched: plan.matched,
+            }];
+            Ok(())
+        }
+        counted => counted,
+    }
+}
+
+fn count_day_by_cells(snap: &Snapshot, scope: &Scope, plan: &mut DayPlan) -> Result<()> {
     let (lo, hi) = (plan.lo_ms, plan.hi_ms);
     let mut per_hour = [0u64; 25];
     if lo == 0 && hi as i64 == DAY_MS {
@@ -980,9 +1003,12 @@ fn time_page(
         // In a busy day, hours before the offset and hours without a match are skipped by
         // their counts, and the hours left read in as few passes as they allow; a quiet day
         // is read in one pass, cheaper than the seeks of many (each costs one in every table).
-        if plan.slices.is_empty() && plan.overall > ONE_PASS_ENTRIES {
-            let mut per_hour = [0u64; 25];
-            count_cells(snap, scope, plan, 0..WHOLE_DAY, &mut per_hour)?;
+        let mut per_hour = [0u64; 25];
+        if plan.slices.is_empty()
+            && plan.overall > ONE_PASS_ENTRIES
+            // Unreadable counters: the day is read in one pass below.
+            && count_cells(snap, scope, plan, 0..WHOLE_DAY, &mut per_hour).is_ok()
+        {
             plan.slices = (0..u32::from(WHOLE_DAY))
                 .map(|hour| TimeSlice {
                     lo_ms: hour * HOUR_MS,
@@ -1834,9 +1860,13 @@ mod tests {
                 .expect("a whole-day cell");
             audit.insert(&damaged, [0x80u8]).unwrap();
         }
-        // After a restart the writer reads the day's counts again: it counts the records
-        // instead of failing every batch, and numbers the new records after the old ones.
+        // After a restart readers count the day's entries instead of its damaged counters...
         let store = Store::open(dir.path()).unwrap();
+        let page = store.audit(&everything_seen_by(Visibility::All)).unwrap();
+        assert_eq!((page.overall_total, page.records.len()), (4, 4));
+        assert_eq!(store.audit(&everything("bob")).unwrap().overall_total, 1);
+        // ...and the writer counts the records again instead of failing every batch, and
+        // numbers the new records after the old ones.
         write(
             &store,
             vec![

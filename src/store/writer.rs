@@ -373,18 +373,21 @@ impl DayTally {
         Ok(operations)
     }
 
+    /// Counts the day again from the very entries readers walk: everything from each record's
+    /// header (readable even when the rest of the record is not), users and companies from
+    /// their index entries; the next record number follows the highest in use.
     fn recount(keyspace: Keyspace, day: Day) -> Result<DayTally> {
-        let operations = Self::read_operations(&keyspace)?;
+        let mut operations = Self::read_operations(&keyspace)?;
         let mut tally = DayTally {
-            keyspace,
+            keyspace: keyspace.clone(),
             next_seq: 0,
-            operations,
+            operations: HashMap::default(),
             cells: HashMap::default(),
             dirty: Vec::new(),
         };
         // Every stored cell is written again: the damaged one with its true count (0 if no
-        // record counts in it).
-        for guard in tally.keyspace.prefix([COUNTER]) {
+        // entry counts in it).
+        for guard in keyspace.prefix([COUNTER]) {
             let k = guard.key()?;
             tally.cells.insert(
                 k.to_vec(),
@@ -395,35 +398,49 @@ impl DayTally {
             );
             tally.dirty.push(k.to_vec());
         }
-        let mut records = 0u64;
+        let mut next_seq = 0u64;
         let mut cell = Vec::with_capacity(64);
-        let keyspace = tally.keyspace.clone();
         for guard in keyspace.prefix([RECORD]) {
             let (k, v) = guard.into_inner()?;
-            // A record's number is its place in the day: the next one follows them all, read
-            // or not.
-            records += 1;
-            let Ok(a) = decode_audit(day, &k, &v) else {
+            let Some((ms_of_day, seq)) = entry_position(&k) else {
                 continue;
             };
-            let Some(&operation) = tally.operations.get(&a.operation) else {
+            next_seq = next_seq.max(u64::from(seq) + 1);
+            let Some(header) = record_header(&v) else {
                 continue;
             };
-            let header = Header {
-                service: a.service.code(),
-                group: a.method_group.code(),
-                operation,
-            };
-            let hour = ((a.time_ms - day as i64 * DAY_MS) as u32 / HOUR_MS) as u8;
-            let anonymous = a.username == crate::trace::ANONYMOUS;
-            tally.count_record(&mut cell, &a, hour, header, anonymous);
+            // An operation the day's map lost is named again from its records, so a new one
+            // never takes its number.
+            if let Ok(a) = decode_audit(day, &k, &v) {
+                operations.entry(a.operation).or_insert(header.operation);
+            }
+            tally.count_scope(&mut cell, SCOPE_ALL, "", hour_of(ms_of_day), header);
         }
-        tally.next_seq = u32::try_from(records).map_err(|_| corrupt(b"R", "too many records"))?;
+        for (index, scope) in [(USER_INDEX, SCOPE_USER), (COMPANY_INDEX, SCOPE_COMPANY)] {
+            for guard in keyspace.prefix([index]) {
+                let (k, v) = guard.into_inner()?;
+                let (Some((ms_of_day, _)), Some(header)) =
+                    (entry_position(&k), Header::read(&mut &v[..]))
+                else {
+                    continue;
+                };
+                // `tag owner 0x00 ms_of_day seq`
+                let Some(owner) = k
+                    .get(1..k.len().saturating_sub(9))
+                    .and_then(|o| std::str::from_utf8(o).ok())
+                else {
+                    continue;
+                };
+                tally.count_scope(&mut cell, scope, owner, hour_of(ms_of_day), header);
+            }
+        }
+        tally.operations = operations;
+        tally.next_seq = u32::try_from(next_seq).map_err(|_| corrupt(b"R", "too many records"))?;
         Ok(tally)
     }
 
     /// Counts one record in the cells of everyone who sees it: all, and (unless made without
-    /// a token) its user and its company; by hour, and by day where the scope has day cells.
+    /// a token) its user and its company.
     fn count_record(
         &mut self,
         cell: &mut Vec<u8>,
@@ -439,12 +456,24 @@ impl DayTally {
         ];
         let seen_by = if anonymous { 1 } else { scopes.len() };
         for (scope, owner) in scopes.into_iter().take(seen_by) {
-            counter_key(cell, scope, owner, hour, header);
+            self.count_scope(cell, scope, owner, hour, header);
+        }
+    }
+
+    /// Counts one entry in its owner's cells: by hour, and by day where the scope has day cells.
+    fn count_scope(
+        &mut self,
+        cell: &mut Vec<u8>,
+        scope: u8,
+        owner: &str,
+        hour: u8,
+        header: Header,
+    ) {
+        counter_key(cell, scope, owner, hour, header);
+        self.count(cell);
+        if has_day_cells(scope) {
+            counter_key(cell, scope, owner, WHOLE_DAY, header);
             self.count(cell);
-            if has_day_cells(scope) {
-                counter_key(cell, scope, owner, WHOLE_DAY, header);
-                self.count(cell);
-            }
         }
     }
 
@@ -526,6 +555,18 @@ impl DayTally {
                 batch.insert(&self.keyspace, key, value.as_slice());
             }
         }
+    }
+}
+
+fn hour_of(ms_of_day: u32) -> u8 {
+    (ms_of_day / HOUR_MS).min(u32::from(WHOLE_DAY) - 1) as u8
+}
+
+/// The header a binary audit record starts with (after its format byte).
+fn record_header(value: &[u8]) -> Option<Header> {
+    match value.split_first()? {
+        (&BINARY_V1, mut rest) => Header::read(&mut rest),
+        _ => None,
     }
 }
 
