@@ -699,6 +699,13 @@ fn the_daily_budget_and_the_date_window_follow_the_users_local_day() {
     let shown: Vec<&Value> = body["dates"].as_array().unwrap().iter().collect();
     assert_eq!(shown.len(), 1, "{body}");
     assert_eq!(shown[0]["date"], days[0].0.as_str(), "{body}");
+    // Asked for by `from` alone, the continued day is no "to before from".
+    let (status, body) = {
+        let r = t.get(&format!("/account/statistics?from={}", days[0].0), &alice);
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["dates"].as_array().unwrap().len(), 1, "{body}");
     let r = t.get("/account/report", &alice);
     assert_eq!(r.status(), 200);
     let disposition = header(&r, "content-disposition").unwrap().to_string();

@@ -99,7 +99,13 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate, b
     };
     let from = date("from")?.unwrap_or_else(|| today.with_day(1).unwrap_or(today));
     let given_to = date("to")?;
-    let to = given_to.unwrap_or(today);
+    // Left out, `to` is today, or the day after when `from` asks for it (a continued quota
+    // day may be ahead of the local date; see `through_continued_day`).
+    let to = given_to.unwrap_or(if Some(from) == today.succ_opt() {
+        from
+    } else {
+        today
+    });
     if to < from {
         return Err(ApiError::invalid("to", "must not be before from"));
     }
@@ -109,7 +115,7 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate, b
             format!("the period may span at most {MAX_PERIOD_DAYS} days"),
         ));
     }
-    Ok((from, to, given_to.is_none()))
+    Ok((from, to, given_to.is_none() && to == today))
 }
 
 /// The end of a period whose `to` was left out: today, or the day after when it holds points.
