@@ -15,9 +15,6 @@ use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service as ListeningService;
 
 use crate::app::App;
-
-/// How long the exit waits for the store writer to write what it holds.
-const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(30);
 use crate::auth::{self, Authority, Keys};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -155,6 +152,9 @@ impl BackgroundService for AdminSocket {
         crate::admin::serve_socket(run, self.0.config.store.path.clone(), shutdown).await;
     }
 }
+
+/// How long the exit waits for the store writer to write what it holds.
+const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(30);
 
 /// SIGTERM: for `grace_period_seconds` the listener keeps accepting (a load balancer has time
 /// to see the drain) and new calls are answered with `Connection: close`; then connections

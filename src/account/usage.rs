@@ -260,15 +260,29 @@ fn first_visible_date(
     Ok(user.company_days_from.map(store::date_of_day))
 }
 
+/// The rows of a statistics or report period, read once every call before this one is on
+/// record; and the period's end, which a left-out `to` may move to a continued quota day.
+async fn period_rows(
+    call: &mut Call<'_>,
+    user: &UserRecord,
+    from: NaiveDate,
+    to: NaiveDate,
+    default_to: bool,
+) -> Result<(NaiveDate, Vec<DailyRow>), ApiError> {
+    let first_visible = first_visible_date(call, user)?;
+    flush(call).await?;
+    let to = if default_to {
+        through_continued_day(call, user, to)?
+    } else {
+        to
+    };
+    Ok((to, daily_rows(call, user, from, to, first_visible)?))
+}
+
 pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = subject(call)?;
-    let (from, mut to, default_to) = period(call, &user)?;
-    let first_visible = first_visible_date(call, &user)?;
-    flush(call).await?;
-    if default_to {
-        to = through_continued_day(call, &user, to)?;
-    }
-    let rows = daily_rows(call, &user, from, to, first_visible)?;
+    let (from, to, default_to) = period(call, &user)?;
+    let (_, rows) = period_rows(call, &user, from, to, default_to).await?;
     let mut dates: BTreeMap<NaiveDate, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
     for r in rows {
         dates
@@ -299,8 +313,7 @@ pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
 
 pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
     let user = subject(call)?;
-    let (from, mut to, default_to) = period(call, &user)?;
-    let first_visible = first_visible_date(call, &user)?;
+    let (from, to, default_to) = period(call, &user)?;
     // Excel has no dates before 1900: cells before it would read as errors.
     if from < report::FIRST_EXCEL_DATE {
         return Err(ApiError::invalid(
@@ -308,11 +321,7 @@ pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
             format!("the report's dates start at {}", report::FIRST_EXCEL_DATE),
         ));
     }
-    flush(call).await?;
-    if default_to {
-        to = through_continued_day(call, &user, to)?;
-    }
-    let rows = daily_rows(call, &user, from, to, first_visible)?;
+    let (to, rows) = period_rows(call, &user, from, to, default_to).await?;
     let bytes = report::statistics_workbook(&user.username, from, to, &rows)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let filename = format!(

@@ -286,22 +286,16 @@ impl QuotaValues {
     /// bounds were enforced may hold values past them (a window of four billion days): what is
     /// enforced is always what `/account/quota` can show.
     pub fn clamped(self) -> QuotaValues {
-        use quota_bounds::*;
-        let clamp = |v: u64, (min, max): (u64, u64)| v.clamp(min, max);
+        let [per_request, per_day, per_window, window_days, concurrent] = self
+            .named()
+            .map(|(_, value, (min, max))| value.map(|v| v.clamp(min, max)));
+        // Every bound of the two u32 values fits a u32.
         QuotaValues {
-            points_per_request: self
-                .points_per_request
-                .map(|v| clamp(v, POINTS_PER_REQUEST)),
-            points_per_day: self.points_per_day.map(|v| clamp(v, POINTS_PER_DAY)),
-            points_per_date_window: self
-                .points_per_date_window
-                .map(|v| clamp(v, POINTS_PER_DATE_WINDOW)),
-            date_window_days: self
-                .date_window_days
-                .map(|v| clamp(u64::from(v), DATE_WINDOW_DAYS) as u32),
-            max_concurrent_execution: self
-                .max_concurrent_execution
-                .map(|v| clamp(u64::from(v), MAX_CONCURRENT_EXECUTION) as u32),
+            points_per_request: per_request,
+            points_per_day: per_day,
+            points_per_date_window: per_window,
+            date_window_days: window_days.map(|v| v as u32),
+            max_concurrent_execution: concurrent.map(|v| v as u32),
         }
     }
 

@@ -924,12 +924,7 @@ fn is_request_target(req: &RequestHeader) -> bool {
 
 /// Whether the request's Transfer-Encoding names a coding besides one `chunked`.
 fn has_other_coding(req: &RequestHeader) -> bool {
-    let mut codings = upstream::list_items(&req.headers, http::header::TRANSFER_ENCODING)
-        .filter(|coding| !coding.is_empty());
-    match codings.next() {
-        None => false,
-        Some(first) => !first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some(),
-    }
+    upstream::transfer_coding(&req.headers) == upstream::TransferCoding::Other
 }
 
 /// RFC 3986 `host [ ":" port ]`: an IP literal in brackets, or a reg-name or IPv4 address

@@ -83,20 +83,30 @@ pub(super) fn list_items(
         .map(<[u8]>::trim_ascii)
 }
 
-/// Whether an answer's `Transfer-Encoding` is anything but one `chunked`: a coding Tollgate
-/// cannot take off (RFC 9112 6.1). Passed on, an HTTP/1.0 caller (which knows no codings) would
-/// get the coded bytes as if plain, and a coding without `chunked` last leaves the answer's end
-/// to the upstream's close, which a kept connection never gives.
-fn has_coding_besides_chunked(headers: &http::HeaderMap) -> bool {
+/// What a message's `Transfer-Encoding` names.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum TransferCoding {
+    /// No `Transfer-Encoding` field.
+    Absent,
+    /// One `chunked`, the only coding Tollgate takes off.
+    Chunked,
+    /// The field, with no coding in it.
+    Empty,
+    /// Any other coding, or more than one (RFC 9112 6.1).
+    Other,
+}
+
+pub(super) fn transfer_coding(headers: &http::HeaderMap) -> TransferCoding {
     if !headers.contains_key(http::header::TRANSFER_ENCODING) {
-        return false;
+        return TransferCoding::Absent;
     }
     let mut codings =
         list_items(headers, http::header::TRANSFER_ENCODING).filter(|c| !c.is_empty());
-    !matches!(
-        (codings.next(), codings.next()),
-        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked")
-    )
+    match (codings.next(), codings.next()) {
+        (None, _) => TransferCoding::Empty,
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => TransferCoding::Chunked,
+        _ => TransferCoding::Other,
+    }
 }
 
 /// The fields a `Connection` header names as the connection's own, to be dropped with it
@@ -579,8 +589,14 @@ impl Request {
             let head = http.response_header().ok_or(ANSWERED_WRONGLY)?;
             // A status outside 100-599 (RFC 9110 15) is no answer; nor is one in a coding
             // Tollgate cannot take off (as nginx: "upstream sent unknown Transfer-Encoding").
+            // Passed on, an HTTP/1.0 caller (which knows no codings) would get the coded bytes
+            // as if plain, and a coding without `chunked` last leaves the answer's end to the
+            // upstream's close, which a kept connection never gives.
             if !(100..600).contains(&head.status.as_u16())
-                || has_coding_besides_chunked(&head.headers)
+                || !matches!(
+                    transfer_coding(&head.headers),
+                    TransferCoding::Absent | TransferCoding::Chunked
+                )
             {
                 return Err(ANSWERED_WRONGLY);
             }

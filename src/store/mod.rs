@@ -608,12 +608,17 @@ fn decode_audit(day: Day, key: &[u8], value: &[u8]) -> Result<AuditRecord> {
     decode_binary_audit(day, key, value).ok_or_else(|| corrupt(key, "not an audit record"))
 }
 
-fn decode_binary_audit(day: Day, key: &[u8], value: &[u8]) -> Option<AuditRecord> {
-    let (&format, mut v) = value.split_first()?;
+/// The header a binary audit record starts with (after its format byte), and the rest.
+fn binary_audit_header(value: &[u8]) -> Option<(Header, &[u8])> {
+    let (&format, mut rest) = value.split_first()?;
     if format != BINARY_V1 {
         return None;
     }
-    let header = Header::read(&mut v)?;
+    Some((Header::read(&mut rest)?, rest))
+}
+
+fn decode_binary_audit(day: Day, key: &[u8], value: &[u8]) -> Option<AuditRecord> {
+    let (header, mut v) = binary_audit_header(value)?;
     let code = Uuid::from_bytes(take(&mut v, 16)?.try_into().ok()?);
     let timezone = i32::try_from(unzigzag(take_varint(&mut v)?)).ok()?;
     let points = take_varint(&mut v)?;

@@ -124,7 +124,8 @@ impl StoreWriter {
     /// waiting at once share one batch and one fsync.
     pub async fn record_durable(&self, record: CallRecord) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.send_waking(Op::Durable(Box::new(record), ack)).await?;
+        self.send_waking(Op::Durable(Box::new(record), ack), None)
+            .await?;
         done.await.map_err(|_| StoreError::WriterGone)
     }
 
@@ -150,18 +151,8 @@ impl StoreWriter {
     pub async fn flush(&self, wait: Duration) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
         let deadline = Instant::now() + wait;
-        match self.shared.tx.try_send(Op::Flush(ack)) {
-            Ok(()) => self.shared.thread.unpark(),
-            // A full queue (the writer failing, or far behind) is waited on off the async
-            // workers, within the same bound.
-            Err(TrySendError::Full(op)) => {
-                let this = self.clone();
-                tokio::task::spawn_blocking(move || this.send_until(op, deadline))
-                    .await
-                    .map_err(|_| StoreError::WriterGone)??
-            }
-            Err(TrySendError::Disconnected(_)) => return Err(StoreError::WriterGone),
-        }
+        // A full queue (the writer failing, or far behind) is waited on within the same bound.
+        self.send_waking(Op::Flush(ack), Some(deadline)).await?;
         match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), done).await {
             Ok(done) => done.map_err(|_| StoreError::WriterGone),
             Err(_) => Err(StoreError::Behind(wait)),
@@ -209,8 +200,8 @@ impl StoreWriter {
     }
 
     /// Queues an op someone waits on and wakes the writer for it; a full queue is waited out
-    /// on the blocking pool, off the async workers.
-    async fn send_waking(&self, op: Op) -> Result<()> {
+    /// on the blocking pool, off the async workers, until `deadline` if there is one.
+    async fn send_waking(&self, op: Op, deadline: Option<Instant>) -> Result<()> {
         match self.shared.tx.try_send(op) {
             Ok(()) => {
                 self.shared.thread.unpark();
@@ -218,9 +209,12 @@ impl StoreWriter {
             }
             Err(TrySendError::Full(op)) => {
                 let this = self.clone();
-                tokio::task::spawn_blocking(move || this.send_blocking(op))
-                    .await
-                    .map_err(|_| StoreError::WriterGone)?
+                tokio::task::spawn_blocking(move || match deadline {
+                    Some(deadline) => this.send_until(op, deadline),
+                    None => this.send_blocking(op),
+                })
+                .await
+                .map_err(|_| StoreError::WriterGone)?
             }
             Err(TrySendError::Disconnected(_)) => Err(StoreError::WriterGone),
         }
@@ -406,7 +400,7 @@ impl DayTally {
                 continue;
             };
             next_seq = next_seq.max(u64::from(seq) + 1);
-            let Some(header) = record_header(&v) else {
+            let Some((header, _)) = binary_audit_header(&v) else {
                 continue;
             };
             // An operation the day's map lost is named again from its records, so a new one
@@ -558,16 +552,9 @@ impl DayTally {
     }
 }
 
+/// The hour cell a time within the day counts in.
 fn hour_of(ms_of_day: u32) -> u8 {
     (ms_of_day / HOUR_MS).min(u32::from(WHOLE_DAY) - 1) as u8
-}
-
-/// The header a binary audit record starts with (after its format byte).
-fn record_header(value: &[u8]) -> Option<Header> {
-    match value.split_first()? {
-        (&BINARY_V1, mut rest) => Header::read(&mut rest),
-        _ => None,
-    }
 }
 
 fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result<()> {
@@ -671,7 +658,7 @@ fn write_batch_with(
         let a = &call.audit;
         let day = day_of_ms(a.time_ms);
         let ms_of_day = (a.time_ms - day as i64 * DAY_MS) as u32;
-        let hour = (ms_of_day / HOUR_MS) as u8;
+        let hour = hour_of(ms_of_day);
         let tally = tallies.day(store, day)?;
         if !touched.contains(&day) {
             touched.push(day);
