@@ -1705,6 +1705,40 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
 }
 
 #[test]
+fn sigterm_lets_an_account_request_whose_body_is_still_arriving_finish() {
+    let mut t = Tollgate::start();
+    let body = br#"{"username":"alice","password":"alice-password-1","ttl_seconds":600}"#;
+    let (first, rest) = body.split_at(20);
+    let mut login = Raw::connect(t.port);
+    login.send(
+        format!(
+            "POST /account/token/generation HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    login.send(first);
+    // The head is in and the body is being read: no proxied call is in flight.
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = t.pid() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    // A closed socket shows as no answer below.
+    let _ = login.s.write_all(rest);
+    let r = login
+        .read_response()
+        .unwrap_or_else(|| panic!("the login being read at SIGTERM was cut\n{}", t.log()));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let token: String = serde_json::from_slice(&r.body).expect("a JSON string");
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(t.terminate(), Some(0), "{}", t.log());
+}
+
+#[test]
 fn a_connection_accepted_while_draining_is_answered_with_connection_close() {
     let mut t = start_with_config_edit(Setup::default(), |c| {
         c.replace("grace_period_seconds = 0", "grace_period_seconds = 2")
