@@ -514,7 +514,7 @@ impl Tollgate {
                 UNIQUE_POINTS_HEADER,
             ],
         )
-        .map_err(|_| plain(ApiError::bad_request("request head cannot be forwarded")))?;
+        .ok_or_else(|| plain(ApiError::bad_request("request head cannot be forwarded")))?;
         let leg = upstream::Leg {
             draining: &app.draining,
             transport: &self.transport,

@@ -122,58 +122,84 @@ fn connection_options(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
         .collect()
 }
 
-/// Rewrites the caller's request head for the upstream: hop-by-hop fields (and those the
+/// The caller's request as the upstream gets it: its request line and header fields written
+/// once, ready for the wire (a retry sends the same bytes).
+pub struct Outgoing {
+    pub method: http::Method,
+    wire: BytesMut,
+    /// The same head for pingora's session, which must see a HEAD go out (see
+    /// [`Request::exchange_head`]); built for HEAD requests only.
+    head: Option<RequestHeader>,
+}
+
+/// Writes the caller's request head for the upstream: hop-by-hop fields (and those the
 /// caller's `Connection` names) and caller-sent copies of Tollgate's own headers dropped, the
 /// target in origin form, `Host` set when the caller sent none (to `upstream_host`), the
-/// buffered body's length set, identity headers added.
+/// buffered body's length set, identity headers added. The fields are written straight from
+/// the caller's head, in its order and case: cloning the head and editing it, each edit a
+/// header-map lookup, was a sixth of a pass-through call's instructions. `None`: a target or
+/// an added value that cannot go on the wire.
 pub fn upstream_request(
     caller: &RequestHeader,
     upstream_host: std::net::SocketAddr,
     body_len: usize,
     added: &[(&'static str, &str)],
     dropped: &[&str],
-) -> pingora::Result<RequestHeader> {
-    let mut req = caller.clone();
-    for h in connection_options(&caller.headers) {
-        req.remove_header(&h);
-    }
-    for h in HOP_BY_HOP.iter().chain(dropped) {
-        req.remove_header(*h);
-    }
-    // A name that differs from one dropped or set here only by '_' for '-' ("X_Client") reads
-    // as that header at upstreams that map names to variables (CGI, WSGI): the caller could
-    // pass itself off as another client, or slip in credentials. (nginx drops every name with
-    // '_' by default.)
-    for name in caller.headers.keys() {
-        let spoofs = name.as_str().contains('_') && {
-            let dashed = name.as_str().replace('_', "-");
-            let own = |h: &str| h.eq_ignore_ascii_case(&dashed);
-            HOP_BY_HOP.iter().chain(dropped).any(|h| own(h))
-                || added.iter().any(|(h, _)| own(h))
-                || own(http::header::HOST.as_str())
-                || own(http::header::CONTENT_LENGTH.as_str())
-        };
-        if spoofs {
-            req.remove_header(name);
-        }
-    }
-    if !matches!(caller.raw_path(), [b'/', ..] | b"*") {
+) -> Option<Outgoing> {
+    use bytes::BufMut;
+    let target: &[u8] = if matches!(caller.raw_path(), [b'/', ..] | b"*") {
+        caller.raw_path()
+    } else {
         // An absolute-form target (RFC 9112 3.2.2; pingora checked its authority against Host
         // and kept its path in the URI) goes on in origin form.
-        let origin = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let origin = if origin.starts_with('/') { origin } else { "/" };
-        req.set_uri(http::Uri::try_from(origin).map_err(|e| {
-            pingora::Error::because(pingora::ErrorType::InvalidHTTPHeader, "request target", e)
-        })?);
+        caller
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .filter(|p| p.starts_with('/'))
+            .unwrap_or("/")
+            .as_bytes()
+    };
+    if target
+        .iter()
+        .any(|&b| matches!(b, b'\0' | b'\n' | b'\r' | b' '))
+    {
+        return None;
     }
-    if !req.headers.contains_key(http::header::HOST) {
-        // An HTTP/1.0 caller may send none; the upstream is spoken to in HTTP/1.1, which
-        // requires it.
-        req.insert_header(http::header::HOST, upstream_host.to_string())?;
+    // The rule of `http::HeaderValue`: no control characters but tab.
+    if !added
+        .iter()
+        .all(|(_, v)| v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f)))
+    {
+        return None;
     }
-    for (name, value) in added {
-        req.insert_header(*name, *value)?;
-    }
+    let options = connection_options(&caller.headers);
+    let forwarded = |name: &http::HeaderName| {
+        let name = name.as_str();
+        let own = |h: &str| h.eq_ignore_ascii_case(name);
+        // Those set here are replaced, never sent twice.
+        let replaced =
+            || added.iter().any(|(h, _)| own(h)) || name == http::header::CONTENT_LENGTH.as_str();
+        // A name that differs from one dropped or set here only by '_' for '-' ("X_Client")
+        // reads as that header at upstreams that map names to variables (CGI, WSGI): the caller
+        // could pass itself off as another client, or slip in credentials. (nginx drops every
+        // name with '_' by default.)
+        let spoofs = || {
+            name.contains('_') && {
+                let dashed = name.replace('_', "-");
+                let own = |h: &str| h.eq_ignore_ascii_case(&dashed);
+                HOP_BY_HOP.iter().chain(dropped).any(|h| own(h))
+                    || added.iter().any(|(h, _)| own(h))
+                    || own(http::header::HOST.as_str())
+                    || own(http::header::CONTENT_LENGTH.as_str())
+            }
+        };
+        !(HOP_BY_HOP.contains(&name)
+            || dropped.iter().any(|h| own(h))
+            || replaced()
+            || options.iter().any(|o| o.as_str() == name)
+            || spoofs())
+    };
     // A POST, PUT or PATCH says its empty body's length (RFC 9110 8.6): some upstreams
     // answer one without it 411.
     let has_body = body_len > 0
@@ -183,11 +209,70 @@ pub fn upstream_request(
             caller.method,
             http::Method::POST | http::Method::PUT | http::Method::PATCH
         );
-    if has_body {
-        req.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
+    let mut fields: Vec<(&[u8], &[u8])> =
+        Vec::with_capacity(caller.headers.len() + added.len() + 2);
+    if caller.has_case() {
+        for ((case, value), (name, _)) in caller.case_header_iter().zip(caller.headers.iter()) {
+            if forwarded(name) {
+                fields.push((case.as_slice(), value.as_bytes()));
+            }
+        }
+    } else {
+        for (name, value) in caller.headers.iter() {
+            if forwarded(name) {
+                fields.push((name.as_str().as_bytes(), value.as_bytes()));
+            }
+        }
     }
-    req.set_version(http::Version::HTTP_11);
-    Ok(req)
+    // An HTTP/1.0 caller may send none; the upstream is spoken to in HTTP/1.1, which
+    // requires it.
+    let host =
+        (!caller.headers.contains_key(http::header::HOST)).then(|| upstream_host.to_string());
+    if let Some(host) = &host {
+        fields.push((b"Host", host.as_bytes()));
+    }
+    fields.extend(added.iter().map(|(h, v)| (h.as_bytes(), v.as_bytes())));
+    let length = body_len.to_string();
+    if has_body {
+        fields.push((b"Content-Length", length.as_bytes()));
+    }
+
+    let method = caller.method.as_str().as_bytes();
+    let size = method.len()
+        + target.len()
+        + 13
+        + fields
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>()
+        + 2;
+    let mut wire = BytesMut::with_capacity(size);
+    for part in [method, b" ", target, b" HTTP/1.1\r\n"] {
+        wire.put_slice(part);
+    }
+    for (name, value) in &fields {
+        for part in [*name, b": ", *value, b"\r\n"] {
+            wire.put_slice(part);
+        }
+    }
+    wire.put_slice(b"\r\n");
+
+    let head = if caller.method == http::Method::HEAD {
+        let mut head = RequestHeader::build(http::Method::HEAD, target, Some(fields.len())).ok()?;
+        for (name, value) in &fields {
+            let name = String::from_utf8(name.to_vec()).ok()?;
+            head.append_header(name, http::HeaderValue::from_bytes(value).ok()?)
+                .ok()?;
+        }
+        Some(head)
+    } else {
+        None
+    };
+    Some(Outgoing {
+        method: caller.method.clone(),
+        wire,
+        head,
+    })
 }
 
 pub struct Leg<'a> {
@@ -309,7 +394,7 @@ impl RequestBody {
 pub async fn exchange(
     leg: Leg<'_>,
     session: &mut Session,
-    req: RequestHeader,
+    req: Outgoing,
     body: RequestBody,
     on_head: impl FnOnce(&mut ResponseHeader, Duration),
 ) -> Result<Exchange, UpstreamFailure> {
@@ -471,10 +556,10 @@ fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
 
 async fn send(
     leg: &Leg<'_>,
-    req: RequestHeader,
+    req: Outgoing,
     body: RequestBody,
 ) -> Result<(HttpSession, ResponseHeader, Duration), UpstreamFailure> {
-    let request = Request::new(req, body).ok_or(UpstreamFailure::Protocol)?;
+    let request = Request { out: req, body };
     let (stream, reused) = leg
         .upstream
         .stream(leg.transport)
@@ -485,7 +570,7 @@ async fn send(
     // request did not get through whole, or the method is idempotent. A POST the upstream
     // read before closing (a crash, its own timeout) must not be computed twice.
     let replayable = matches!(
-        request.head.method,
+        request.out.method,
         http::Method::GET
             | http::Method::HEAD
             | http::Method::PUT
@@ -527,19 +612,13 @@ const ANSWERED_WRONGLY: HeadFailure = HeadFailure {
     closed: false,
 };
 
-/// A request ready for the wire: its head serialised once, so a retry sends the same bytes.
+/// A request ready for the wire.
 struct Request {
-    head: RequestHeader,
-    wire: BytesMut,
+    out: Outgoing,
     body: RequestBody,
 }
 
 impl Request {
-    fn new(head: RequestHeader, body: RequestBody) -> Option<Request> {
-        let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(&head)?;
-        Some(Request { head, wire, body })
-    }
-
     /// Writes the request and reads the final response head.
     async fn exchange_head(
         &self,
@@ -551,11 +630,11 @@ impl Request {
             written: false,
             closed: true,
         };
-        let mut http = if self.head.method == http::Method::HEAD {
+        let mut http = if let Some(head) = &self.out.head {
             // Pingora's session must see a HEAD request go out, or it would wait for a body
             // the answer never has. A body the caller sent with it follows, as announced.
             let mut http = leg.upstream.session(stream);
-            http.write_request_header(Box::new(self.head.clone()))
+            http.write_request_header(Box::new(head.clone()))
                 .await
                 .map_err(|_| unwritten)?;
             let last = self.body.pieces.len().saturating_sub(1);
@@ -610,7 +689,7 @@ impl Request {
 
     async fn write(&self, stream: &mut Stream) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        let mut slices: Vec<IoSlice<'_>> = std::iter::once(&self.wire[..])
+        let mut slices: Vec<IoSlice<'_>> = std::iter::once(&self.out.wire[..])
             .chain(self.body.pieces.iter().map(|p| &p[..]))
             .map(IoSlice::new)
             .collect();
@@ -637,6 +716,132 @@ mod tests {
             body.push(Bytes::from(p.to_string()));
         }
         body
+    }
+
+    fn caller(method: &str, target: &str, fields: &[(&str, &str)]) -> RequestHeader {
+        let mut head = RequestHeader::build(method, target.as_bytes(), None).unwrap();
+        for (name, value) in fields {
+            head.append_header(name.to_string(), *value).unwrap();
+        }
+        head
+    }
+
+    fn wire(out: &Outgoing) -> String {
+        String::from_utf8(out.wire.to_vec()).unwrap()
+    }
+
+    const UPSTREAM: &str = "127.0.0.1:9000";
+
+    #[test]
+    fn the_upstream_head_keeps_the_callers_fields_in_order_and_case_and_sets_tollgates_own() {
+        let head = caller(
+            "POST",
+            "/a/b?x=1",
+            &[
+                ("Host", "api.example"),
+                ("X-Custom", "one"),
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "secret"),
+                ("accept", "a"),
+                ("Authorization", "Bearer t"),
+                ("x-tracecode", "forged"),
+                ("X_Client", "forged"),
+                ("X_Kept", "kept"),
+                ("Content-Length", "7"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                ("Expect", "100-continue"),
+                ("Accept", "b"),
+            ],
+        );
+        let out = upstream_request(
+            &head,
+            UPSTREAM.parse().unwrap(),
+            2,
+            &[("X-Tracecode", "code"), ("X-Client", "acme_|_alice")],
+            &["authorization"],
+        )
+        .unwrap();
+        assert_eq!(
+            wire(&out),
+            "POST /a/b?x=1 HTTP/1.1\r\nHost: api.example\r\nX-Custom: one\r\naccept: a\r\n\
+             Accept: b\r\nX_Kept: kept\r\nX-Tracecode: code\r\nX-Client: acme_|_alice\r\n\
+             Content-Length: 2\r\n\r\n"
+        );
+        assert!(out.head.is_none(), "built for HEAD requests only");
+    }
+
+    #[test]
+    fn the_upstream_head_gets_a_host_and_an_origin_form_target_and_a_length_where_due() {
+        // An HTTP/1.0 caller's GET without Host or body.
+        let mut head = caller("GET", "/v", &[("User-Agent", "x")]);
+        head.set_version(http::Version::HTTP_10);
+        let out = upstream_request(&head, UPSTREAM.parse().unwrap(), 0, &[], &[]).unwrap();
+        assert_eq!(
+            wire(&out),
+            "GET /v HTTP/1.1\r\nUser-Agent: x\r\nHost: 127.0.0.1:9000\r\n\r\n"
+        );
+        // A POST with an empty body says so.
+        let out = upstream_request(
+            &caller("POST", "/v", &[("Host", "h")]),
+            UPSTREAM.parse().unwrap(),
+            0,
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            wire(&out),
+            "POST /v HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"
+        );
+        // An absolute-form target goes on in origin form.
+        let mut head = caller("GET", "/", &[("Host", "h")]);
+        head.set_uri(http::Uri::from_static("http://h/p/q?r=1"));
+        head.set_raw_path(b"http://h/p/q?r=1").unwrap();
+        let out = upstream_request(&head, UPSTREAM.parse().unwrap(), 0, &[], &[]).unwrap();
+        assert!(
+            wire(&out).starts_with("GET /p/q?r=1 HTTP/1.1\r\n"),
+            "{}",
+            wire(&out)
+        );
+        // A value that would split the head is refused, not written.
+        assert!(upstream_request(
+            &caller("GET", "/v", &[("Host", "h")]),
+            UPSTREAM.parse().unwrap(),
+            0,
+            &[("X-Client", "a\r\nX-Evil: 1")],
+            &[],
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn a_head_request_gets_the_same_head_for_pingoras_session() {
+        let out = upstream_request(
+            &caller(
+                "HEAD",
+                "/v",
+                &[("Host", "h"), ("X-Custom", "one"), ("Connection", "close")],
+            ),
+            UPSTREAM.parse().unwrap(),
+            0,
+            &[("X-Tracecode", "code")],
+            &[],
+        )
+        .unwrap();
+        let head = out.head.as_ref().expect("a head for pingora");
+        let mut written = BytesMut::new();
+        head.header_to_h1_wire(&mut written);
+        assert_eq!(
+            String::from_utf8(written.to_vec()).unwrap(),
+            "Host: h\r\nX-Custom: one\r\nX-Tracecode: code\r\n"
+        );
+        assert_eq!(head.method, http::Method::HEAD);
+        assert_eq!(head.raw_path(), b"/v");
+        assert_eq!(
+            wire(&out),
+            "HEAD /v HTTP/1.1\r\nHost: h\r\nX-Custom: one\r\nX-Tracecode: code\r\n\r\n"
+        );
     }
 
     #[test]
