@@ -1225,6 +1225,33 @@ fn calls_whose_upstream_failed_are_on_record_with_the_status_their_caller_got() 
 }
 
 #[test]
+fn a_small_queue_with_a_long_flush_interval_admits_calls_and_records_them_all() {
+    // The writer sleeps a minute between batches unless the queue wakes it.
+    let t = start_with_config_edit(Setup::default(), |c| {
+        c.replace(
+            "flush_interval_ms = 20",
+            "flush_interval_ms = 60000\nqueue_capacity = 16",
+        )
+    });
+    let alice = t.token("alice");
+    let mut answered = BTreeSet::new();
+    for i in 0..40 {
+        let seen = plan(&t, &alice, &[i]);
+        assert_eq!(
+            seen.status,
+            200,
+            "call {i} was refused while the writer idled: {}",
+            String::from_utf8_lossy(&seen.body)
+        );
+        answered.insert(seen.code);
+    }
+    // Reading the audit flushes what is queued: every admitted call is on record.
+    let page = audit(&t, &alice, &[("limit", "100")]);
+    let recorded: BTreeSet<String> = codes(&page).into_iter().collect();
+    assert!(answered.is_subset(&recorded), "{page}");
+}
+
+#[test]
 fn audit_pages_filters_and_validates_its_parameters() {
     let t = Tollgate::start();
     let traffic = traffic(&t);

@@ -63,6 +63,10 @@ struct Shared {
     /// for what cannot wait (a flush, a durable record, a batch's worth queued): waking it per
     /// record cost a wake-up and a few scheduler yields on every proxied call.
     thread: std::thread::Thread,
+    /// Queued records that wake the writer early: a batch's worth, or half a small queue.
+    wake_at: usize,
+    /// Room kept free for calls already admitted, whose records come when they end.
+    headroom: usize,
 }
 
 impl Drop for Shared {
@@ -76,6 +80,19 @@ impl Drop for Shared {
 }
 
 const MAX_BATCH_OPS: usize = 4096;
+
+/// How many queued records wake the writer before its interval is over: a batch's worth, or
+/// half the queue when the queue is smaller, so that a small queue is written long before
+/// admission would refuse calls for want of room.
+fn wake_at(capacity: usize) -> usize {
+    MAX_BATCH_OPS.min(capacity / 2).max(1)
+}
+
+/// Room admission keeps free for calls already admitted: 64 records, or an eighth of a small
+/// queue (a fixed 64 refused every call of a queue of 64 or fewer).
+fn headroom(capacity: usize) -> usize {
+    (capacity / 8).clamp(1, 64)
+}
 
 impl StoreWriter {
     /// Starts the writer thread; it stops when every `StoreWriter` clone is dropped, after
@@ -94,6 +111,8 @@ impl StoreWriter {
         let shared = Shared {
             tx,
             thread: handle.thread().clone(),
+            wake_at: wake_at(capacity),
+            headroom: headroom(capacity),
         };
         (
             StoreWriter {
@@ -108,7 +127,7 @@ impl StoreWriter {
         let tx = &self.shared.tx;
         match tx.try_send(Op::Call(Box::new(record))) {
             Ok(()) => {
-                if tx.len() >= MAX_BATCH_OPS {
+                if tx.len() >= self.shared.wake_at {
                     self.shared.thread.unpark();
                 }
                 Ok(())
@@ -137,7 +156,8 @@ impl StoreWriter {
     /// Whether a new call could be recorded now (admission refuses calls when it could not).
     pub fn has_room(&self) -> bool {
         let tx = &self.shared.tx;
-        tx.capacity().is_none_or(|cap| tx.len() + 64 < cap)
+        tx.capacity()
+            .is_none_or(|cap| tx.len() + self.shared.headroom < cap)
     }
 
     pub fn queued(&self) -> usize {
