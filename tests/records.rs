@@ -619,6 +619,11 @@ fn a_body_over_max_capture_bytes_is_proxied_whole_and_its_capture_says_truncated
 }
 
 fn redacting_echo(limits: &str) -> Tollgate {
+    // The suite's own echo route gives way to this one (a second would never be reached).
+    let echo = "[[routes]]\nmethod = \"POST\"\npath = \"/demo/echo\"\nupstream = \"demo\"\n\
+                service = \"UNIVERSAL\"\nmethod_group = \"CONVERT\"\noperation = \"echo_payload\"\n";
+    assert!(ROUTES.contains(echo));
+    let routes = ROUTES.replace(echo, "");
     let extra = format!(
         r#"
 [[routes]]
@@ -629,7 +634,7 @@ service = "UNIVERSAL"
 method_group = "CONVERT"
 operation = "echo_payload"
 redact = ["/secret", "/auth/key"]
-{ROUTES}
+{routes}
 {limits}
 "#
     );

@@ -138,6 +138,8 @@ impl PathPattern {
                     return Err(format!("parameter '{{{name}}}' is named twice"));
                 }
                 Segment::Param(name.to_string())
+            } else if part.is_empty() && i + 1 == parts.len() {
+                return Err("ends with '/': route paths are written without a trailing '/'".into());
             } else if part.is_empty() {
                 return Err("empty segment ('//')".into());
             } else if part.contains(['{', '}', '*', '?', '#']) {
@@ -150,6 +152,22 @@ impl PathPattern {
             segments.push(segment);
         }
         Ok(PathPattern { segments })
+    }
+
+    /// Whether every path this pattern matches is matched by `other` too.
+    pub fn within(&self, other: &PathPattern) -> bool {
+        let mut mine = self.segments.iter();
+        for theirs in &other.segments {
+            match (theirs, mine.next()) {
+                // Whatever follows, none included.
+                (Segment::Rest, _) => return true,
+                (_, None | Some(Segment::Rest)) => return false,
+                (Segment::Literal(a), Some(Segment::Literal(b))) if a == b => {}
+                (Segment::Param(_), Some(Segment::Literal(_) | Segment::Param(_))) => {}
+                _ => return false,
+            }
+        }
+        mine.next().is_none()
     }
 
     /// Whether `path` (no query) matches; on a match, the value of parameter `param` if asked.
@@ -390,10 +408,42 @@ mod tests {
         assert!(PathPattern::parse("x").unwrap_err().contains("start"));
         assert!(PathPattern::parse("/a/*/b").unwrap_err().contains("end"));
         assert!(PathPattern::parse("/a//b").unwrap_err().contains("empty"));
+        assert!(PathPattern::parse("/a/b/")
+            .unwrap_err()
+            .contains("trailing"));
         assert!(PathPattern::parse("/a/{b-c}").unwrap_err().contains("word"));
         assert!(PathPattern::parse("/r/{id}/{id}/x")
             .unwrap_err()
             .contains("twice"));
+    }
+
+    #[test]
+    fn a_pattern_is_within_another_when_the_other_matches_all_it_does() {
+        let p = |s: &str| PathPattern::parse(s).unwrap();
+        for (inner, outer) in [
+            ("/a", "/a"),
+            ("/b/{id}", "/b/{x}"),
+            ("/b/lit", "/b/{x}"),
+            ("/c/d", "/c/*"),
+            ("/c", "/c/*"),
+            ("/c/*", "/c/*"),
+            ("/c/{id}/*", "/*"),
+            ("/", "/*"),
+        ] {
+            assert!(p(inner).within(&p(outer)), "{inner} within {outer}");
+        }
+        for (inner, outer) in [
+            ("/b/{x}", "/b/lit"),
+            ("/c/*", "/c/d"),
+            ("/c/*", "/c"),
+            ("/a/b", "/a"),
+            ("/a", "/a/b"),
+            ("/a", "/b"),
+            ("/", "/a"),
+            ("/c/*", "/c/{x}"),
+        ] {
+            assert!(!p(inner).within(&p(outer)), "{inner} not within {outer}");
+        }
     }
 
     #[test]

@@ -51,65 +51,127 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
 /// Parses config text; relative paths in it are taken from `base` (the file's folder).
 pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let mut problems = Vec::new();
+    let mut tainted = Vec::new();
     let file = match read_file(::toml::Deserializer::new(text), text) {
         Ok(file) => file,
-        Err((problem, unknown)) => {
-            let key = problem.key.clone();
-            problems.push(problem);
-            // An unknown key must not hide the file's other problems: drop it and read on
-            // (from the parsed tree, so later problems have no line number).
-            let mut value: ::toml::Value =
-                match unknown.then(|| ::toml::from_str(text).ok()).flatten() {
-                    Some(v) => v,
-                    None => return Err(problems),
-                };
-            if !remove_key(&mut value, &key) {
-                return Err(problems);
-            }
-            let mut found = None;
-            for _ in 0..1000 {
-                match read_file(value.clone(), "") {
-                    Ok(file) => {
-                        found = Some(file);
-                        break;
-                    }
-                    Err((problem, unknown)) => {
-                        let key = problem.key.clone();
-                        problems.push(problem);
-                        if !unknown || !remove_key(&mut value, &key) {
-                            return Err(problems);
-                        }
-                    }
-                }
-            }
-            match found {
-                Some(file) => file,
-                None => return Err(problems),
-            }
-        }
+        Err(first) => match read_on(text, first, &mut problems, &mut tainted) {
+            Some(file) => file,
+            None => return Err(problems),
+        },
     };
+    let from_shape = problems.len();
     let mut v = Validator {
         problems,
         base: base.to_path_buf(),
     };
     let config = v.config(file);
-    if v.problems.is_empty() {
+    // A key already reported as malformed or missing has a placeholder or a default standing
+    // in for it: what the checks say of that is no news.
+    let stood_in = |key: &str| {
+        tainted.iter().any(|t| {
+            key.strip_prefix(t.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    };
+    let mut problems = v.problems;
+    let checks = problems.split_off(from_shape);
+    problems.extend(checks.into_iter().filter(|p| !stood_in(&p.key)));
+    if problems.is_empty() {
         Ok(config)
     } else {
-        Err(v.problems)
+        Err(problems)
     }
 }
 
-/// Deserializes the file model; on failure, the problem and whether it is an unknown key.
-fn read_file<'de, D>(deserializer: D, text: &str) -> Result<toml::File, (Problem, bool)>
+/// What kind of problem the file's shape has.
+enum Shape {
+    /// A key the model does not have: dropped, and the file read on.
+    Unknown,
+    /// A required key that is missing: a placeholder stands in for it.
+    Missing(String),
+    /// A value of the wrong type at a key: dropped (a placeholder stands in if it is required).
+    Invalid,
+    /// Unreadable TOML, or a problem with no key to drop.
+    Fatal,
+}
+
+/// After a problem in the file's shape, reads on from the parsed tree with the offending key
+/// dropped (or, if required, stood in for), so that one problem never hides the others.
+/// `tainted`: the keys reported here, whose later checks would only repeat the problem.
+fn read_on(
+    text: &str,
+    first: (Problem, Shape),
+    problems: &mut Vec<Problem>,
+    tainted: &mut Vec<String>,
+) -> Option<toml::File> {
+    let mut next = first;
+    // Later problems are found in the parsed tree, which has no line numbers.
+    let mut value: Option<::toml::Value> = None;
+    for _ in 0..1000 {
+        let (problem, shape) = next;
+        let key = problem.key.clone();
+        match shape {
+            Shape::Fatal => {
+                problems.push(problem);
+                return None;
+            }
+            Shape::Missing(field) => {
+                let key = format!("{key}.{field}");
+                // A required key dropped for its type is missing now: already reported.
+                if !tainted.contains(&key) {
+                    problems.push(Problem {
+                        key: key.clone(),
+                        message: "missing: this key is required".into(),
+                    });
+                    tainted.push(key.clone());
+                }
+                let tree = match &mut value {
+                    Some(tree) => tree,
+                    None => value.insert(::toml::from_str(text).ok()?),
+                };
+                set_key(tree, &key, ::toml::Value::String(String::new()))?;
+            }
+            Shape::Unknown | Shape::Invalid => {
+                problems.push(problem);
+                let tree = match &mut value {
+                    Some(tree) => tree,
+                    None => value.insert(::toml::from_str(text).ok()?),
+                };
+                take_key(tree, &key)?;
+                if matches!(shape, Shape::Invalid) {
+                    tainted.push(key);
+                }
+            }
+        }
+        match read_file(value.clone()?, "") {
+            Ok(file) => return Some(file),
+            Err(problem) => next = problem,
+        }
+    }
+    None
+}
+
+/// Deserializes the file model; on failure, the problem and its kind.
+fn read_file<'de, D>(deserializer: D, text: &str) -> Result<toml::File, (Problem, Shape)>
 where
     D: serde::Deserializer<'de, Error = ::toml::de::Error>,
 {
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let message = inner.message().to_string();
-        let unknown = message.starts_with("unknown field");
+        let message = in_toml_words(inner.message());
+        let shape = if key == "." || key.is_empty() {
+            Shape::Fatal
+        } else if message.starts_with("unknown field") {
+            Shape::Unknown
+        } else if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            Shape::Missing(field.to_string())
+        } else {
+            Shape::Invalid
+        };
         let at = inner
             .span()
             .filter(|_| !text.is_empty())
@@ -123,13 +185,31 @@ where
                 key: if key == "." { "(file)".into() } else { key },
                 message: message + &at,
             },
-            unknown,
+            shape,
         )
     })
 }
 
-/// Removes the key at a path such as `routes[2].pointz`; false when there is none.
-fn remove_key(value: &mut ::toml::Value, path: &str) -> bool {
+/// serde's words for the model's types, in TOML's: "expected i64" reads "expected an integer".
+fn in_toml_words(message: &str) -> String {
+    let mut m = message.to_string();
+    for (rust, toml) in [
+        ("expected i64", "expected an integer"),
+        ("expected a sequence", "expected an array"),
+        ("expected a map", "expected a table"),
+        ("invalid type: sequence", "invalid type: array"),
+        ("invalid type: map", "invalid type: table"),
+    ] {
+        m = m.replace(rust, toml);
+    }
+    m
+}
+
+/// The table holding the key at a path such as `routes[2].pointz`, and the key's name.
+fn parent_of<'v>(
+    value: &'v mut ::toml::Value,
+    path: &'v str,
+) -> Option<(&'v mut ::toml::Table, &'v str)> {
     let mut steps: Vec<Result<&str, usize>> = Vec::new();
     for part in path.split('.') {
         let (name, mut rest) = part.split_once('[').map_or((part, ""), |(n, r)| (n, r));
@@ -137,35 +217,39 @@ fn remove_key(value: &mut ::toml::Value, path: &str) -> bool {
             steps.push(Ok(name));
         }
         while !rest.is_empty() {
-            let Some((index, after)) = rest.split_once(']') else {
-                return false;
-            };
-            let Ok(index) = index.parse() else {
-                return false;
-            };
-            steps.push(Err(index));
+            let (index, after) = rest.split_once(']')?;
+            steps.push(Err(index.parse().ok()?));
             rest = after.strip_prefix('[').unwrap_or(after);
         }
     }
-    let Some((Ok(last), parents)) = steps.split_last() else {
-        return false;
+    let (Ok(last), parents) = steps.split_last()? else {
+        return None;
     };
     let mut at = value;
     for step in parents {
-        let next = match (step, at) {
-            (Ok(name), ::toml::Value::Table(t)) => t.get_mut(*name),
-            (Err(index), ::toml::Value::Array(a)) => a.get_mut(*index),
-            _ => None,
+        at = match (step, at) {
+            (Ok(name), ::toml::Value::Table(t)) => t.get_mut(*name)?,
+            (Err(index), ::toml::Value::Array(a)) => a.get_mut(*index)?,
+            _ => return None,
         };
-        match next {
-            Some(n) => at = n,
-            None => return false,
-        }
     }
     match at {
-        ::toml::Value::Table(t) => t.remove(*last).is_some(),
-        _ => false,
+        ::toml::Value::Table(t) => Some((t, last)),
+        _ => None,
     }
+}
+
+/// Removes the key at a path; `None` when there is none.
+fn take_key(value: &mut ::toml::Value, path: &str) -> Option<::toml::Value> {
+    let (table, name) = parent_of(value, path)?;
+    table.remove(name)
+}
+
+/// Sets the key at a path (its table must exist).
+fn set_key(value: &mut ::toml::Value, path: &str, to: ::toml::Value) -> Option<()> {
+    let (table, name) = parent_of(value, path)?;
+    table.insert(name.to_string(), to);
+    Some(())
 }
 
 struct Validator {
@@ -386,7 +470,20 @@ impl Validator {
                 .secret_file
                 .map(|p| self.path(&p))
                 .unwrap_or_else(|| store.path.join("jwt-secret")),
-            previous_secrets: f.auth.previous_secrets.unwrap_or_default(),
+            previous_secrets: {
+                let previous = f.auth.previous_secrets.unwrap_or_default();
+                for (j, s) in previous.iter().enumerate() {
+                    // Tokens signed with it are still accepted: a weak one is as weak as a
+                    // weak current secret.
+                    if s.len() < 32 {
+                        self.problem(
+                            format!("auth.previous_secrets[{j}]"),
+                            "must be at least 32 characters (256 bits), as the secret",
+                        );
+                    }
+                }
+                previous
+            },
             login_failures_per_account_per_minute: self.range("auth.login_failures_per_account_per_minute", f.auth.login_failures_per_account_per_minute, 5, 1, 100_000) as u32,
             login_failures_per_address_per_minute: self.range("auth.login_failures_per_address_per_minute", f.auth.login_failures_per_address_per_minute, 30, 1, 100_000) as u32,
         };
@@ -423,12 +520,34 @@ impl Validator {
             }
         }
         let docs_dir = self.path(f.docs.dir.as_deref().unwrap_or("docs"));
-        let routes = f
-            .routes
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, r)| self.route(i, r, &upstreams))
-            .collect();
+        let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
+        let mut indices = Vec::with_capacity(f.routes.len());
+        for (i, r) in f.routes.into_iter().enumerate() {
+            let Some(route) = self.route(i, r, &upstreams) else {
+                continue;
+            };
+            // The first route that matches a call wins: one that an earlier route matches in
+            // whole would never be reached.
+            let shadow = routes.iter().zip(&indices).find(|(earlier, _)| {
+                let method = match (&earlier.method, &route.method) {
+                    (MethodMatch::Any, _) => true,
+                    (MethodMatch::One(a), MethodMatch::One(b)) => a == b,
+                    (MethodMatch::One(_), MethodMatch::Any) => false,
+                };
+                method && route.pattern.within(&earlier.pattern)
+            });
+            if let Some((_, j)) = shadow {
+                self.problem(
+                    format!("routes[{i}]"),
+                    format!(
+                        "never reached: routes[{j}] comes first and matches every call this \
+                         one would (the first route that matches wins)"
+                    ),
+                );
+            }
+            routes.push(route);
+            indices.push(i);
+        }
         let mut quotas: Vec<Quota> = Vec::new();
         for (i, q) in f.quotas.into_iter().enumerate() {
             if let Some(q) = self.quota(i, q) {
@@ -542,8 +661,18 @@ impl Validator {
             array_pointers: r.points.unwrap_or_default(),
             unique_key_pointer: r.unique_key,
         };
-        if let Err(e) = points.validate() {
-            self.problem(key("points"), e);
+        for (j, pointer) in points.array_pointers.iter().enumerate() {
+            if let Err(rule) = crate::quota::points::check_pointer(pointer) {
+                self.problem(
+                    format!("routes[{i}].points[{j}]"),
+                    format!("{pointer:?}: {rule}"),
+                );
+            }
+        }
+        if let Some(pointer) = &points.unique_key_pointer {
+            if let Err(rule) = crate::quota::points::check_pointer(pointer) {
+                self.problem(key("unique_key"), format!("{pointer:?}: {rule}"));
+            }
         }
         if let (Some(name), Some(p)) = (&r.process_id, &pattern) {
             if !p.segments.contains(&Segment::Param(name.clone())) {
@@ -871,6 +1000,61 @@ mod tests {
     }
 
     #[test]
+    fn values_of_the_wrong_type_and_missing_keys_do_not_hide_other_problems() {
+        let p = problems(
+            r#"
+            [limits]
+            max_body_bytes = "big"
+            colour = 1
+            [metrics]
+            listen = 9090
+            [[upstreams]]
+            name = "u"
+            address = "127.0.0.1:9"
+            [[routes]]
+            method = 5
+            path = "/a"
+            upstream = "u"
+            service = "NOPE"
+            method_group = "PLAN"
+            operation = "abc"
+            auth = "yes"
+            extra = 1
+            [[routes]]
+            path = "/b"
+            upstream = "u"
+            service = "UNIVERSAL"
+            method_group = "PLAN"
+            operation = "abc"
+            "#,
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "limits.max_body_bytes",
+            "limits.colour",
+            "metrics.listen",
+            "routes[0].method",
+            "routes[0].auth",
+            "routes[0].extra",
+            "routes[0].service",
+            "routes[1].method",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {p:?}");
+        }
+        // Each once: a key dropped for its type is not reported again as missing or empty.
+        assert_eq!(keys.len(), 8, "{p:?}");
+        let method = p.iter().find(|p| p.key == "routes[0].method").unwrap();
+        assert!(method.message.contains("expected a string"), "{method:?}");
+        let limit = p.iter().find(|p| p.key == "limits.max_body_bytes").unwrap();
+        assert!(
+            limit.message.contains("expected an integer") && limit.message.contains("(line 3)"),
+            "{limit:?}"
+        );
+        let missing = p.iter().find(|p| p.key == "routes[1].method").unwrap();
+        assert!(missing.message.contains("required"), "{missing:?}");
+    }
+
+    #[test]
     fn every_bad_value_is_reported_at_once() {
         let p = problems(
             r#"
@@ -967,7 +1151,41 @@ mod tests {
     }
 
     #[test]
+    fn a_route_an_earlier_one_matches_in_whole_is_refused() {
+        let route = |method: &str, path: &str| {
+            format!("[[routes]]\nmethod = \"{method}\"\npath = \"{path}\"\nupstream = \"u\"\nservice = \"UNIVERSAL\"\nmethod_group = \"PLAN\"\noperation = \"abc\"\n")
+        };
+        let upstream = "[[upstreams]]\nname = \"u\"\naddress = \"127.0.0.1:9\"\n";
+        let p = problems(
+            &[
+                upstream.to_string(),
+                route("GET", "/a"),
+                route("GET", "/a"),
+                route("GET", "/b/{id}"),
+                route("GET", "/b/{x}"),
+                route("*", "/c/*"),
+                route("GET", "/c/d"),
+                // Reachable: another method, or more specific first.
+                route("POST", "/a"),
+                route("GET", "/e/lit"),
+                route("GET", "/e/{id}"),
+            ]
+            .concat(),
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["routes[1]", "routes[3]", "routes[5]"], "{p:?}");
+        assert!(p[0].message.contains("routes[0]"), "{p:?}");
+        assert!(p[2].message.contains("routes[4]"), "{p:?}");
+    }
+
+    #[test]
     fn short_secrets_are_refused() {
+        let p = problems("[auth]\nprevious_secrets = [\"x\", \"\"]\n");
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["auth.previous_secrets[0]", "auth.previous_secrets[1]"]
+        );
         let p = problems("[auth]\nsecret = \"short\"\n");
         assert_eq!(p[0].key, "auth.secret");
     }
