@@ -48,7 +48,9 @@ fn server_timing(r: &Response) -> (f64, f64) {
     };
     let (p, u) = (dur("proxy"), dur("upstream"));
     // The upstream's own entries are kept, before Tollgate's (the demo reports its time).
-    if r.url().path().starts_with("/demo/") || r.url().path().starts_with("/universal/") {
+    let demo_path =
+        r.url().path().starts_with("/demo/") || r.url().path().starts_with("/universal/");
+    if demo_path && r.status().is_success() {
         assert!(v.starts_with("compute;dur="), "{v}");
     }
     assert!(p >= 0.0 && u >= 0.0, "{v}");
@@ -998,9 +1000,12 @@ operation = "{name}_calculation"
 }
 
 /// A JSON error in the API shape (never pingora's default HTML page).
-fn assert_upstream_error(r: Response, status: u16) {
+/// Asserts a failed upstream's answer; gives the time Server-Timing says was waited on it (ms).
+fn assert_upstream_error(r: Response, status: u16) -> f64 {
     assert_eq!(r.status(), status);
     tracecode(&r);
+    // Load testers see the proxy's and the upstream's share of failed calls too.
+    let (_, upstream_ms) = server_timing(&r);
     assert!(
         header(&r, "content-type").is_some_and(|c| c.starts_with("application/json")),
         "{:?}",
@@ -1008,6 +1013,7 @@ fn assert_upstream_error(r: Response, status: u16) {
     );
     let body = json_body(r);
     assert_error_shape(&body, "UNIVERSAL");
+    upstream_ms
 }
 
 #[test]
@@ -1039,10 +1045,14 @@ fn a_hanging_upstream_is_a_504_after_the_route_timeout() {
     let started = Instant::now();
     let r = t.post_json("/universal/hang/calculation", &alice, &json!({}));
     let elapsed = started.elapsed();
-    assert_upstream_error(r, 504);
+    let waited = assert_upstream_error(r, 504);
     assert!(
         elapsed >= Duration::from_millis(450) && elapsed <= Duration::from_secs(2),
         "504 after {elapsed:?}, expected ~500 ms"
+    );
+    assert!(
+        (450.0..2000.0).contains(&waited),
+        "Server-Timing says {waited} ms waited on the upstream"
     );
     assert_eq!(
         t.post_json("/universal/plan/calculation", &alice, &json!({}))

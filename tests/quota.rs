@@ -115,11 +115,28 @@ fn labelled_metric(t: &Tollgate, name: &str, label: &str, value: &str) -> f64 {
 fn assert_ratelimit_headers(r: &reqwest::blocking::Response, limit: u64, remaining: Option<u64>) {
     let policy = header(r, "ratelimit-policy")
         .unwrap_or_else(|| panic!("no RateLimit-Policy on {}", r.status()));
-    assert_eq!(policy, format!("\"points\";q={limit}"));
+    // Named by the quota it is, with its window in seconds.
+    let name = if policy.starts_with("\"points_per_day\";") {
+        assert_eq!(policy, format!("\"points_per_day\";q={limit};w=86400"));
+        "\"points_per_day\";"
+    } else {
+        let window = policy
+            .strip_prefix(&format!("\"points_per_date_window\";q={limit};w="))
+            .unwrap_or_else(|| panic!("RateLimit-Policy {policy:?}, expected a limit of {limit}"));
+        let days = window.parse::<u64>().unwrap() / 86_400;
+        assert!(
+            days >= 2 && window == (days * 86_400).to_string(),
+            "{policy}"
+        );
+        "\"points_per_date_window\";"
+    };
     let rl = header(r, "ratelimit").unwrap_or_else(|| panic!("no RateLimit on {}", r.status()));
-    assert!(rl.starts_with("\"points\";r="), "{rl}");
+    assert!(
+        rl.starts_with(&format!("{name}r=")),
+        "{rl} (policy {policy})"
+    );
     let fields: HashMap<&str, u64> = rl
-        .trim_start_matches("\"points\";")
+        .trim_start_matches(name)
         .split(';')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k, v.parse().unwrap()))
@@ -488,6 +505,8 @@ fn points_of_failed_upstream_calls_are_refunded() {
             .send()
             .unwrap();
         assert_eq!(r.status(), expected, "{name}");
+        // Tollgate's own answer says what is left, the call's points given back.
+        assert_ratelimit_headers(&r, 10, Some(10));
         let body: Value = r.json().unwrap();
         assert_error_shape(&body, "UNIVERSAL");
     }
@@ -501,6 +520,66 @@ fn points_of_failed_upstream_calls_are_refunded() {
     assert_eq!(r.status(), 200);
     assert_eq!(call_plan(&t, &alice, 1, &[]).status(), 402);
     assert_eq!(statistics_total(&t, &alice, "UNIVERSAL", "PLAN"), 10);
+}
+
+#[test]
+fn a_route_with_requests_per_second_limits_each_user_apart() {
+    let t = Tollgate::start_extra(
+        r#"
+[[routes]]
+method = "POST"
+path = "/routing/route/calculation"
+upstream = "demo"
+service = "ROUTING"
+method_group = "ROUTE"
+operation = "run_route_calculation"
+requests_per_second = 2
+"#,
+    );
+    let (alice, bob) = (t.token("alice"), t.token("bob"));
+    let call = |token: &str| {
+        client()
+            .post(t.url("/routing/route/calculation"))
+            .bearer_auth(token)
+            .json(&json!({"waypoints": [{}, {}]}))
+            .send()
+            .unwrap()
+    };
+    let before = demo_requests(&t, "/routing/route/calculation");
+    let statuses: Vec<u16> = (0..4).map(|_| call(&alice).status().as_u16()).collect();
+    assert_eq!(&statuses[..2], [200, 200], "{statuses:?}");
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+    let refused = call(&alice);
+    assert_eq!(refused.status(), 429);
+    let wait: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "Retry-After {wait}");
+    assert_eq!(
+        header(&refused, "ratelimit-policy"),
+        Some("\"requests_per_second\";q=2;w=1")
+    );
+    assert_eq!(
+        header(&refused, "ratelimit"),
+        Some(format!("\"requests_per_second\";r=0;t={wait}").as_str())
+    );
+    let body: Value = refused.json().unwrap();
+    assert_error_shape(&body, "ROUTING");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("requests_per_second"),
+        "{body}"
+    );
+    // Refused calls never reached the upstream; another user has a budget of their own.
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u64;
+    assert_eq!(
+        demo_requests(&t, "/routing/route/calculation") - before,
+        admitted
+    );
+    assert_eq!(call(&bob).status(), 200);
+    // A second later alice may call again.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(call(&alice).status(), 200);
 }
 
 #[test]

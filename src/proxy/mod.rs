@@ -342,13 +342,15 @@ impl Tollgate {
                     .rejections
                     .with_label_values(&["requests_per_second"])
                     .inc();
-                return Err(plain(ApiError::too_many(
-                    format!(
-                        "requests_per_second: at most {} calls per second",
-                        route.requests_per_second.unwrap_or(0)
+                let per_second = route.requests_per_second.unwrap_or(0);
+                let wait = (wait.as_secs_f64().ceil() as u64).max(1);
+                return Err((
+                    ApiError::too_many(
+                        format!("requests_per_second: at most {per_second} calls per second"),
+                        wait,
                     ),
-                    wait.as_secs_f64().ceil() as u64,
-                )));
+                    request_rate_headers(per_second, wait),
+                ));
             }
         }
         let now_utc = Utc::now();
@@ -558,34 +560,30 @@ impl Tollgate {
             }
         });
         ctx.forwarded = true;
-        let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
-            let _ = head.insert_header("X-Tracecode", &code);
-            let proxy_time = started.elapsed().saturating_sub(upstream_time);
-            let mut timing = String::new();
-            // The upstream's own entries (its compute time, say) come first, then Tollgate's.
-            for theirs in head.headers.get_all("server-timing") {
-                if let Ok(theirs) = theirs.to_str() {
-                    timing.push_str(theirs);
-                    timing.push_str(", ");
-                }
-            }
-            use std::fmt::Write as _;
-            let _ = write!(
-                timing,
-                "proxy;dur={}, upstream;dur={}",
-                Ms(proxy_time),
-                Ms(upstream_time)
-            );
-            let _ = head.insert_header("Server-Timing", timing);
-            // An answer other than 2xx is refunded once it ends: its points are not spent.
-            let refunded = !(200..300).contains(&head.status.as_u16());
-            let remaining = remaining.map(|mut r| {
+        // An answer other than 2xx is refunded once it ends: its points are not spent.
+        let after = |refunded: bool| {
+            remaining.map(|mut r| {
                 if refunded {
                     r.remaining = r.remaining.saturating_add(call_points).min(r.limit);
                 }
                 r
-            });
-            for (k, v) in rate_limit_headers(remaining) {
+            })
+        };
+        let sent = Instant::now();
+        let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
+            let _ = head.insert_header("X-Tracecode", &code);
+            let proxy_time = started.elapsed().saturating_sub(upstream_time);
+            // The upstream's own entries (its compute time, say) come first, then Tollgate's.
+            let theirs = head
+                .headers
+                .get_all("server-timing")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter(|v| quotes_close(v));
+            let timing = server_timing(theirs, proxy_time, upstream_time);
+            let _ = head.insert_header("Server-Timing", timing);
+            let refunded = !(200..300).contains(&head.status.as_u16());
+            for (k, v) in rate_limit_headers(after(refunded)) {
                 let _ = head.insert_header(k, v);
             }
         })
@@ -622,6 +620,14 @@ impl Tollgate {
                             .upstream_errors
                             .with_label_values(&["aborted"])
                             .inc();
+                        if ctx.upstream_failed {
+                            tracing::warn!(
+                                tracecode = %ctx.code,
+                                upstream = %upstream_cfg.name,
+                                status = ex.status,
+                                "upstream broke off its answer after the head"
+                            );
+                        }
                     }
                 }
                 Ok(())
@@ -642,7 +648,22 @@ impl Tollgate {
                     upstream::UpstreamFailure::Connect => "the upstream is unreachable",
                     upstream::UpstreamFailure::Protocol => "the upstream broke the exchange",
                 };
-                Err(plain(ApiError::new(failure.status(), message)))
+                // The time waited on the upstream counts as its own, as on an answer.
+                let upstream_time = sent.elapsed();
+                let proxy_time = started.elapsed().saturating_sub(upstream_time);
+                tracing::warn!(
+                    tracecode = %ctx.code,
+                    upstream = %upstream_cfg.name,
+                    kind = failure.kind(),
+                    waited_ms = upstream_time.as_millis() as u64,
+                    "upstream failed: {message}"
+                );
+                let mut headers = vec![(
+                    "Server-Timing",
+                    server_timing(std::iter::empty(), proxy_time, upstream_time),
+                )];
+                headers.extend(rate_limit_headers(after(true)));
+                Err((ApiError::new(failure.status(), message), headers))
             }
         }
     }
@@ -815,31 +836,99 @@ fn rejection_error(r: &Rejection) -> ApiError {
         Rejection::PointsPerDateWindow { limit, used, requested, window_days, .. } => ApiError::payment_required(format!(
             "points_per_date_window: {used} of {limit} points used in the last {window_days} days, the request needs {requested}"
         )),
-        Rejection::Concurrency { limit, retry_after_seconds } => ApiError::too_many(
+        Rejection::Concurrency { limit, in_flight, retry_after_seconds } => ApiError::too_many(
             if *limit == 0 {
                 "max_concurrent_execution: the quota allows no calls (0)".to_string()
             } else {
-                format!("max_concurrent_execution: {limit} calls already in flight, the quota allows {limit}")
+                format!("max_concurrent_execution: {in_flight} calls already in flight, the quota allows {limit}")
             },
             *retry_after_seconds,
         ),
     }
 }
 
-/// The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11) for the tightest points quota.
+/// `Server-Timing`: the upstream's own entries, then Tollgate's time and the time waited on the
+/// upstream.
+fn server_timing<'a>(
+    theirs: impl Iterator<Item = &'a str>,
+    proxy_time: Duration,
+    upstream_time: Duration,
+) -> String {
+    use std::fmt::Write as _;
+    let mut timing = String::new();
+    for entry in theirs {
+        timing.push_str(entry);
+        timing.push_str(", ");
+    }
+    let _ = write!(
+        timing,
+        "proxy;dur={}, upstream;dur={}",
+        Ms(proxy_time),
+        Ms(upstream_time)
+    );
+    timing
+}
+
+/// Whether every quoted string in a header value ends: an upstream's `Server-Timing` with an
+/// open quote would swallow Tollgate's own entries after it, so it is not passed on.
+fn quotes_close(value: &str) -> bool {
+    let mut quoted = false;
+    let mut escaped = false;
+    for b in value.bytes() {
+        match (quoted, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (_, _, b'"') => quoted = !quoted,
+            _ => {}
+        }
+    }
+    !quoted
+}
+
+/// The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-11) for the tightest points
+/// quota, named by the quota it is, so that one name always means one policy: `q` its points,
+/// `w` its window in seconds; `r` the points left, `t` the seconds until some come back.
 fn rate_limit_headers(
     remaining: Option<crate::quota::ledger::Remaining>,
 ) -> Vec<(&'static str, String)> {
     match remaining {
-        Some(r) => vec![
-            ("RateLimit-Policy", format!("\"points\";q={}", r.limit)),
-            (
-                "RateLimit",
-                format!("\"points\";r={};t={}", r.remaining, r.reset_seconds),
-            ),
-        ],
+        Some(r) => {
+            let name = if r.window_days > 1 {
+                "points_per_date_window"
+            } else {
+                "points_per_day"
+            };
+            vec![
+                (
+                    "RateLimit-Policy",
+                    format!(
+                        "\"{name}\";q={};w={}",
+                        r.limit,
+                        u64::from(r.window_days) * 86_400
+                    ),
+                ),
+                (
+                    "RateLimit",
+                    format!("\"{name}\";r={};t={}", r.remaining, r.reset_seconds),
+                ),
+            ]
+        }
         None => Vec::new(),
     }
+}
+
+/// The RateLimit fields of a route's `requests_per_second` limit, on the 429 it gives.
+fn request_rate_headers(per_second: u32, wait_seconds: u64) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "RateLimit-Policy",
+            format!("\"requests_per_second\";q={per_second};w=1"),
+        ),
+        (
+            "RateLimit",
+            format!("\"requests_per_second\";r=0;t={wait_seconds}"),
+        ),
+    ]
 }
 
 /// The largest body the account API reads (its requests are small JSON documents).
@@ -1315,6 +1404,19 @@ impl HttpServerApp for Tollgate {
 #[cfg(test)]
 mod timing_tests {
     use super::*;
+
+    #[test]
+    fn an_upstream_server_timing_with_an_open_quote_is_not_passed_on() {
+        for (value, closes) in [
+            ("db;dur=53", true),
+            ("db;desc=\"a, b\";dur=1", true),
+            ("db;desc=\"esc \\\" q\"", true),
+            ("db;dur=53, \"bad", false),
+            ("db;desc=\"open \\\"", false),
+        ] {
+            assert_eq!(quotes_close(value), closes, "{value}");
+        }
+    }
 
     #[test]
     fn server_timing_durations_print_as_milliseconds_with_three_decimals() {

@@ -114,6 +114,8 @@ pub enum Rejection {
     },
     Concurrency {
         limit: u32,
+        /// Calls of the key in flight: the limit, or more when the limit was lowered under them.
+        in_flight: u32,
         retry_after_seconds: u64,
     },
 }
@@ -121,6 +123,8 @@ pub enum Rejection {
 /// The tightest points quota of a key, for RateLimit headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Remaining {
+    /// Local days the quota spans: 1 for `points_per_day`, N for `points_per_date_window`.
+    pub window_days: u32,
     pub limit: u64,
     pub remaining: u64,
     /// Seconds until `remaining` next grows: the next local midnight for the daily quota, the
@@ -260,6 +264,7 @@ impl<K> Account<K> {
             if self.in_flight >= limit {
                 return Err(Rejection::Concurrency {
                     limit,
+                    in_flight: self.in_flight,
                     retry_after_seconds: CONCURRENCY_RETRY_AFTER_SECONDS,
                 });
             }
@@ -419,6 +424,7 @@ fn seconds_after_midnights(today: Today, midnights: i64) -> u64 {
 fn remaining_in_day(days: &[DayPoints], limit: u64, today: Today) -> Remaining {
     let used = used_between(days, i64::from(today.day), i64::from(today.day));
     Remaining {
+        window_days: 1,
         limit,
         remaining: limit.saturating_sub(used),
         reset_seconds: today.seconds_until_midnight,
@@ -444,6 +450,7 @@ fn remaining_in_window(
         })
         .map_or(today_day, |entry| i64::from(entry.day));
     Remaining {
+        window_days: window_days as u32,
         limit,
         remaining: limit.saturating_sub(used),
         reset_seconds: seconds_after_midnights(today, oldest_used_day - first_day + 1),
@@ -930,6 +937,7 @@ mod tests {
                 .unwrap_err(),
             Rejection::Concurrency {
                 limit: 2,
+                in_flight: 2,
                 retry_after_seconds: 1
             }
         );
@@ -1294,6 +1302,7 @@ mod tests {
         assert_eq!(
             ledger.remaining(&"k", &limits, day(5)),
             Some(Remaining {
+                window_days: 1,
                 limit: 10,
                 remaining: 10,
                 reset_seconds: 3_600
@@ -1304,6 +1313,7 @@ mod tests {
         assert_eq!(
             ledger.remaining(&"k", &window(15, 3), day(4)),
             Some(Remaining {
+                window_days: 3,
                 limit: 15,
                 remaining: 6,
                 reset_seconds: 90_000
@@ -1316,6 +1326,7 @@ mod tests {
         assert_eq!(
             ledger.remaining(&"k", &limits, day(5)),
             Some(Remaining {
+                window_days: 3,
                 limit: 15,
                 remaining: 4,
                 reset_seconds: 3_600
@@ -1324,6 +1335,7 @@ mod tests {
         assert_eq!(
             ledger.remaining(&"k", &daily(20), day(5)),
             Some(Remaining {
+                window_days: 1,
                 limit: 20,
                 remaining: 18,
                 reset_seconds: 3_600
