@@ -1715,6 +1715,45 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
 }
 
 #[test]
+fn sigint_during_a_drain_stops_at_once() {
+    let mut t = Tollgate::start();
+    let alice = t.token("alice");
+    let url = t.url("/universal/plan/calculation");
+    let call = std::thread::spawn(move || {
+        client()
+            .post(url)
+            .bearer_auth(alice)
+            .header("x-demo-delay-ms", "8000")
+            .json(&json!({"locations": [1]}))
+            .send()
+            .map(|r| r.status().as_u16())
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1),
+        "the slow call never reached the upstream"
+    );
+    let pid = t.pid() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let interrupted = Instant::now();
+    t.terminate();
+    // The drain would wait up to shutdown_timeout_seconds (5) for the 8 s call.
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(3),
+        "stopped {:?} after SIGINT\n{}",
+        interrupted.elapsed(),
+        t.log()
+    );
+    assert!(t.log().contains("SIGINT during the drain"), "{}", t.log());
+    assert!(call.join().unwrap().is_err(), "the cut call got an answer");
+}
+
+#[test]
 fn sigterm_lets_an_account_request_whose_body_is_still_arriving_finish() {
     let mut t = Tollgate::start();
     let body = br#"{"username":"alice","password":"alice-password-1","ttl_seconds":600}"#;
