@@ -90,7 +90,10 @@ pub struct DemoUpstream {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    /// Resolved once, at start.
     pub address: SocketAddr,
+    /// As written (`host:port`): the `Host` of a call whose caller sent none.
+    pub authority: String,
     pub connect_timeout: Duration,
     pub total_timeout: Duration,
     pub idle_timeout: Duration,

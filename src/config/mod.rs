@@ -275,6 +275,38 @@ impl Validator {
         })
     }
 
+    /// An upstream's `host:port`: an address, or a host name resolved here, once (the first
+    /// address it resolves to).
+    fn upstream_addr(&mut self, key: &str, value: &str) -> (SocketAddr, String) {
+        if let Ok(addr) = value.parse::<SocketAddr>() {
+            return (addr, value.to_string());
+        }
+        let resolved = match value.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && !host.contains(['/', '[', ']', '@']) => {
+                match port.parse::<u16>() {
+                    Ok(port) => std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+                        .map_err(|e| format!("'{value}': {host} does not resolve ({e})"))
+                        .and_then(|mut addrs| {
+                            addrs
+                                .next()
+                                .ok_or_else(|| format!("'{value}': {host} resolves to no address"))
+                        }),
+                    Err(_) => Err(format!("'{value}': the port must be a number 0..65535")),
+                }
+            }
+            _ => Err(format!(
+                "'{value}' is not host:port, such as 127.0.0.1:8080 or compute.internal:8080"
+            )),
+        };
+        match resolved {
+            Ok(addr) => (addr, value.to_string()),
+            Err(message) => {
+                self.problem(key, message);
+                (SocketAddr::from(([127, 0, 0, 1], 0)), value.to_string())
+            }
+        }
+    }
+
     fn range(&mut self, key: &str, value: Option<i64>, default: i64, min: i64, max: i64) -> i64 {
         let v = value.unwrap_or(default);
         if v < min || v > max {
@@ -593,8 +625,10 @@ impl Validator {
 
     fn upstream(&mut self, i: usize, u: toml::Upstream) -> Upstream {
         let key = |k: &str| format!("upstreams[{i}].{k}");
+        let (address, authority) = self.upstream_addr(&key("address"), &u.address);
         Upstream {
-            address: self.addr(&key("address"), &u.address),
+            address,
+            authority,
             connect_timeout: Duration::from_millis(self.range(
                 &key("connect_timeout_ms"),
                 u.connect_timeout_ms,
@@ -1176,6 +1210,27 @@ mod tests {
         assert_eq!(keys, ["routes[1]", "routes[3]", "routes[5]"], "{p:?}");
         assert!(p[0].message.contains("routes[0]"), "{p:?}");
         assert!(p[2].message.contains("routes[4]"), "{p:?}");
+    }
+
+    #[test]
+    fn an_upstream_is_an_address_or_a_host_name_resolved_at_start() {
+        let config =
+            |address: &str| format!("[[upstreams]]\nname = \"u\"\naddress = \"{address}\"\n");
+        let c = parse(&config("localhost:8090"), Path::new("/etc/tollgate")).unwrap();
+        assert!(c.upstreams[0].address.ip().is_loopback());
+        assert_eq!(c.upstreams[0].address.port(), 8090);
+        assert_eq!(c.upstreams[0].authority, "localhost:8090");
+        let c = parse(&config("[::1]:9"), Path::new("/etc/tollgate")).unwrap();
+        assert_eq!(c.upstreams[0].authority, "[::1]:9");
+        for (bad, says) in [
+            ("localhost", "host:port"),
+            ("localhost:http", "port"),
+            (":80", "host:port"),
+        ] {
+            let p = problems(&config(bad));
+            assert_eq!(p[0].key, "upstreams[0].address", "{bad}: {p:?}");
+            assert!(p[0].message.contains(says), "{bad}: {p:?}");
+        }
     }
 
     #[test]

@@ -501,7 +501,7 @@ impl Tollgate {
         let upstream_cfg = &app.config.upstreams[route.upstream];
         let req = upstream::upstream_request(
             session.req_header(),
-            upstream_cfg.address,
+            &upstream_cfg.authority,
             body.len(),
             &[
                 (TRACECODE_HEADER, &code),

@@ -141,7 +141,7 @@ pub struct Outgoing {
 /// an added value that cannot go on the wire.
 pub fn upstream_request(
     caller: &RequestHeader,
-    upstream_host: std::net::SocketAddr,
+    upstream_host: &str,
     body_len: usize,
     added: &[(&'static str, &str)],
     dropped: &[&str],
@@ -226,10 +226,8 @@ pub fn upstream_request(
     }
     // An HTTP/1.0 caller may send none; the upstream is spoken to in HTTP/1.1, which
     // requires it.
-    let host =
-        (!caller.headers.contains_key(http::header::HOST)).then(|| upstream_host.to_string());
-    if let Some(host) = &host {
-        fields.push((b"Host", host.as_bytes()));
+    if !caller.headers.contains_key(http::header::HOST) {
+        fields.push((b"Host", upstream_host.as_bytes()));
     }
     fields.extend(added.iter().map(|(h, v)| (h.as_bytes(), v.as_bytes())));
     let length = body_len.to_string();
@@ -756,7 +754,7 @@ mod tests {
         );
         let out = upstream_request(
             &head,
-            UPSTREAM.parse().unwrap(),
+            UPSTREAM,
             2,
             &[("X-Tracecode", "code"), ("X-Client", "acme_|_alice")],
             &["authorization"],
@@ -776,7 +774,7 @@ mod tests {
         // An HTTP/1.0 caller's GET without Host or body.
         let mut head = caller("GET", "/v", &[("User-Agent", "x")]);
         head.set_version(http::Version::HTTP_10);
-        let out = upstream_request(&head, UPSTREAM.parse().unwrap(), 0, &[], &[]).unwrap();
+        let out = upstream_request(&head, UPSTREAM, 0, &[], &[]).unwrap();
         assert_eq!(
             wire(&out),
             "GET /v HTTP/1.1\r\nUser-Agent: x\r\nHost: 127.0.0.1:9000\r\n\r\n"
@@ -784,7 +782,7 @@ mod tests {
         // A POST with an empty body says so.
         let out = upstream_request(
             &caller("POST", "/v", &[("Host", "h")]),
-            UPSTREAM.parse().unwrap(),
+            UPSTREAM,
             0,
             &[],
             &[],
@@ -798,7 +796,7 @@ mod tests {
         let mut head = caller("GET", "/", &[("Host", "h")]);
         head.set_uri(http::Uri::from_static("http://h/p/q?r=1"));
         head.set_raw_path(b"http://h/p/q?r=1").unwrap();
-        let out = upstream_request(&head, UPSTREAM.parse().unwrap(), 0, &[], &[]).unwrap();
+        let out = upstream_request(&head, UPSTREAM, 0, &[], &[]).unwrap();
         assert!(
             wire(&out).starts_with("GET /p/q?r=1 HTTP/1.1\r\n"),
             "{}",
@@ -807,7 +805,7 @@ mod tests {
         // A value that would split the head is refused, not written.
         assert!(upstream_request(
             &caller("GET", "/v", &[("Host", "h")]),
-            UPSTREAM.parse().unwrap(),
+            UPSTREAM,
             0,
             &[("X-Client", "a\r\nX-Evil: 1")],
             &[],
@@ -823,7 +821,7 @@ mod tests {
                 "/v",
                 &[("Host", "h"), ("X-Custom", "one"), ("Connection", "close")],
             ),
-            UPSTREAM.parse().unwrap(),
+            UPSTREAM,
             0,
             &[("X-Tracecode", "code")],
             &[],
