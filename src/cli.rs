@@ -245,7 +245,7 @@ fn user(config: &Config, action: UserAction) -> Result<(), String> {
         Ok(store) => admin::apply(&store, &command)?,
         Err(open_error) if admin::socket_path(path).exists() => admin::send(path, &command)
             .map_err(|e| format!("{e} (and the store could not be opened: {open_error})"))??,
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(format!("{e} (store.path: {})", path.display())),
     };
     if !text.is_empty() {
         println!("{text}");

@@ -29,7 +29,7 @@ use crate::trace::ProcessRegistry;
 pub fn build_app(config: Config) -> Result<(Arc<App>, std::thread::JoinHandle<()>), String> {
     let config = Arc::new(config);
     let store = Store::open(&config.store.path)
-        .map_err(|e| format!("{}: {e}", config.store.path.display()))?;
+        .map_err(|e| format!("{e} (store.path: {})", config.store.path.display()))?;
     let secret = auth::load_secret(&config.auth)?;
     let previous: Vec<Vec<u8>> = config
         .auth

@@ -1865,6 +1865,11 @@ fn statistics_count_points_per_day_service_and_method_group_live() {
             "to",
         ),
         (format!("from={}&to={}", d(0), d(-1)), "to"),
+        // With `to` left out, `from` is what is wrong.
+        (
+            format!("from={}", today_at(3) + chrono::Duration::days(5)),
+            "from: must not be after to, which is today",
+        ),
         ("from=2025-02-30".to_string(), "from"),
         ("from=today".to_string(), "from"),
         ("to=2025-1-5x".to_string(), "to"),
@@ -2105,6 +2110,44 @@ fn the_report_is_a_workbook_whose_daily_sheet_matches_the_statistics() {
 }
 
 // ---------------------------------------------------------------- documentation files
+
+#[test]
+fn a_link_in_the_docs_folder_is_served_only_when_it_stays_inside() {
+    let root = tempfile::tempdir().unwrap();
+    let docs = root.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    std::fs::write(docs.join("guide_en.html"), "<html>guide</html>").unwrap();
+    std::fs::write(root.path().join("beside.html"), "<html>private</html>").unwrap();
+    std::os::unix::fs::symlink("guide_en.html", docs.join("alias_en.html")).unwrap();
+    std::os::unix::fs::symlink("../beside.html", docs.join("beside.html")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", docs.join("hostname.html")).unwrap();
+    let dir = docs.display().to_string();
+    let t = start_with_config_edit(Setup::default(), |c| {
+        let start = c.find("[docs]\ndir = \"").unwrap() + "[docs]\ndir = \"".len();
+        let end = start + c[start..].find('"').unwrap();
+        format!("{}{dir}{}", &c[..start], &c[end..])
+    });
+    let get = |name: &str| {
+        let r = client()
+            .get(t.url(&format!("/account/file/{name}")))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    assert_eq!(
+        get("guide_en.html"),
+        (200, "<html>guide</html>".to_string())
+    );
+    assert_eq!(
+        get("alias_en.html"),
+        (200, "<html>guide</html>".to_string())
+    );
+    for outside in ["beside.html", "hostname.html"] {
+        let (status, body) = get(outside);
+        assert_eq!(status, 404, "{outside}: {body}");
+        assert!(!body.contains("private"), "{outside}: {body}");
+    }
+}
 
 #[test]
 fn documentation_files_are_served_and_nothing_beside_them() {

@@ -59,8 +59,15 @@ pub fn file(app: &App, raw_name: &str) -> Result<AccountResponse, ApiError> {
     if !is_plain_name(&name) {
         return Err(ApiError::not_found(raw_name.to_string()));
     }
-    let path = app.config.docs_dir.join(name.as_ref());
-    let body = std::fs::read(&path).map_err(|_| ApiError::not_found(raw_name.to_string()))?;
+    let not_found = || ApiError::not_found(raw_name.to_string());
+    // A link in the folder is served only when it stays inside it: one to /etc/passwd, or to
+    // a file beside the folder, is not documentation.
+    let dir = std::fs::canonicalize(&app.config.docs_dir).map_err(|_| not_found())?;
+    let path = std::fs::canonicalize(dir.join(name.as_ref())).map_err(|_| not_found())?;
+    if !path.starts_with(&dir) {
+        return Err(not_found());
+    }
+    let body = std::fs::read(&path).map_err(|_| not_found())?;
     let content_type = if name.ends_with(".html") || name.ends_with(".htm") {
         "text/html; charset=utf-8"
     } else {

@@ -107,7 +107,13 @@ fn period(call: &Call<'_>, user: &UserRecord) -> Result<(NaiveDate, NaiveDate, b
         today
     });
     if to < from {
-        return Err(ApiError::invalid("to", "must not be before from"));
+        return Err(match given_to {
+            Some(_) => ApiError::invalid("to", "must not be before from"),
+            None => ApiError::invalid(
+                "from",
+                format!("must not be after to, which is today ({to}) when left out"),
+            ),
+        });
     }
     if (to - from).num_days() + 1 > MAX_PERIOD_DAYS {
         return Err(ApiError::invalid(

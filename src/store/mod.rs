@@ -61,6 +61,9 @@ pub enum StoreError {
     /// behind): the caller may try again.
     #[error("store: the writer has not caught up within {0:?}")]
     Behind(std::time::Duration),
+    /// Another process (a running `tollgate serve`) holds the store's lock.
+    #[error("store: in use by another process (a running tollgate holds its lock)")]
+    InUse,
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -1235,7 +1238,13 @@ impl Store {
                     "the store folder could not be made owner-only (0700)");
             }
         }
-        let db = Database::builder(path).cache_size(64 << 20).open()?;
+        let db = Database::builder(path)
+            .cache_size(64 << 20)
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => StoreError::InUse,
+                e => StoreError::Engine(e),
+            })?;
         let users = db.keyspace("users", KeyspaceCreateOptions::default)?;
         let removed_users = db.keyspace("removed_users", KeyspaceCreateOptions::default)?;
         let stats = db.keyspace("stats", KeyspaceCreateOptions::default)?;
