@@ -951,6 +951,21 @@ mod tests {
     }
 
     #[test]
+    fn sheets_and_columns_follow_the_documents_member_order() {
+        let payload: Value = serde_json::from_str(
+            r#"{"zeta":[1],"title":"t","alpha":[2],"mid":[{"b":1,"a":2},{"c":3,"a":4}]}"#,
+        )
+        .unwrap();
+        let mut opened = Opened::new(json_workbook(&payload).expect("workbook builds"));
+        assert_eq!(opened.sheet_names(), ["fields", "zeta", "alpha", "mid"]);
+        assert_eq!(
+            opened.rows("mid")[0],
+            [text("b"), text("a"), text("c")],
+            "columns in the order the members first come"
+        );
+    }
+
+    #[test]
     fn json_object_gives_a_fields_sheet_and_one_sheet_per_array() {
         let payload = json!({
             "count": 2,

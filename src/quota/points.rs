@@ -2720,11 +2720,13 @@ mod tests {
             broken
         };
         let middle = valid.len() / 2;
+        // A separator (no string of this body holds a comma), made a stray '}'.
+        let comma = 1000 + valid[1000..].iter().position(|&b| b == b',').unwrap();
         for body in [
             // Cut where a feed stops: the last element unfinished, the array unclosed.
             valid[..middle].to_vec(),
             // Wrong before a feed's end, and wrong after the last feed.
-            broken_at(&valid, 1000, b"}"),
+            broken_at(&valid, comma, b"}"),
             broken_at(&valid, valid.len() - 20, b"\x01"),
             [valid.as_slice(), b" x"].concat(),
         ] {
