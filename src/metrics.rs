@@ -48,7 +48,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "requests_total",
-                "Proxied requests by service, method group and status class (1xx..5xx, or none: the caller left before an answer began)",
+                "Proxied requests by service, method group and status class of the answer Tollgate gave (1xx..5xx; none: the call was cut, at shutdown, before an answer was chosen). A caller that left while the upstream worked is counted by the answer it would have got",
             ),
             &["service", "method_group", "status_class"],
         )
