@@ -121,24 +121,34 @@ fn init_logging(format: LogFormat) {
 }
 
 fn load(path: &Path) -> Result<Config, String> {
-    config::load(path).map_err(|problems| {
-        let mut msg = format!("{}: {} problem(s):", path.display(), problems.len());
-        for p in problems {
-            msg.push_str(&format!("\n  {p}"));
-        }
-        msg
-    })
+    config::load(path).map_err(|problems| problem_list(path, problems))
+}
+
+/// Loads the config and resolves its upstreams' host names: for what serves, or checks what
+/// would.
+fn load_resolved(path: &Path) -> Result<Config, String> {
+    let mut c = load(path)?;
+    config::resolve_upstreams(&mut c).map_err(|problems| problem_list(path, problems))?;
+    Ok(c)
+}
+
+fn problem_list(path: &Path, problems: Vec<config::Problem>) -> String {
+    let mut msg = format!("{}: {} problem(s):", path.display(), problems.len());
+    for p in problems {
+        msg.push_str(&format!("\n  {p}"));
+    }
+    msg
 }
 
 /// Runs the command line; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => load(&config).and_then(|c| {
+        Command::Serve { config } => load_resolved(&config).and_then(|c| {
             init_logging(c.server.log_format);
             crate::server::serve(c)
         }),
-        Command::CheckConfig { file } => load(&file).map(|c| {
+        Command::CheckConfig { file } => load_resolved(&file).map(|c| {
             println!(
                 "{}: ok ({} routes, {} upstreams, {} quotas, {} users)",
                 file.display(),

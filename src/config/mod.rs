@@ -48,6 +48,32 @@ pub fn load(path: &Path) -> Result<Config, Vec<Problem>> {
     parse(&text, &base)
 }
 
+/// Resolves the upstreams given by host name, once, to their first address: what `serve`
+/// and `check-config` do (the `user` commands, which never reach an upstream, do not).
+pub fn resolve_upstreams(config: &mut Config) -> Result<(), Vec<Problem>> {
+    let mut problems = Vec::new();
+    for (i, u) in config.upstreams.iter_mut().enumerate() {
+        if u.authority.parse::<SocketAddr>().is_ok() {
+            continue;
+        }
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(u.authority.as_str())
+            .map_err(|e| e.to_string())
+            .and_then(|mut addrs| addrs.next().ok_or_else(|| "no address".to_string()));
+        match resolved {
+            Ok(addr) => u.address = addr,
+            Err(e) => problems.push(Problem {
+                key: format!("upstreams[{i}].address"),
+                message: format!("'{}' does not resolve: {e}", u.authority),
+            }),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
 /// Parses config text; relative paths in it are taken from `base` (the file's folder).
 pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let mut problems = Vec::new();
@@ -136,6 +162,13 @@ fn read_on(
                 let tree = match &mut value {
                     Some(tree) => tree,
                     None => value.insert(::toml::from_str(text).ok()?),
+                };
+                // An element of an array (`routes[0].roles[1]`) goes with its whole array.
+                let key = match key.strip_suffix(']').and_then(|k| k.rsplit_once('[')) {
+                    Some((array, index)) if index.bytes().all(|b| b.is_ascii_digit()) => {
+                        array.to_string()
+                    }
+                    _ => key,
                 };
                 take_key(tree, &key)?;
                 if matches!(shape, Shape::Invalid) {
@@ -275,36 +308,33 @@ impl Validator {
         })
     }
 
-    /// An upstream's `host:port`: an address, or a host name resolved here, once (the first
-    /// address it resolves to).
+    /// An upstream's `host:port`: an address, or a host name, resolved when the server starts
+    /// (see [`resolve_upstreams`]); until then its address is `0.0.0.0:0`, which nothing
+    /// reaches.
     fn upstream_addr(&mut self, key: &str, value: &str) -> (SocketAddr, String) {
+        let unresolved = SocketAddr::from(([0, 0, 0, 0], 0));
         if let Ok(addr) = value.parse::<SocketAddr>() {
             return (addr, value.to_string());
         }
-        let resolved = match value.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && !host.contains(['/', '[', ']', '@']) => {
-                match port.parse::<u16>() {
-                    Ok(port) => std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-                        .map_err(|e| format!("'{value}': {host} does not resolve ({e})"))
-                        .and_then(|mut addrs| {
-                            addrs
-                                .next()
-                                .ok_or_else(|| format!("'{value}': {host} resolves to no address"))
-                        }),
-                    Err(_) => Err(format!("'{value}': the port must be a number 0..65535")),
+        match value.rsplit_once(':') {
+            // A bare IPv6 address ("::1:9") is no host name: it is written in brackets.
+            Some((host, port)) if !host.is_empty() && !host.contains(['/', '[', ']', '@', ':']) => {
+                if port.parse::<u16>().is_err() {
+                    self.problem(
+                        key,
+                        format!("'{value}': the port must be a number 0..65535"),
+                    );
                 }
             }
-            _ => Err(format!(
-                "'{value}' is not host:port, such as 127.0.0.1:8080 or compute.internal:8080"
-            )),
-        };
-        match resolved {
-            Ok(addr) => (addr, value.to_string()),
-            Err(message) => {
-                self.problem(key, message);
-                (SocketAddr::from(([127, 0, 0, 1], 0)), value.to_string())
-            }
+            _ => self.problem(
+                key,
+                format!(
+                    "'{value}' is not host:port, such as 127.0.0.1:8080, [::1]:8080 or \
+                     compute.internal:8080"
+                ),
+            ),
         }
+        (unresolved, value.to_string())
     }
 
     fn range(&mut self, key: &str, value: Option<i64>, default: i64, min: i64, max: i64) -> i64 {
@@ -563,7 +593,10 @@ impl Validator {
             let shadow = routes.iter().zip(&indices).find(|(earlier, _)| {
                 let method = match (&earlier.method, &route.method) {
                     (MethodMatch::Any, _) => true,
-                    (MethodMatch::One(a), MethodMatch::One(b)) => a == b,
+                    // A HEAD is served by the first GET route that matches it.
+                    (MethodMatch::One(a), MethodMatch::One(b)) => {
+                        a == b || (*a == http::Method::GET && *b == http::Method::HEAD)
+                    }
                     (MethodMatch::One(_), MethodMatch::Any) => false,
                 };
                 method && route.pattern.within(&earlier.pattern)
@@ -658,15 +691,17 @@ impl Validator {
     fn route(&mut self, i: usize, r: toml::Route, upstreams: &[Upstream]) -> Option<Route> {
         let key = |k: &str| format!("routes[{i}].{k}");
         let method = match r.method.as_str() {
-            "*" => MethodMatch::Any,
+            "*" => Some(MethodMatch::Any),
             m => match http::Method::from_bytes(m.as_bytes()) {
-                Ok(m) if m.as_str().bytes().all(|b| b.is_ascii_uppercase()) => MethodMatch::One(m),
+                Ok(m) if m.as_str().bytes().all(|b| b.is_ascii_uppercase()) => {
+                    Some(MethodMatch::One(m))
+                }
                 _ => {
                     self.problem(
                         key("method"),
                         format!("'{m}' must be an upper-case HTTP method or \"*\""),
                     );
-                    MethodMatch::Any
+                    None
                 }
             },
         };
@@ -742,7 +777,9 @@ impl Validator {
             )
             .map(|v| v as u32);
         Some(Route {
-            method,
+            // Without its method the route is reported, and left out of the checks that
+            // compare routes (which would take it for one of every method).
+            method: method?,
             pattern: pattern?,
             upstream: upstream?,
             service: service?,
@@ -1203,11 +1240,17 @@ mod tests {
                 route("POST", "/a"),
                 route("GET", "/e/lit"),
                 route("GET", "/e/{id}"),
+                // A HEAD is served by the first GET route that matches it.
+                route("HEAD", "/e/lit"),
             ]
             .concat(),
         );
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["routes[1]", "routes[3]", "routes[5]"], "{p:?}");
+        assert_eq!(
+            keys,
+            ["routes[1]", "routes[3]", "routes[5]", "routes[9]"],
+            "{p:?}"
+        );
         assert!(p[0].message.contains("routes[0]"), "{p:?}");
         assert!(p[2].message.contains("routes[4]"), "{p:?}");
     }
@@ -1216,21 +1259,52 @@ mod tests {
     fn an_upstream_is_an_address_or_a_host_name_resolved_at_start() {
         let config =
             |address: &str| format!("[[upstreams]]\nname = \"u\"\naddress = \"{address}\"\n");
-        let c = parse(&config("localhost:8090"), Path::new("/etc/tollgate")).unwrap();
+        let mut c = parse(&config("localhost:8090"), Path::new("/etc/tollgate")).unwrap();
+        assert_eq!(c.upstreams[0].authority, "localhost:8090");
+        assert_eq!(
+            c.upstreams[0].address.port(),
+            0,
+            "not resolved before start"
+        );
+        resolve_upstreams(&mut c).unwrap();
         assert!(c.upstreams[0].address.ip().is_loopback());
         assert_eq!(c.upstreams[0].address.port(), 8090);
-        assert_eq!(c.upstreams[0].authority, "localhost:8090");
-        let c = parse(&config("[::1]:9"), Path::new("/etc/tollgate")).unwrap();
+        let mut c = parse(&config("[::1]:9"), Path::new("/etc/tollgate")).unwrap();
+        resolve_upstreams(&mut c).unwrap();
+        assert_eq!(c.upstreams[0].address, "[::1]:9".parse().unwrap());
         assert_eq!(c.upstreams[0].authority, "[::1]:9");
         for (bad, says) in [
             ("localhost", "host:port"),
             ("localhost:http", "port"),
+            ("::1:9", "host:port"),
             (":80", "host:port"),
         ] {
             let p = problems(&config(bad));
             assert_eq!(p[0].key, "upstreams[0].address", "{bad}: {p:?}");
             assert!(p[0].message.contains(says), "{bad}: {p:?}");
         }
+    }
+
+    #[test]
+    fn a_bad_element_of_an_array_does_not_hide_other_problems() {
+        let p = problems(
+            "[server]\nthreads = \"x\"\n[auth]\nprevious_secrets = [5]\n[[upstreams]]\nname = \"u\"\naddress = \"127.0.0.1:9\"\n\
+             [[routes]]\npath = \"/a/*\"\nupstream = \"u\"\nservice = \"UNIVERSAL\"\nmethod_group = \"PLAN\"\noperation = \"abc\"\nroles = [5]\n\
+             [[routes]]\nmethod = \"POST\"\npath = \"/a/b\"\nupstream = \"u\"\nservice = \"UNIVERSAL\"\nmethod_group = \"PLAN\"\noperation = \"abc\"\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        // routes[0] has no method: reported, and not taken for a route of every method that
+        // would leave routes[1] unreached.
+        assert_eq!(
+            keys,
+            [
+                "server.threads",
+                "auth.previous_secrets[0]",
+                "routes[0].roles[0]",
+                "routes[0].method"
+            ],
+            "{p:?}"
+        );
     }
 
     #[test]

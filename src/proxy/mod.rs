@@ -51,6 +51,9 @@ use crate::trace::{self, Tracedata};
 use upstream::RequestBody;
 
 pub const TRACECODE_HEADER: &str = "x-tracecode";
+/// The answer's names, set on every proxied call: as `HeaderName`s they need no parsing.
+const X_TRACECODE: http::HeaderName = http::HeaderName::from_static(TRACECODE_HEADER);
+const SERVER_TIMING: http::HeaderName = http::HeaderName::from_static("server-timing");
 pub const CLIENT_HEADER: &str = "x-client";
 pub const POINTS_HEADER: &str = "x-points";
 pub const UNIQUE_POINTS_HEADER: &str = "x-unique-points";
@@ -571,7 +574,7 @@ impl Tollgate {
         };
         let sent = Instant::now();
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
-            let _ = head.insert_header("X-Tracecode", &code);
+            let _ = head.insert_header(X_TRACECODE, &code);
             let proxy_time = started.elapsed().saturating_sub(upstream_time);
             // The upstream's own entries (its compute time, say) come first, then Tollgate's.
             let theirs = head
@@ -581,7 +584,7 @@ impl Tollgate {
                 .filter_map(|v| v.to_str().ok())
                 .filter(|v| quotes_close(v));
             let timing = server_timing(theirs, proxy_time, upstream_time);
-            let _ = head.insert_header("Server-Timing", timing);
+            let _ = head.insert_header(SERVER_TIMING, timing);
             let refunded = !(200..300).contains(&head.status.as_u16());
             for (k, v) in rate_limit_headers(after(refunded)) {
                 let _ = head.insert_header(k, v);

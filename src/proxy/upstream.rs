@@ -411,13 +411,15 @@ pub async fn exchange(
     for h in connection_options(&out.headers) {
         out.remove_header(&h);
     }
-    for h in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "upgrade",
-        "trailer",
-    ] {
+    // Names, not text: each removal is then one hash lookup, without parsing the name.
+    const ANSWER_HOP_BY_HOP: [http::HeaderName; 5] = [
+        http::header::CONNECTION,
+        http::HeaderName::from_static("keep-alive"),
+        http::HeaderName::from_static("proxy-connection"),
+        http::header::UPGRADE,
+        http::header::TRAILER,
+    ];
+    for h in &ANSWER_HOP_BY_HOP {
         out.remove_header(h);
     }
     // A connection whose answer's end is in doubt is not used again: a bodiless answer that

@@ -82,8 +82,10 @@ impl Drop for Shared {
 const MAX_BATCH_OPS: usize = 4096;
 
 /// How many queued records wake the writer before its interval is over: a batch's worth, or
-/// half the queue when the queue is smaller, so that a small queue is written long before
-/// admission would refuse calls for want of room.
+/// half the queue when the queue is smaller. Woken, the writer takes what is queued into the
+/// batch it builds (written at a batch's worth, at the interval, or when someone waits on
+/// it), so a small queue empties long before admission would refuse calls for want of room;
+/// records held in memory are then at most the queue plus one batch.
 fn wake_at(capacity: usize) -> usize {
     MAX_BATCH_OPS.min(capacity / 2).max(1)
 }
