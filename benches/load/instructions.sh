@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Instructions per proxied call, counted by valgrind's callgrind: Tollgate's own CPU work per
+# pass-through call (every thread of the process, the kernel not included), the same count
+# on every run of the same binary however busy the machine is. For A/B of a change where the
+# load bench's requests per second drown in the machine's noise.
+#
+#   benches/load/instructions.sh [BINARY...]      # default: target/production/tollgate
+#   MODE=metered benches/load/instructions.sh OLD NEW
+#
+# Per binary: starts an nginx upstream (`return 200 "ok"`) and the binary under callgrind with
+# the load bench's routes in MODE (`passthrough`: no token, no points, no capture, each call
+# audited; `metered`: token, points of /locations unique by /id, a quota, audit; no capture),
+# warms it with WARMUP calls, zeroes the counters, sends CALLS GET and CALLS POST (the load
+# bench's ~10 KB JSON body) one after another on one keep-alive connection, and prints the
+# instructions counted per call. Settings: MODE (passthrough), CALLS (3000), WARMUP (500),
+# PORT_BASE (18600), KEEP_DIR (keeps each run's callgrind files there, for callgrind_annotate).
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+MODE=${MODE:-passthrough}
+CALLS=${CALLS:-3000}
+WARMUP=${WARMUP:-500}
+PORT_BASE=${PORT_BASE:-18600}
+UP_PORT=$PORT_BASE
+TG_PORT=$((PORT_BASE + 1))
+METRICS_PORT=$((PORT_BASE + 2))
+BINARIES=("$@")
+[ ${#BINARIES[@]} -gt 0 ] || BINARIES=("$REPO_ROOT/target/production/tollgate")
+
+for tool in valgrind callgrind_control nginx python3 curl; do
+    command -v "$tool" >/dev/null || {
+        echo "needs $tool (apt-get install valgrind nginx-light curl)" >&2
+        exit 1
+    }
+done
+
+TMP=$(mktemp -d /tmp/tollgate-instructions.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+mkdir -p "$TMP/up"
+cat >"$TMP/up/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $TMP/up/nginx.pid;
+error_log $TMP/up/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/up/cb;
+    proxy_temp_path $TMP/up/p;
+    fastcgi_temp_path $TMP/up/f;
+    uwsgi_temp_path $TMP/up/u;
+    scgi_temp_path $TMP/up/s;
+    keepalive_requests 1000000;
+    client_body_buffer_size 64k;
+    default_type text/plain;
+    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / { return 200 "ok"; }
+    }
+}
+EOF
+nginx -c "$TMP/up/nginx.conf" -p "$TMP/up" &
+PIDS+=($!)
+
+# The load bench's POST body: a `locations` array of ~100-byte objects, ~10 KB.
+python3 - >"$TMP/body.json" <<'PY'
+import json
+print(json.dumps({"locations": [
+    {"id": "loc-%05d" % i, "latlon": [55.75 + i * 1e-4, 37.61], "duration": 300, "comment": "x" * 30}
+    for i in range(100)]}))
+PY
+
+cat >"$TMP/client.py" <<'PY'
+import socket, sys
+port, n, kind, body_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+token = sys.argv[5].encode() if len(sys.argv) > 5 and sys.argv[5] else b""
+auth = b"Authorization: Bearer " + token + b"\r\n" if token else b""
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+if kind == "get":
+    req = b"GET /bench/get HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"\r\n"
+else:
+    body = open(body_path, "rb").read()
+    req = (b"POST /bench/post HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           + auth + b"Content-Length: %d\r\n\r\n" % len(body)) + body
+buf = b""
+for _ in range(n):
+    s.sendall(req)
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head = buf[:end].lower()
+            if not head.startswith(b"http/1.1 200"):
+                sys.exit("answered: %r" % head[:80])
+            length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+            if len(buf) >= end + 4 + length:
+                buf = buf[end + 4 + length:]
+                break
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("connection closed")
+        buf += chunk
+PY
+
+config() { # store dir
+    local auth=false rule=""
+    if [ "$MODE" = metered ]; then
+        auth=true
+        rule=$'points = ["/locations"]\nunique_key = "/id"'
+    fi
+    cat <<EOF
+[server]
+listen = "127.0.0.1:$TG_PORT"
+name = "instructions"
+threads = 1
+grace_period_seconds = 0
+shutdown_timeout_seconds = 1
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
+[store]
+path = "$1"
+[auth]
+secret = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
+[[users]]
+username = "bench"
+password = "bench-password-0123"
+company_key = "bench_company"
+roles = ["USER"]
+[[quotas]]
+service = "UNIVERSAL"
+method_group = "PLAN"
+points_per_request = 1000000
+points_per_day = 100000000
+points_per_date_window = 100000000
+date_window_days = 7
+max_concurrent_execution = 1000
+[[upstreams]]
+name = "nginx"
+address = "127.0.0.1:$UP_PORT"
+[[routes]]
+method = "GET"
+path = "/bench/get"
+upstream = "nginx"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "bench_get"
+auth = $auth
+capture = false
+[[routes]]
+method = "POST"
+path = "/bench/post"
+upstream = "nginx"
+service = "UNIVERSAL"
+method_group = "PLAN"
+operation = "bench_post"
+auth = $auth
+capture = false
+$rule
+EOF
+}
+
+count() { # binary kind -> instructions per call
+    local bin=$1 kind=$2 dir="$TMP/run-$RANDOM" pid total
+    mkdir -p "$dir"
+    config "$dir/store" >"$dir/tollgate.toml"
+    valgrind --tool=callgrind --callgrind-out-file="$dir/cg.%p" \
+        "$bin" serve --config "$dir/tollgate.toml" >"$dir/log" 2>&1 &
+    pid=$!
+    for _ in $(seq 200); do
+        curl -s -o /dev/null "http://127.0.0.1:$TG_PORT/account/system/version" && break
+        sleep 0.2
+    done
+    local token=""
+    if [ "$MODE" = metered ]; then
+        token=$(curl -s -H 'content-type: application/json' \
+            -d '{"username":"bench","password":"bench-password-0123","ttl_seconds":3600}' \
+            "http://127.0.0.1:$TG_PORT/account/token/generation" | tr -d '"')
+    fi
+    python3 "$TMP/client.py" "$TG_PORT" "$WARMUP" "$kind" "$TMP/body.json" "$token"
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    python3 "$TMP/client.py" "$TG_PORT" "$CALLS" "$kind" "$TMP/body.json" "$token"
+    # The store writer's batch for these calls is counted too.
+    sleep 1
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 0.5
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+    if [ -n "${KEEP_DIR:-}" ]; then
+        mkdir -p "$KEEP_DIR"
+        cp "$dir"/cg."$pid".[0-9]* "$KEEP_DIR/$(basename "$bin")-$MODE-$kind.callgrind"
+    fi
+    total=0
+    for f in "$dir"/cg."$pid".[0-9]*; do
+        total=$((total + $(awk '/^(summary|totals):/ {print $2; exit}' "$f")))
+    done
+    echo $((total / CALLS))
+}
+
+echo "mode: $MODE, $CALLS calls per kind after $WARMUP unmeasured"
+printf '%-50s %14s %14s\n' binary "GET instr/call" "POST instr/call"
+for bin in "${BINARIES[@]}"; do
+    printf '%-50s %14s %14s\n' "$bin" "$(count "$bin" get)" "$(count "$bin" post)"
+done
