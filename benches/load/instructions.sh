@@ -8,13 +8,16 @@
 #   MODE=metered benches/load/instructions.sh OLD NEW
 #
 # Per binary: starts an nginx upstream (`return 200 "ok"`) and the binary under callgrind with
-# the load bench's routes in MODE (`passthrough`: no token, no points, no capture, each call
-# audited; `metered`: token, points of /locations unique by /id, a quota, audit; no capture),
+# the load bench's config for MODE (configs.sh: `passthrough`, no token, no points, no
+# capture, each call audited; `metered`, token, points of /locations unique by /id, a quota,
+# audit, no capture; `full`, metered with capture),
 # warms it with WARMUP calls, zeroes the counters, sends CALLS GET and CALLS POST (the load
 # bench's ~10 KB JSON body) one after another on one keep-alive connection, and prints the
 # instructions counted per call. Settings: MODE (passthrough), CALLS (3000), WARMUP (500),
 # PORT_BASE (18600), KEEP_DIR (keeps each run's callgrind files there, for callgrind_annotate).
 set -euo pipefail
+# A failed call inside $(count ...) must stop the script, not print a count of nothing.
+shopt -s inherit_errexit
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -25,7 +28,16 @@ PORT_BASE=${PORT_BASE:-18600}
 UP_PORT=$PORT_BASE
 TG_PORT=$((PORT_BASE + 1))
 METRICS_PORT=$((PORT_BASE + 2))
+BENCH_USERNAME=${BENCH_USERNAME:-bench_user}
+BENCH_PASSWORD=${BENCH_PASSWORD:-bench-password-0123456789}
 BINARIES=("$@")
+die() {
+    echo "$*" >&2
+    exit 1
+}
+# The load bench's Tollgate config and upstream (tollgate_config, write_nginx_upstream_conf).
+# shellcheck source=configs.sh
+source "$SCRIPT_DIR/configs.sh"
 [ ${#BINARIES[@]} -gt 0 ] || BINARIES=("$REPO_ROOT/target/production/tollgate")
 
 for tool in valgrind callgrind_control nginx python3 curl; do
@@ -38,36 +50,20 @@ done
 TMP=$(mktemp -d /tmp/tollgate-instructions.XXXXXX)
 PIDS=()
 cleanup() {
+    # The Tollgate of an interrupted count() (a subshell, so not in PIDS).
+    if [ -f "$TMP/tollgate.pid" ]; then kill "$(cat "$TMP/tollgate.pid")" 2>/dev/null || true; fi
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 
-mkdir -p "$TMP/up"
-cat >"$TMP/up/nginx.conf" <<EOF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $TMP/up/nginx.pid;
-error_log $TMP/up/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/up/cb;
-    proxy_temp_path $TMP/up/p;
-    fastcgi_temp_path $TMP/up/f;
-    uwsgi_temp_path $TMP/up/u;
-    scgi_temp_path $TMP/up/s;
-    keepalive_requests 1000000;
-    client_body_buffer_size 64k;
-    default_type text/plain;
-    server {
-        listen 127.0.0.1:$UP_PORT;
-        location / { return 200 "ok"; }
-    }
-}
-EOF
+for port in "$UP_PORT" "$TG_PORT" "$METRICS_PORT"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        die "port $port is in use (another run?): set PORT_BASE"
+    fi
+done
+write_nginx_upstream_conf "$TMP/up" "$UP_PORT"
 nginx -c "$TMP/up/nginx.conf" -p "$TMP/up" &
 PIDS+=($!)
 
@@ -111,80 +107,25 @@ for _ in range(n):
         buf += chunk
 PY
 
-config() { # store dir
-    local auth=false rule=""
-    if [ "$MODE" = metered ]; then
-        auth=true
-        rule=$'points = ["/locations"]\nunique_key = "/id"'
-    fi
-    cat <<EOF
-[server]
-listen = "127.0.0.1:$TG_PORT"
-name = "instructions"
-threads = 1
-grace_period_seconds = 0
-shutdown_timeout_seconds = 1
-[metrics]
-listen = "127.0.0.1:$METRICS_PORT"
-[store]
-path = "$1"
-[auth]
-secret = "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"
-[[users]]
-username = "bench"
-password = "bench-password-0123"
-company_key = "bench_company"
-roles = ["USER"]
-[[quotas]]
-service = "UNIVERSAL"
-method_group = "PLAN"
-points_per_request = 1000000
-points_per_day = 100000000
-points_per_date_window = 100000000
-date_window_days = 7
-max_concurrent_execution = 1000
-[[upstreams]]
-name = "nginx"
-address = "127.0.0.1:$UP_PORT"
-[[routes]]
-method = "GET"
-path = "/bench/get"
-upstream = "nginx"
-service = "UNIVERSAL"
-method_group = "PLAN"
-operation = "bench_get"
-auth = $auth
-capture = false
-[[routes]]
-method = "POST"
-path = "/bench/post"
-upstream = "nginx"
-service = "UNIVERSAL"
-method_group = "PLAN"
-operation = "bench_post"
-auth = $auth
-capture = false
-$rule
-EOF
-}
-
 count() { # binary kind -> instructions per call
     local bin=$1 kind=$2 dir="$TMP/run-$RANDOM" pid total
     mkdir -p "$dir"
-    config "$dir/store" >"$dir/tollgate.toml"
+    tollgate_config "$MODE" "$TG_PORT" "$METRICS_PORT" "$UP_PORT" "$dir" >"$dir/tollgate.toml"
     valgrind --tool=callgrind --callgrind-out-file="$dir/cg.%p" \
         "$bin" serve --config "$dir/tollgate.toml" >"$dir/log" 2>&1 &
     pid=$!
+    echo "$pid" >"$TMP/tollgate.pid"
     for _ in $(seq 200); do
         curl -s -o /dev/null "http://127.0.0.1:$TG_PORT/account/system/version" && break
         sleep 0.2
     done
     local token=""
-    if [ "$MODE" = metered ]; then
+    if [ "$MODE" != passthrough ]; then
         token=$(curl -s -H 'content-type: application/json' \
-            -d '{"username":"bench","password":"bench-password-0123","ttl_seconds":3600}' \
+            -d "{\"username\":\"$BENCH_USERNAME\",\"password\":\"$BENCH_PASSWORD\",\"ttl_seconds\":3600}" \
             "http://127.0.0.1:$TG_PORT/account/token/generation" | tr -d '"')
     fi
+    kill -0 "$pid" 2>/dev/null || die "tollgate did not start: $(tail -3 "$dir/log")"
     python3 "$TMP/client.py" "$TG_PORT" "$WARMUP" "$kind" "$TMP/body.json" "$token"
     callgrind_control -z "$pid" >/dev/null 2>&1
     python3 "$TMP/client.py" "$TG_PORT" "$CALLS" "$kind" "$TMP/body.json" "$token"
@@ -208,5 +149,7 @@ count() { # binary kind -> instructions per call
 echo "mode: $MODE, $CALLS calls per kind after $WARMUP unmeasured"
 printf '%-50s %14s %14s\n' binary "GET instr/call" "POST instr/call"
 for bin in "${BINARIES[@]}"; do
-    printf '%-50s %14s %14s\n' "$bin" "$(count "$bin" get)" "$(count "$bin" post)"
+    get=$(count "$bin" get)
+    post=$(count "$bin" post)
+    printf '%-50s %14s %14s\n' "$bin" "$get" "$post"
 done
