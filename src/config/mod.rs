@@ -1285,6 +1285,60 @@ mod tests {
         }
     }
 
+    /// Every leaf key of a table, as the key paths problems name (`routes[0].points[1]`).
+    fn leaf_keys(value: &::toml::Value, at: &str, out: &mut Vec<String>) {
+        match value {
+            ::toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    leaf_keys(v, &path, out);
+                }
+            }
+            ::toml::Value::Array(a) if a.iter().all(|v| v.is_table()) && !a.is_empty() => {
+                for (i, v) in a.iter().enumerate() {
+                    leaf_keys(v, &format!("{at}[{i}]"), out);
+                }
+            }
+            _ => out.push(at.to_string()),
+        }
+    }
+
+    #[test]
+    fn every_key_of_the_example_given_the_wrong_type_is_named_and_nothing_else_is_lost() {
+        let text = include_str!("../../config/example.toml");
+        let example: ::toml::Value = ::toml::from_str(text).unwrap();
+        let mut keys = Vec::new();
+        leaf_keys(&example, "", &mut keys);
+        assert!(keys.len() > 40, "{keys:?}");
+        // With a second wrong value elsewhere, which the first must not hide.
+        for key in &keys {
+            let mut broken = example.clone();
+            let wrong = match take_key(&mut broken, key).unwrap() {
+                ::toml::Value::String(_) => ::toml::Value::Integer(5),
+                _ => ::toml::Value::String("wrong".into()),
+            };
+            set_key(&mut broken, key, wrong).unwrap();
+            if key != "server.threads" {
+                set_key(
+                    &mut broken,
+                    "server.threads",
+                    ::toml::Value::String("x".into()),
+                )
+                .unwrap();
+            }
+            let text = ::toml::to_string(&broken).unwrap();
+            let p = parse(&text, Path::new("/etc/tollgate")).unwrap_err();
+            let named: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+            assert!(named.contains(&key.as_str()), "{key}: {p:?}");
+            assert!(named.contains(&"server.threads"), "{key}: {p:?}");
+            assert!(p.len() <= 3, "{key}: one wrong value, many problems: {p:?}");
+        }
+    }
+
     #[test]
     fn a_bad_element_of_an_array_does_not_hide_other_problems() {
         let p = problems(
