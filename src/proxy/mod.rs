@@ -614,7 +614,7 @@ impl Tollgate {
                         if let Some(record) = self.settle_and_take_record(ctx) {
                             self.put_on_record(record).await;
                         }
-                        upstream::end_response(session, held).await;
+                        upstream::end_response(session, ex.held_head, held).await;
                     }
                     // Broken off: finish() settles it.
                     None => {

@@ -56,6 +56,9 @@ pub struct Exchange {
     /// The response's last piece, not yet written: the caller settles and records the call
     /// first, then ends the response with [`end_response`]. `None` when the answer broke off.
     pub held_end: Option<Option<Bytes>>,
+    /// The head of an answer without a body (a 204, a 304, an answer to HEAD, a length of
+    /// 0), not yet written either: written, it would end the answer before its record.
+    pub held_head: Option<Box<ResponseHeader>>,
 }
 
 /// Headers that belong to one connection, never forwarded either way.
@@ -490,7 +493,17 @@ pub async fn exchange(
         upstream_time,
         upstream_failed: false,
         held_end: None,
+        held_head: None,
     };
+    if http.response_done() {
+        // Nothing follows the head: the head is the end, and waits with it.
+        ex.held_head = Some(Box::new(out));
+        ex.held_end = Some(None);
+        if !length_in_doubt {
+            leg.upstream.release(http).await;
+        }
+        return Ok(ex);
+    }
     if session.write_response_header(Box::new(out)).await.is_err() {
         ex.capture_truncated = true;
         return Ok(ex);
@@ -538,8 +551,18 @@ fn until<F: std::future::Future>(
     pingora::time::timeout(deadline.saturating_duration_since(Instant::now()), future)
 }
 
-/// Writes the held end of a response (see [`Exchange::held_end`]).
-pub async fn end_response(session: &mut Session, held: Option<Bytes>) -> bool {
+/// Writes the held end of a response (see [`Exchange::held_end`]), after its held head if it
+/// has one.
+pub async fn end_response(
+    session: &mut Session,
+    head: Option<Box<ResponseHeader>>,
+    held: Option<Bytes>,
+) -> bool {
+    if let Some(head) = head {
+        if session.write_response_header(head).await.is_err() {
+            return false;
+        }
+    }
     session
         .write_response_body(held.unwrap_or_default(), true)
         .await
