@@ -1714,24 +1714,35 @@ fn sigterm_lets_the_call_in_flight_finish_and_exits_0() {
     assert_eq!(code, Some(0), "{}", t.log());
 }
 
-#[test]
-fn sigint_during_a_drain_stops_at_once() {
-    let mut t = Tollgate::start();
+/// Starts a call the demo upstream holds for `delay_ms`, and waits until it is there; joined,
+/// its status, or why it got none.
+fn slow_call_in_flight(
+    t: &Tollgate,
+    delay_ms: u64,
+) -> std::thread::JoinHandle<Result<u16, String>> {
     let alice = t.token("alice");
     let url = t.url("/universal/plan/calculation");
     let call = std::thread::spawn(move || {
         client()
             .post(url)
             .bearer_auth(alice)
-            .header("x-demo-delay-ms", "8000")
+            .header("x-demo-delay-ms", delay_ms.to_string())
             .json(&json!({"locations": [1]}))
             .send()
             .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
     });
     assert!(
         eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1),
         "the slow call never reached the upstream"
     );
+    call
+}
+
+#[test]
+fn sigint_during_a_drain_stops_at_once() {
+    let mut t = Tollgate::start();
+    let call = slow_call_in_flight(&t, 8000);
     let pid = t.pid() as i32;
     unsafe {
         libc::kill(pid, libc::SIGTERM);
@@ -1792,22 +1803,8 @@ fn a_connection_accepted_while_draining_is_answered_with_connection_close() {
     let mut t = start_with_config_edit(Setup::default(), |c| {
         c.replace("grace_period_seconds = 0", "grace_period_seconds = 2")
     });
-    let alice = t.token("alice");
-    let url = t.url("/universal/plan/calculation");
     // A slow call keeps the drain going while the new connection comes.
-    let call = std::thread::spawn(move || {
-        client()
-            .post(url)
-            .bearer_auth(alice)
-            .header("x-demo-delay-ms", "4000")
-            .json(&json!({"locations": [1]}))
-            .send()
-            .map(|r| r.status().as_u16())
-            .map_err(|e| e.to_string())
-    });
-    assert!(eventually(Duration::from_secs(5), || {
-        t.demo_stats()["in_flight"] == 1
-    }));
+    let call = slow_call_in_flight(&t, 4000);
     unsafe {
         libc::kill(t.pid() as i32, libc::SIGTERM);
     }
