@@ -901,19 +901,13 @@ fn rate_limit_headers(
             } else {
                 "\"points_per_day\""
             };
-            // By hand, as it is written on every metered call.
-            let mut number = itoa::Buffer::new();
-            let mut policy = String::with_capacity(64);
-            for part in [name, ";q=", number.format(r.limit), ";w="] {
-                policy.push_str(part);
-            }
-            policy.push_str(number.format(u64::from(r.window_days) * 86_400));
-            let mut state = String::with_capacity(64);
-            for part in [name, ";r=", number.format(r.remaining), ";t="] {
-                state.push_str(part);
-            }
-            state.push_str(number.format(r.reset_seconds));
-            vec![("RateLimit-Policy", policy), ("RateLimit", state)]
+            rate_limit_fields(
+                name,
+                r.limit,
+                u64::from(r.window_days) * 86_400,
+                r.remaining,
+                r.reset_seconds,
+            )
         }
         None => Vec::new(),
     }
@@ -921,16 +915,36 @@ fn rate_limit_headers(
 
 /// The RateLimit fields of a route's `requests_per_second` limit, on the 429 it gives.
 fn request_rate_headers(per_second: u32, wait_seconds: u64) -> Vec<(&'static str, String)> {
-    vec![
-        (
-            "RateLimit-Policy",
-            format!("\"requests_per_second\";q={per_second};w=1"),
-        ),
-        (
-            "RateLimit",
-            format!("\"requests_per_second\";r=0;t={wait_seconds}"),
-        ),
-    ]
+    rate_limit_fields(
+        "\"requests_per_second\"",
+        u64::from(per_second),
+        1,
+        0,
+        wait_seconds,
+    )
+}
+
+/// `RateLimit-Policy: NAME;q=QUOTA;w=WINDOW` and `RateLimit: NAME;r=LEFT;t=RESET` (NAME
+/// quoted); written by hand, as they are on every metered call.
+fn rate_limit_fields(
+    name: &str,
+    quota: u64,
+    window_seconds: u64,
+    left: u64,
+    reset_seconds: u64,
+) -> Vec<(&'static str, String)> {
+    let mut number = itoa::Buffer::new();
+    let mut policy = String::with_capacity(64);
+    for part in [name, ";q=", number.format(quota), ";w="] {
+        policy.push_str(part);
+    }
+    policy.push_str(number.format(window_seconds));
+    let mut state = String::with_capacity(64);
+    for part in [name, ";r=", number.format(left), ";t="] {
+        state.push_str(part);
+    }
+    state.push_str(number.format(reset_seconds));
+    vec![("RateLimit-Policy", policy), ("RateLimit", state)]
 }
 
 /// The largest body the account API reads (its requests are small JSON documents).
