@@ -92,11 +92,15 @@ $points
 EOF
 }
 
-write_nginx_upstream_conf() {
-    local dir=$1 port=$2
+# write_nginx_conf DIR COMMENT: an nginx config in DIR/nginx.conf, one worker in the
+# foreground, its pid, logs and temp files under DIR; the lines particular to it (the end of
+# its http block) come on stdin.
+write_nginx_conf() {
+    local dir=$1 comment=$2
     mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-# Upstream for the load bench: answers "ok" at once; POST bodies are read and discarded.
+    {
+        cat <<EOF
+# $comment
 daemon off;
 master_process off;
 worker_processes 1;
@@ -112,13 +116,24 @@ http {
     scgi_temp_path $dir/scgi;
     keepalive_requests 1000000;
     keepalive_timeout 75s;
+    # Keeps the 10 KB POST body in memory, as Tollgate does, instead of a temp file.
     client_body_buffer_size 64k;
     client_max_body_size 1m;
+EOF
+        cat
+        echo "}"
+    } >"$dir/nginx.conf"
+}
+
+# write_nginx_upstream_conf DIR PORT: the upstream, answering "ok" at once (POST bodies read
+# and discarded).
+write_nginx_upstream_conf() {
+    local dir=$1 port=$2
+    write_nginx_conf "$dir" 'Upstream for the load bench: answers "ok" at once; POST bodies are read and discarded.' <<EOF
     default_type text/plain;
     server {
         listen 127.0.0.1:$port;
         location / { return 200 "ok"; }
     }
-}
 EOF
 }

@@ -95,7 +95,7 @@ trap 'log "terminated"; exit 143' TERM HUP
 # Tollgate: the two functions to adjust when its config format or command line changes.
 # ---------------------------------------------------------------------------------------------
 
-# tollgate_config MODE LISTEN_PORT METRICS_PORT UPSTREAM_PORT DIR, and
+# tollgate_config MODE LISTEN_PORT METRICS_PORT UPSTREAM_PORT DIR, write_nginx_conf and
 # write_nginx_upstream_conf DIR PORT: in configs.sh, shared with instructions.sh.
 # shellcheck source=configs.sh
 source "$SCRIPT_DIR/configs.sh"
@@ -265,27 +265,7 @@ check_answer() {
 
 write_nginx_proxy_conf() {
     local dir=$1 port=$2 upstream_port=$3
-    mkdir -p "$dir"
-    cat >"$dir/nginx.conf" <<EOF
-# nginx as the reference reverse proxy: one worker, pooled keep-alive upstream connections.
-daemon off;
-master_process off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $dir/client_body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 75s;
-    # Keeps the 10 KB POST body in memory, as Tollgate does, instead of a temp file.
-    client_body_buffer_size 64k;
-    client_max_body_size 1m;
+    write_nginx_conf "$dir" "nginx as the reference reverse proxy: one worker, pooled keep-alive upstream connections." <<EOF
     upstream bench_upstream {
         server 127.0.0.1:$upstream_port;
         keepalive 64;
@@ -299,7 +279,6 @@ http {
             proxy_set_header Connection "";
         }
     }
-}
 EOF
 }
 
