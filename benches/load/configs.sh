@@ -2,6 +2,18 @@
 # (instructions.sh), so both measure the same Tollgate and the same upstream. Sourced; needs
 # BENCH_USERNAME and BENCH_PASSWORD set.
 
+# write_body FILE [LOCATIONS]: the load bench's POST body, {"locations":[...]} of LOCATIONS
+# (default 100) objects of ~100 bytes each, ~10 KB, compact as clients send it.
+write_body() {
+    awk -v n="${2:-100}" 'BEGIN {
+        printf "{\"locations\":["
+        for (i = 1; i <= n; i++) {
+            printf "%s{\"id\":\"loc-%04d\",\"point\":{\"latitude\":55.751244,\"longitude\":37.618423},\"duration\":\"PT5M\",\"demand\":12}", (i > 1 ? "," : ""), i
+        }
+        printf "]}"
+    }' >"$1"
+}
+
 # tollgate_config MODE LISTEN_PORT METRICS_PORT UPSTREAM_PORT DIR: prints the config file
 # (the format of src/config/toml.rs; config/example.toml documents every key).
 tollgate_config() {

@@ -67,13 +67,8 @@ write_nginx_upstream_conf "$TMP/up" "$UP_PORT"
 nginx -c "$TMP/up/nginx.conf" -p "$TMP/up" &
 PIDS+=($!)
 
-# The load bench's POST body: a `locations` array of ~100-byte objects, ~10 KB.
-python3 - >"$TMP/body.json" <<'PY'
-import json
-print(json.dumps({"locations": [
-    {"id": "loc-%05d" % i, "latlon": [55.75 + i * 1e-4, 37.61], "duration": 300, "comment": "x" * 30}
-    for i in range(100)]}))
-PY
+# The load bench's POST body, byte for byte (configs.sh).
+write_body "$TMP/body.json"
 
 cat >"$TMP/client.py" <<'PY'
 import socket, sys

@@ -282,17 +282,6 @@ write_nginx_proxy_conf() {
 EOF
 }
 
-# The POST body: {"locations":[...]} of LOCATIONS objects of ~100 bytes each.
-write_body() {
-    awk -v n="$LOCATIONS" 'BEGIN {
-        printf "{\"locations\":["
-        for (i = 1; i <= n; i++) {
-            printf "%s{\"id\":\"loc-%04d\",\"point\":{\"latitude\":55.751244,\"longitude\":37.618423},\"duration\":\"PT5M\",\"demand\":12}", (i > 1 ? "," : ""), i
-        }
-        printf "]}"
-    }' >"$BENCH_TMP/body.json"
-}
-
 # wrk scripts: done() prints one machine-readable RESULT line with exact percentiles.
 write_wrk_scripts() {
     local done_fn
@@ -596,7 +585,7 @@ main() {
     LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
     mkdir -p "$RESULTS_DIR"
     BENCH_TMP=$(mktemp -d /tmp/tollgate-load.XXXXXX)
-    write_body
+    write_body "$BENCH_TMP/body.json" "$LOCATIONS"
     write_wrk_scripts
 
     start_upstream
