@@ -512,6 +512,62 @@ fn a_lock_lifts_after_retry_after_and_a_refilled_allowance_is_one_guess() {
     assert_throttled(login(&t, &wrong), "the guess after the refilled one");
 }
 
+/// The statuses of `n` calls made side by side, sorted.
+fn side_by_side(n: usize, call: impl Fn(usize) -> reqwest::blocking::Response + Sync) -> Vec<u16> {
+    let mut statuses: Vec<u16> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let call = &call;
+                s.spawn(move || call(i).status().as_u16())
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    statuses.sort_unstable();
+    statuses
+}
+
+#[test]
+fn guesses_sent_side_by_side_get_no_more_checks_than_the_allowance() {
+    // Each password check takes tens of milliseconds: guesses sent at once must still be
+    // judged knowing the failures before them, or a burst checks them all.
+    let expected = |allowed: usize, n: usize| {
+        let mut statuses = vec![401; allowed];
+        statuses.resize(n, 429);
+        statuses
+    };
+    let t = throttled(3, 100_000);
+    let on_one_account = side_by_side(24, |i| {
+        login(
+            &t,
+            &json!({"username": "bob", "password": format!("guess-{i}")}),
+        )
+    });
+    assert_eq!(on_one_account, expected(3, 24), "guesses on one account");
+    let alice = t.token("alice");
+    let through_a_token = side_by_side(12, |i| {
+        change_password(&t, &alice, &format!("guess-{i}"), "alice-new-password-2")
+    });
+    assert_eq!(
+        through_a_token,
+        expected(3, 12),
+        "guesses as current_password"
+    );
+
+    let t = throttled(100_000, 3);
+    let from_one_address = side_by_side(24, |i| {
+        login(
+            &t,
+            &json!({"username": format!("someone_{i}"), "password": "guess"}),
+        )
+    });
+    assert_eq!(
+        from_one_address,
+        expected(3, 24),
+        "guesses from one address"
+    );
+}
+
 #[test]
 fn failed_logins_lock_the_address_after_the_allowance() {
     let t = throttled(1000, 3);

@@ -301,6 +301,7 @@ impl Authority {
         ttl_seconds: u64,
         address: Option<IpAddr>,
     ) -> Result<String, ApiError> {
+        let _turn = self.throttle.turn(username, address).await;
         if let Some(wait) = self.throttle.refused(username, address) {
             return Err(ApiError::too_many(
                 "too many failed logins; try again later",
@@ -338,6 +339,7 @@ impl Authority {
         new: &str,
         address: Option<IpAddr>,
     ) -> Result<String, ApiError> {
+        let _turn = self.throttle.turn(&user.username, address).await;
         if let Some(wait) = self.throttle.refused(&user.username, address) {
             return Err(ApiError::too_many(
                 "current_password: too many failed attempts; try again later",

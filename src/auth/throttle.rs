@@ -1,9 +1,16 @@
 //! Login throttling, per account and per client address: governor counts failed attempts, and
 //! a key that exhausted its allowance is refused with 429 until its next cell is due. Unknown
 //! accounts are throttled exactly like known ones, so the answer tells nothing.
+//!
+//! An attempt is judged, checked and counted in its keys' turn ([`LoginThrottle::turn`]): the
+//! password check takes tens of milliseconds, and attempts sent side by side would otherwise
+//! all pass the judgement before the first failure is counted, each guess checked however
+//! many the allowance is.
 
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -26,6 +33,40 @@ pub struct LoginThrottle {
     addresses: Limiter<IpAddr>,
     locked_accounts: Mutex<HashMap<String, Instant>>,
     locked_addresses: Mutex<HashMap<IpAddr, Instant>>,
+    account_turns: Turns<String>,
+    address_turns: Turns<IpAddr>,
+}
+
+/// The turn of one attempt: no other attempt on its account or from its address is judged
+/// until it is dropped.
+pub struct Turn {
+    _account: tokio::sync::OwnedMutexGuard<()>,
+    _address: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// One queue per key, for the attempts on it to take their turns.
+struct Turns<K> {
+    queues: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<K: Eq + Hash + Clone> Turns<K> {
+    fn new() -> Self {
+        Turns {
+            queues: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn take(&self, key: &K) -> tokio::sync::OwnedMutexGuard<()> {
+        let queue = {
+            let mut queues = self.queues.lock();
+            // Every username tried is a key: forget the queues no attempt holds or waits on.
+            if queues.len() > RETAIN_ABOVE {
+                queues.retain(|_, queue| Arc::strong_count(queue) > 1);
+            }
+            queues.entry(key.clone()).or_default().clone()
+        };
+        queue.lock_owned().await
+    }
 }
 
 fn per_minute(n: u32) -> Quota {
@@ -41,6 +82,25 @@ impl LoginThrottle {
                 .with_middleware(),
             locked_accounts: Mutex::new(HashMap::new()),
             locked_addresses: Mutex::new(HashMap::new()),
+            account_turns: Turns::new(),
+            address_turns: Turns::new(),
+        }
+    }
+
+    /// Waits for the turn of an attempt on `username` from `address`: hold it from
+    /// [`LoginThrottle::refused`] through the password check to [`LoginThrottle::failed`], so
+    /// that attempts on one account, or from one address, are judged one after the other,
+    /// each knowing the failures before it. The account's turn is taken first, always, so two
+    /// attempts never wait on each other.
+    pub async fn turn(&self, username: &str, address: Option<IpAddr>) -> Turn {
+        let account = self.account_turns.take(&username.to_string()).await;
+        let address = match address {
+            Some(ip) => Some(self.address_turns.take(&ip).await),
+            None => None,
+        };
+        Turn {
+            _account: account,
+            _address: address,
         }
     }
 
@@ -79,7 +139,7 @@ impl LoginThrottle {
 
 /// Takes one cell of `key`'s allowance; returns how long the key must be locked when the
 /// allowance is now spent (this was its last cell) or was spent already.
-fn spend<K: Clone + Eq + std::hash::Hash>(limiter: &Limiter<K>, key: &K) -> Option<Duration> {
+fn spend<K: Clone + Eq + Hash>(limiter: &Limiter<K>, key: &K) -> Option<Duration> {
     // Every username tried is a key: forget the refilled ones so a spray cannot grow memory.
     if limiter.len() > RETAIN_ABOVE {
         limiter.retain_recent();
