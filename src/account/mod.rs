@@ -154,6 +154,26 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         let rule = inner.to_string();
         // serde_json appends " at line L column C"; the field name says more to a caller.
         let rule = rule.split(" at line ").next().unwrap_or(&rule);
+        // A missing field is named as the field, not as the object that lacks it.
+        if let Some(missing) = rule
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.strip_suffix('`'))
+        {
+            let missing = match field.as_str() {
+                "body" => missing.to_string(),
+                object => format!("{object}.{missing}"),
+            };
+            return ApiError::invalid(&missing, "is required");
+        }
+        // An integer beyond 64 bits: "invalid value: integer N, expected i64" would read as
+        // if N were not an integer.
+        if let Some(number) = rule
+            .strip_prefix("invalid value: integer `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(number, _)| number)
+        {
+            return ApiError::invalid(&field, &format!("{number} is out of range"));
+        }
         ApiError::invalid(&field, plain_json_types(rule))
     })?;
     // One JSON value and only whitespace after it: a second object or stray bytes are not
@@ -400,10 +420,12 @@ mod tests {
             e.message
         );
         let e = parse_json::<Req>(br#"{"ttl_seconds": 5}"#).unwrap_err();
-        assert!(
-            e.message.contains("missing field `username`"),
-            "{}",
-            e.message
+        assert_eq!(e.message, "username: is required");
+        let e = parse_json::<Req>(br#"{"username": "a1", "ttl_seconds": 18446744073709551615}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.message,
+            "ttl_seconds: 18446744073709551615 is out of range"
         );
         let e = parse_json::<Req>(br#""just a string""#).unwrap_err();
         assert!(
