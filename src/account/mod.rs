@@ -172,7 +172,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             .and_then(|rest| rest.split_once('`'))
             .map(|(number, _)| number)
         {
-            return ApiError::invalid(&field, &format!("{number} is out of range"));
+            return ApiError::invalid(&field, format!("{number} is out of range"));
         }
         ApiError::invalid(&field, plain_json_types(rule))
     })?;
