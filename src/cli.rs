@@ -250,6 +250,13 @@ fn user(config: &Config, action: UserAction) -> Result<(), String> {
         },
     };
     let path = &config.store.path;
+    if matches!(command, UserCommand::List) && !path.exists() {
+        // Opening would create an empty store, and a mistyped path would read as "no users".
+        return Err(format!(
+            "store.path: {} does not exist: no store to list the users of",
+            path.display()
+        ));
+    }
     // A running server holds the store: hand the command to it instead.
     let text = match Store::open(path) {
         Ok(store) => admin::apply(&store, &command)?,

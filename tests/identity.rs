@@ -1086,6 +1086,37 @@ fn plan_quota<'a>(flag: &'a str, value: &'a str) -> Vec<&'a str> {
     args
 }
 
+#[test]
+fn listing_the_users_of_a_store_that_does_not_exist_says_so_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-store");
+    let config = std::fs::read_to_string("config/default.toml")
+        .unwrap()
+        .replace(
+            "path = \"../data\"",
+            &format!("path = {:?}", missing.display().to_string()),
+        );
+    assert!(config.contains("no-such-store"), "store.path not replaced");
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["user", "--config"])
+        .arg(&config_path)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a mistyped store path read as no users"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("store.path") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!missing.exists(), "listing created a store");
+}
+
 /// Commands that must fail with a clear message, stopped or running.
 fn cli_refusals(t: &Tollgate, when: &str) {
     for (args, expect) in [
