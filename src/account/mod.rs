@@ -256,6 +256,9 @@ fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), Api
 /// and the like have no place in a name, an e-mail address or a phone number).
 fn check_text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
     check_len(field, value, min, max)?;
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(field, "must not be blank"));
+    }
     if value.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             field,
@@ -402,6 +405,15 @@ mod tests {
     struct Req {
         username: String,
         ttl_seconds: Option<i64>,
+    }
+
+    #[test]
+    fn text_fields_must_say_something() {
+        assert_eq!(
+            check_text("name", "   ", 2, 256).unwrap_err().message,
+            "name: must not be blank"
+        );
+        assert!(check_text("name", " Jo ", 2, 256).is_ok());
     }
 
     #[test]
