@@ -7,10 +7,11 @@ mod common;
 use common::*;
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -473,6 +474,88 @@ fn clients_that_abort_mid_call_leak_no_slot() {
         &t,
         "tollgate_in_flight_requests"
     ) == Some(0.0)));
+}
+
+/// An upstream that answers every call with 64 MiB, and counts the answers it could not
+/// finish because Tollgate closed the connection.
+struct HugeUpstream {
+    port: u16,
+    cut_off: Arc<AtomicUsize>,
+}
+
+impl HugeUpstream {
+    fn start() -> HugeUpstream {
+        const SIZE: usize = 64 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut_off = Arc::new(AtomicUsize::new(0));
+        let counted = cut_off.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    let mut request = [0u8; 65536];
+                    let _ = stream.read(&mut request);
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZE}\r\n\r\n");
+                    let block = vec![b'x'; 1 << 20];
+                    let whole = stream.write_all(head.as_bytes()).is_ok()
+                        && (0..SIZE / block.len()).all(|_| stream.write_all(&block).is_ok());
+                    if !whole {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        HugeUpstream { port, cut_off }
+    }
+}
+
+#[test]
+fn a_caller_that_stops_reading_is_cut_off_at_the_total_timeout_and_frees_its_slot() {
+    let huge = HugeUpstream::start();
+    let mut extra = quota_table("UNIVERSAL", "PLAN", "", "max_concurrent_execution = 1");
+    // 500 ms from connect to the answer's last byte.
+    extra.push_str(&failing_plan_routes(&[("huge", huge.port)]));
+    let t = Tollgate::start_extra(&extra);
+    let alice = t.token("alice");
+    let body = serde_json::to_vec(&plan(2)).unwrap();
+    let mut caller = TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    let head = format!(
+        "POST /universal/plan/huge HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {alice}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    caller.write_all(head.as_bytes()).unwrap();
+    caller.write_all(&body).unwrap();
+    // The caller reads nothing: what the kernel buffers fills, and Tollgate's writes wait.
+    assert!(
+        eventually(Duration::from_secs(10), || huge
+            .cut_off
+            .load(Ordering::SeqCst)
+            == 1),
+        "Tollgate still holds the upstream's answer for a caller that stopped reading"
+    );
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &t,
+        "tollgate_in_flight_requests"
+    ) == Some(0.0)));
+    // The slot is free while the stuck caller is still connected.
+    assert_eq!(call_plan(&t, &alice, 1, &[]).status(), 200);
+    // And its connection was closed: what it can still read ends, cut short.
+    caller
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match caller.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received += n,
+            Err(e) => panic!("the stuck caller's connection stayed open: {e}"),
+        }
+    }
+    assert!(received < 64 << 20, "{received} bytes");
 }
 
 #[test]

@@ -614,7 +614,10 @@ impl Tollgate {
                         if let Some(record) = self.settle_and_take_record(ctx) {
                             self.put_on_record(record).await;
                         }
-                        upstream::end_response(session, ex.held_head, held).await;
+                        let ended =
+                            upstream::end_response(session, ex.held_head, held, ex.deadline).await;
+                        // Not taken in time: the connection goes, its answer unfinished.
+                        ctx.broken_off |= !ended;
                     }
                     // Broken off: finish() settles it.
                     None => {

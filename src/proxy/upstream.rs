@@ -59,6 +59,8 @@ pub struct Exchange {
     /// The head of an answer without a body (a 204, a 304, an answer to HEAD, a length of
     /// 0), not yet written either: written, it would end the answer before its record.
     pub held_head: Option<Box<ResponseHeader>>,
+    /// The route's total deadline, which the held end's writing keeps too.
+    pub deadline: Instant,
 }
 
 /// Headers that belong to one connection, never forwarded either way.
@@ -494,6 +496,7 @@ pub async fn exchange(
         upstream_failed: false,
         held_end: None,
         held_head: None,
+        deadline,
     };
     if http.response_done() {
         // Nothing follows the head: the head is the end, and waits with it.
@@ -504,7 +507,12 @@ pub async fn exchange(
         }
         return Ok(ex);
     }
-    if session.write_response_header(Box::new(out)).await.is_err() {
+    // The caller's side is held to the same deadline: a caller that stops reading must not
+    // hold its slot, the upstream's connection and its own past the route's total timeout.
+    if !matches!(
+        until(deadline, session.write_response_header(Box::new(out))).await,
+        Ok(Ok(()))
+    ) {
         ex.capture_truncated = true;
         return Ok(ex);
     }
@@ -528,8 +536,12 @@ pub async fn exchange(
             break;
         }
         let Some(chunk) = chunk else { continue };
-        if session.write_response_body(chunk, false).await.is_err() {
-            // The caller left mid-answer: the rest is neither read nor captured.
+        if !matches!(
+            until(deadline, session.write_response_body(chunk, false)).await,
+            Ok(Ok(()))
+        ) {
+            // The caller left mid-answer, or stopped taking it: the rest is neither read nor
+            // captured.
             ex.capture_truncated = true;
             return Ok(ex);
         }
@@ -552,21 +564,23 @@ fn until<F: std::future::Future>(
 }
 
 /// Writes the held end of a response (see [`Exchange::held_end`]), after its held head if it
-/// has one.
+/// has one, by `deadline`; false when the caller left or did not take it in time.
 pub async fn end_response(
     session: &mut Session,
     head: Option<Box<ResponseHeader>>,
     held: Option<Bytes>,
+    deadline: Instant,
 ) -> bool {
-    if let Some(head) = head {
-        if session.write_response_header(head).await.is_err() {
-            return false;
+    let written = until(deadline, async {
+        if let Some(head) = head {
+            session.write_response_header(head).await?;
         }
-    }
-    session
-        .write_response_body(held.unwrap_or_default(), true)
-        .await
-        .is_ok()
+        session
+            .write_response_body(held.unwrap_or_default(), true)
+            .await
+    })
+    .await;
+    matches!(written, Ok(Ok(())))
 }
 
 fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
