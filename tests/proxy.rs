@@ -2310,6 +2310,13 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
         text.contains("Transfer-Encoding") && text.contains("\"tracedata\""),
         "{text}"
     );
+    // Refused before the route's work began, the tracedata still names the route's service
+    // and operation.
+    assert!(
+        text.contains("\"service\":\"UNIVERSAL\"")
+            && text.contains("\"operation\":\"echo_payload\""),
+        "{text}"
+    );
     assert_eq!(demo_count(&t, "/demo/echo"), before);
 
     // An empty POST says its length upstream (RFC 9110 8.6).

@@ -188,7 +188,12 @@ impl Tollgate {
         error: ApiError,
         extra: &[(&str, String)],
     ) {
-        let (service, operation) = match ctx.route.map(|i| &self.app.config.routes[i]) {
+        // A call refused before its route was looked up (a coding not served, say) still
+        // names the route its path and method reach.
+        let route = ctx
+            .route
+            .or_else(|| self.route(session.req_header()).map(|(index, _)| index));
+        let (service, operation) = match route.map(|i| &self.app.config.routes[i]) {
             Some(r) => (r.service, r.operation.to_string()),
             None => (
                 guess_service(session.req_header().uri.path()),
