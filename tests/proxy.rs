@@ -2318,6 +2318,16 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
         "{text}"
     );
     assert_eq!(demo_count(&t, "/demo/echo"), before);
+    // Chunked twice is no unknown coding but a malformed body: 400.
+    let text = raw_text(
+        t.port,
+        &format!(
+            "POST /demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        ),
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("chunked must be applied only once"), "{text}");
+    assert_eq!(demo_count(&t, "/demo/echo"), before);
 
     // An empty POST says its length upstream (RFC 9110 8.6).
     let mut c = Raw::connect(t.port);

@@ -1013,6 +1013,15 @@ fn head_problem(req: &RequestHeader) -> Option<&'static str> {
         // "GET zz/x" or "GET ?x" as "/" (and percent-encodes what a target may not hold).
         return Some("request target: must be a path starting with '/' or an absolute http URI");
     }
+    let chunked_twice = upstream::list_items(&req.headers, http::header::TRANSFER_ENCODING)
+        .filter(|c| c.eq_ignore_ascii_case(b"chunked"))
+        .nth(1)
+        .is_some();
+    if chunked_twice {
+        // RFC 9112 6.1: chunked is applied once; twice is a malformed body, not a coding
+        // Tollgate does not know (501).
+        return Some("Transfer-Encoding: chunked must be applied only once");
+    }
     let path = req.uri.path();
     if !path.starts_with("/account/") && has_dot_segment(path) {
         // Routes match the path as sent; an upstream that resolves "..", as most do, would
