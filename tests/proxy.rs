@@ -1252,10 +1252,14 @@ fn an_answer_the_upstream_ends_by_closing_reaches_the_caller_framed() {
 fn a_chunked_answer_reaches_an_http_1_0_caller_unchunked() {
     let upstream = FaultUpstream::start(Fault::Chunked);
     // The fault upstream answers one request per connection.
-    let t = Tollgate::start_extra(&fault_route("chunks", upstream.port, "").replace(
-        "connect_timeout_ms = 500",
-        "connect_timeout_ms = 500\nkeepalive = 0",
-    ));
+    let t = Tollgate::start_extra(
+        &fault_route("chunks", upstream.port, "")
+            .replace(
+                "connect_timeout_ms = 500",
+                "connect_timeout_ms = 500\nkeepalive = 0",
+            )
+            .replace("method = \"POST\"", "method = \"*\""),
+    );
     let alice = t.token("alice");
     let request = |version: &str| {
         format!(
@@ -1282,6 +1286,22 @@ fn a_chunked_answer_reaches_an_http_1_0_caller_unchunked() {
         "{answer}"
     );
     assert_eq!(body, "hello world", "{answer}");
+    // Nor is the head of its answer to HEAD chunked, kept alive or not.
+    let mut c = Raw::connect(t.port);
+    c.send(
+        format!(
+            "HEAD /universal/chunks/calculation HTTP/1.0\r\nConnection: keep-alive\r\nAuthorization: Bearer {alice}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let (status, headers) = c.read_head().expect("an answer to HEAD");
+    assert_eq!(status, 200);
+    assert!(
+        !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("transfer-encoding")),
+        "{headers:?}"
+    );
 }
 
 #[test]

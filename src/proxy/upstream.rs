@@ -473,10 +473,13 @@ pub async fn exchange(
         // answer must then not carry on.
         out.remove_header(&http::header::CONTENT_LENGTH);
     }
-    if !bodiless && !caller_takes_chunks && (chunked || !sized) {
-        // An HTTP/1.0 caller knows no chunks (RFC 9112 6.1): the body goes to it as it is,
-        // and the close ends it.
+    if !caller_takes_chunks && chunked {
+        // An HTTP/1.0 caller knows no chunks (RFC 9112 6.1), also in the head of an answer
+        // to HEAD.
         out.remove_header(&http::header::TRANSFER_ENCODING);
+    }
+    if !bodiless && !caller_takes_chunks && (chunked || !sized) {
+        // Its body goes to it as it is, and the close ends it.
         session.set_keepalive(None);
     } else if !bodiless && !chunked && !sized {
         // The upstream ends this answer by closing its connection: an HTTP/1.1 caller gets it
