@@ -887,6 +887,11 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
             .unwrap_or_else(|| panic!("no answer to {:?}", String::from_utf8_lossy(wire)));
         assert_eq!(r.status, status);
         assert_eq!(r.header("connection"), Some("close"));
+        if status == 405 {
+            // RFC 9110 15.5.6: a 405 says what is served there (at an authority, nothing).
+            let served = if wire.starts_with(b"TRACE") { "GET, HEAD" } else { "" };
+            assert_eq!(r.header("allow"), Some(served));
+        }
         let body: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body["message"], message, "{body}");
         let code = body["tracedata"]["code"].as_str().unwrap().to_string();

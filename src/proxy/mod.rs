@@ -165,6 +165,33 @@ impl Tollgate {
             })
     }
 
+    /// The methods the routes serve at `path`, for the `Allow` of a 405 (RFC 9110 15.5.6):
+    /// a GET route serves HEAD too, and a route of any method the usual ones.
+    fn allowed_methods(&self, path: &str) -> String {
+        const ANY: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+        let mut allowed: Vec<&str> = Vec::new();
+        for route in &self.app.config.routes {
+            if route
+                .pattern
+                .matches(path, route.process_id.as_deref())
+                .is_none()
+            {
+                continue;
+            }
+            let methods: &[&str] = match &route.method {
+                MethodMatch::Any => &ANY,
+                MethodMatch::One(m) if *m == http::Method::GET => &["GET", "HEAD"],
+                MethodMatch::One(m) => &[m.as_str()],
+            };
+            for method in methods {
+                if !allowed.contains(method) {
+                    allowed.push(method);
+                }
+            }
+        }
+        allowed.join(", ")
+    }
+
     fn tracedata(&self, ctx: &Ctx, service: ServiceName, operation: &str) -> Tracedata {
         let (client, tz) = match &ctx.user {
             Some(u) => (trace::client_label(&u.company_key, &u.username), u.timezone),
@@ -1309,14 +1336,16 @@ impl Tollgate {
             refused("connect");
             session.set_keepalive(None);
             let error = ApiError::new(405, "method: CONNECT is not served");
-            self.reject(session, ctx, error, &[]).await;
+            let allow = self.allowed_methods(session.req_header().uri.path());
+            self.reject(session, ctx, error, &[("Allow", allow)]).await;
         } else if session.req_header().method == http::Method::TRACE {
             // A TRACE echoes the request, credentials and cookies included, to whatever
             // script can read the answer (as nginx, it is not served).
             refused("trace");
             session.set_keepalive(None);
             let error = ApiError::new(405, "method: TRACE is not served");
-            self.reject(session, ctx, error, &[]).await;
+            let allow = self.allowed_methods(session.req_header().uri.path());
+            self.reject(session, ctx, error, &[("Allow", allow)]).await;
         } else if session.req_header().uri.path().starts_with("/account/") {
             self.serve_account(session, ctx).await;
         } else if let Err((error, headers)) = self.proxy_call(session, ctx).await {
