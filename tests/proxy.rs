@@ -827,11 +827,36 @@ fn a_request_head_trickled_in_is_cut_off_at_keepalive_timeout_seconds() {
 #[test]
 fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
     let t = Tollgate::start();
+    let many_fields: Vec<u8> = [
+        &b"GET /universal/system/version HTTP/1.1\r\nHost: a\r\n"[..],
+        &(0..300)
+            .flat_map(|i| format!("X-{i}: y\r\n").into_bytes())
+            .collect::<Vec<u8>>(),
+        b"\r\n",
+    ]
+    .concat();
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000));
     for (wire, status, message) in [
         (
             &b"GARBAGE / HTTP/1.1\r\nHost x\r\n\r\n"[..],
             400,
             "request: not a valid HTTP/1.1 request head",
+        ),
+        // Why a head could not be read, where it is known.
+        (
+            &many_fields,
+            431,
+            "request head: more than 256 header fields",
+        ),
+        (
+            long_target.as_bytes(),
+            414,
+            "request target: longer than 65534 bytes",
+        ),
+        (
+            b"GET /universal/system/version HTTP/1.2\r\nHost: a\r\n\r\n",
+            505,
+            "request: only HTTP/1.0 and HTTP/1.1 are served",
         ),
         (
             b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n",
@@ -905,7 +930,7 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
     // Each refusal is counted, by reason.
     let metrics = t.metrics();
     for (reason, count) in [
-        ("unreadable_request_head", 3),
+        ("unreadable_request_head", 6),
         ("connect", 1),
         ("trace", 1),
         ("bad_request_head", 5),

@@ -842,6 +842,31 @@ fn status_class(status: u16) -> &'static str {
     crate::metrics::STATUS_CLASSES[(status / 100).min(5) as usize]
 }
 
+/// The answer to a request head pingora could not read, by why: too large (431, 414), a
+/// version other than HTTP/1.0 and 1.1 (505), else not HTTP (400).
+fn unreadable_head_error(why: &pingora::Error) -> ApiError {
+    let context = why.context.as_ref().map(|c| c.as_str()).unwrap_or_default();
+    let cause = why.cause.as_deref();
+    let parse = cause.and_then(|c| c.downcast_ref::<httparse::Error>());
+    // Pingora names the target it could not take as a URI, without the reason; the http
+    // crate takes none longer than this.
+    const LONGEST_TARGET: usize = u16::MAX as usize - 1;
+    let too_long_target = context
+        .strip_prefix("invalid uri ")
+        .is_some_and(|target| target.len() > LONGEST_TARGET);
+    if context.starts_with("Request header larger than") {
+        ApiError::new(431, "request head: larger than 1 MiB")
+    } else if parse == Some(&httparse::Error::TooManyHeaders) {
+        ApiError::new(431, "request head: more than 256 header fields")
+    } else if parse == Some(&httparse::Error::Version) {
+        ApiError::new(505, "request: only HTTP/1.0 and HTTP/1.1 are served")
+    } else if too_long_target {
+        ApiError::new(414, "request target: longer than 65534 bytes")
+    } else {
+        ApiError::bad_request("request: not a valid HTTP/1.1 request head")
+    }
+}
+
 fn guess_service(path: &str) -> ServiceName {
     path.trim_start_matches('/')
         .split('/')
@@ -1359,8 +1384,8 @@ impl Tollgate {
     }
 
     /// Answers a request whose head could not be read as HTTP/1.1, in the API's error shape.
-    async fn reject_unreadable(&self, session: &mut Session, ctx: &mut Ctx) {
-        let error = ApiError::bad_request("request: not a valid HTTP/1.1 request head");
+    async fn reject_unreadable(&self, session: &mut Session, ctx: &mut Ctx, why: &pingora::Error) {
+        let error = unreadable_head_error(why);
         self.app
             .metrics
             .rejections
@@ -1431,7 +1456,7 @@ impl HttpServerApp for Tollgate {
             Err(e) => {
                 if matches!(e.etype(), pingora::ErrorType::InvalidHTTPHeader) {
                     let mut ctx = self.new_ctx();
-                    self.reject_unreadable(&mut session, &mut ctx).await;
+                    self.reject_unreadable(&mut session, &mut ctx, &e).await;
                 }
                 session.shutdown().await;
                 return None;
