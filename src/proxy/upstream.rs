@@ -513,8 +513,8 @@ pub async fn exchange(
     // The caller's side is held to the same deadline: a caller that stops reading must not
     // hold its slot, the upstream's connection and its own past the route's total timeout.
     if !matches!(
-        until(deadline, session.write_response_header(Box::new(out))).await,
-        Ok(Ok(()))
+        until_if_waiting(deadline, session.write_response_header(Box::new(out))).await,
+        Some(Ok(()))
     ) {
         ex.capture_truncated = true;
         return Ok(ex);
@@ -540,8 +540,8 @@ pub async fn exchange(
         }
         let Some(chunk) = chunk else { continue };
         if !matches!(
-            until(deadline, session.write_response_body(chunk, false)).await,
-            Ok(Ok(()))
+            until_if_waiting(deadline, session.write_response_body(chunk, false)).await,
+            Some(Ok(()))
         ) {
             // The caller left mid-answer, or stopped taking it: the rest is neither read nor
             // captured.
@@ -574,7 +574,7 @@ pub async fn end_response(
     held: Option<Bytes>,
     deadline: Instant,
 ) -> bool {
-    let written = until(deadline, async {
+    let written = until_if_waiting(deadline, async {
         if let Some(head) = head {
             session.write_response_header(head).await?;
         }
@@ -583,7 +583,25 @@ pub async fn end_response(
             .await
     })
     .await;
-    matches!(written, Ok(Ok(())))
+    matches!(written, Some(Ok(())))
+}
+
+/// [`until`] for a future that is usually done at its first poll (a write with room in the
+/// socket's buffer): the timer is set only if it waits. None when `deadline` passed first.
+async fn until_if_waiting<F: std::future::Future>(
+    deadline: Instant,
+    future: F,
+) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let first = std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        std::task::Poll::Ready(done) => std::task::Poll::Ready(Some(done)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await;
+    match first {
+        Some(done) => Some(done),
+        None => until(deadline, future).await.ok(),
+    }
 }
 
 fn capture(ex: &mut Exchange, data: &Bytes, max_capture_bytes: usize) {
