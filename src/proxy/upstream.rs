@@ -521,11 +521,12 @@ pub async fn exchange(
     }
     let mut last = None;
     while !http.response_done() {
-        let chunk = match until(deadline, http.read_response_body()).await {
-            Ok(Ok(chunk)) => chunk,
+        // A small answer's body came with its head, ready at the first poll.
+        let chunk = match until_if_waiting(deadline, http.read_response_body()).await {
+            Some(Ok(chunk)) => chunk,
             // The head is already sent: all that is left is to end the caller's response early.
             // What was captured is not the whole answer, and says so.
-            Ok(Err(_)) | Err(_) => {
+            Some(Err(_)) | None => {
                 ex.upstream_failed = true;
                 ex.capture_truncated = true;
                 return Ok(ex);
