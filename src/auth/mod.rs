@@ -285,9 +285,7 @@ impl Authority {
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
         self.hashing.run(work).await.map_err(|e| match e {
-            hashing::HashingError::Busy => {
-                ApiError::unavailable("too many logins at once; try again shortly", 1)
-            }
+            hashing::HashingError::Busy => crowded(throttle::Crowded),
             hashing::HashingError::Gone => ApiError::internal("shutting down"),
         })
     }
@@ -301,12 +299,22 @@ impl Authority {
         ttl_seconds: u64,
         address: Option<IpAddr>,
     ) -> Result<String, ApiError> {
-        let _turn = self.throttle.turn(username, address).await;
-        if let Some(wait) = self.throttle.refused(username, address) {
-            return Err(ApiError::too_many(
-                "too many failed logins; try again later",
-                wait,
-            ));
+        let refused = || {
+            self.throttle
+                .refused(username, address)
+                .map(|wait| ApiError::too_many("too many failed logins; try again later", wait))
+        };
+        // A locked key is refused at once, not after the attempts queued on it.
+        if let Some(refusal) = refused() {
+            return Err(refusal);
+        }
+        let _turn = self
+            .throttle
+            .turn(username, address)
+            .await
+            .map_err(crowded)?;
+        if let Some(refusal) = refused() {
+            return Err(refusal);
         }
         let user = self.user(username);
         let stored = user.as_ref().map(|u| u.password_hash.clone());
@@ -339,12 +347,24 @@ impl Authority {
         new: &str,
         address: Option<IpAddr>,
     ) -> Result<String, ApiError> {
-        let _turn = self.throttle.turn(&user.username, address).await;
-        if let Some(wait) = self.throttle.refused(&user.username, address) {
-            return Err(ApiError::too_many(
-                "current_password: too many failed attempts; try again later",
-                wait,
-            ));
+        let refused = || {
+            self.throttle.refused(&user.username, address).map(|wait| {
+                ApiError::too_many(
+                    "current_password: too many failed attempts; try again later",
+                    wait,
+                )
+            })
+        };
+        if let Some(refusal) = refused() {
+            return Err(refusal);
+        }
+        let _turn = self
+            .throttle
+            .turn(&user.username, address)
+            .await
+            .map_err(crowded)?;
+        if let Some(refusal) = refused() {
+            return Err(refusal);
         }
         let verified = user.password_hash.clone();
         let stored = verified.clone();
@@ -412,4 +432,9 @@ impl Authority {
     pub fn validate(&self, token: &str) -> Option<Vec<Role>> {
         self.verify_token(token).ok().map(|u| u.roles.clone())
     }
+}
+
+/// Too many password checks wait: for the hashing threads, or for their turn.
+fn crowded(_: throttle::Crowded) -> ApiError {
+    ApiError::unavailable("too many logins at once; try again shortly", 1)
 }

@@ -39,14 +39,34 @@ pub struct LoginThrottle {
 
 /// The turn of one attempt: no other attempt on its account or from its address is judged
 /// until it is dropped.
-pub struct Turn {
-    _account: tokio::sync::OwnedMutexGuard<()>,
-    _address: Option<tokio::sync::OwnedMutexGuard<()>>,
+pub struct Turn<'a> {
+    _account: KeyTurn<'a, String>,
+    _address: Option<KeyTurn<'a, IpAddr>>,
 }
 
-/// One queue per key, for the attempts on it to take their turns.
+/// Why no turn was given: too many attempts wait already, or the wait was too long. Answered
+/// as the hashing pool's own refusal is, 503 with Retry-After.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Crowded;
+
+/// Attempts waiting for or holding a turn, over all keys, beyond which more are refused.
+const MOST_WAITING: usize = 4096;
+
+/// The longest an attempt waits for its turn.
+const LONGEST_WAIT: Duration = Duration::from_secs(10);
+
+/// One queue per key, for the attempts on it to take their turns; a key's queue lives while an
+/// attempt holds or waits on it.
 struct Turns<K> {
     queues: Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One attempt's place in one key's queue: waiting until `held` is set, then holding it.
+struct KeyTurn<'a, K: Eq + Hash> {
+    turns: &'a Turns<K>,
+    key: K,
+    queue: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl<K: Eq + Hash + Clone> Turns<K> {
@@ -56,16 +76,38 @@ impl<K: Eq + Hash + Clone> Turns<K> {
         }
     }
 
-    async fn take(&self, key: &K) -> tokio::sync::OwnedMutexGuard<()> {
-        let queue = {
-            let mut queues = self.queues.lock();
-            // Every username tried is a key: forget the queues no attempt holds or waits on.
-            if queues.len() > RETAIN_ABOVE {
-                queues.retain(|_, queue| Arc::strong_count(queue) > 1);
-            }
-            queues.entry(key.clone()).or_default().clone()
-        };
-        queue.lock_owned().await
+    /// Joins `key`'s queue (refused when `MOST_WAITING` attempts are queued on all keys).
+    fn join(&self, key: &K) -> Result<KeyTurn<'_, K>, Crowded> {
+        let mut queues = self.queues.lock();
+        if queues.len() >= MOST_WAITING && !queues.contains_key(key) {
+            return Err(Crowded);
+        }
+        let queue = queues.entry(key.clone()).or_default().clone();
+        Ok(KeyTurn {
+            turns: self,
+            key: key.clone(),
+            queue,
+            held: None,
+        })
+    }
+}
+
+impl<K: Eq + Hash> KeyTurn<'_, K> {
+    async fn wait(&mut self) {
+        self.held = Some(self.queue.clone().lock_owned().await);
+    }
+}
+
+impl<K: Eq + Hash> Drop for KeyTurn<'_, K> {
+    /// Leaves the queue, and forgets it when no other attempt holds or waits on it (also when
+    /// the attempt was dropped while waiting).
+    fn drop(&mut self) {
+        drop(self.held.take());
+        let mut queues = self.turns.queues.lock();
+        // The map's copy and this one.
+        if Arc::strong_count(&self.queue) == 2 {
+            queues.remove(&self.key);
+        }
     }
 }
 
@@ -91,17 +133,31 @@ impl LoginThrottle {
     /// [`LoginThrottle::refused`] through the password check to [`LoginThrottle::failed`], so
     /// that attempts on one account, or from one address, are judged one after the other,
     /// each knowing the failures before it. The account's turn is taken first, always, so two
-    /// attempts never wait on each other.
-    pub async fn turn(&self, username: &str, address: Option<IpAddr>) -> Turn {
-        let account = self.account_turns.take(&username.to_string()).await;
-        let address = match address {
-            Some(ip) => Some(self.address_turns.take(&ip).await),
+    /// attempts never wait on each other in a circle. A key already locked should be refused
+    /// before its turn is waited for.
+    ///
+    /// # Errors
+    ///
+    /// [`Crowded`] when too many attempts wait already, or the turn did not come within
+    /// `LONGEST_WAIT`.
+    pub async fn turn(&self, username: &str, address: Option<IpAddr>) -> Result<Turn<'_>, Crowded> {
+        let mut account = self.account_turns.join(&username.to_string())?;
+        let mut address = match address {
+            Some(ip) => Some(self.address_turns.join(&ip)?),
             None => None,
         };
-        Turn {
+        let waited = tokio::time::timeout(LONGEST_WAIT, async {
+            account.wait().await;
+            if let Some(address) = &mut address {
+                address.wait().await;
+            }
+        })
+        .await;
+        waited.map_err(|_| Crowded)?;
+        Ok(Turn {
             _account: account,
             _address: address,
-        }
+        })
     }
 
     /// Seconds to wait if this attempt must be refused before any password work.
@@ -161,6 +217,39 @@ fn spend<K: Clone + Eq + Hash>(limiter: &Limiter<K>, key: &K) -> Option<Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn turns_on_one_key_are_one_at_a_time_and_leave_no_queue_behind() {
+        let t = LoginThrottle::new(5, 30);
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let first = t.turn("bob", Some(ip)).await.unwrap();
+        // Another attempt on the account waits; one on another account from another address
+        // does not.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), t.turn("bob", None));
+        assert!(waiting.await.is_err(), "two turns on bob at once");
+        let other = t.turn("alice", Some("127.0.0.10".parse().unwrap())).await;
+        assert!(other.is_ok());
+        drop(other);
+        // The attempt dropped while waiting left its queue too.
+        drop(first);
+        assert!(t.account_turns.queues.lock().is_empty());
+        assert!(t.address_turns.queues.lock().is_empty());
+        let again = t.turn("bob", Some(ip)).await;
+        assert!(again.is_ok(), "bob's turn came once the first was done");
+    }
+
+    #[tokio::test]
+    async fn too_many_attempts_waiting_are_refused() {
+        let t = LoginThrottle::new(5, 30);
+        let held: Vec<_> = (0..MOST_WAITING)
+            .map(|i| t.account_turns.join(&format!("user{i}")).unwrap())
+            .collect();
+        assert_eq!(t.turn("one_more", None).await.err(), Some(Crowded));
+        // A key already queued may still queue.
+        assert!(t.account_turns.join(&"user0".to_string()).is_ok());
+        drop(held);
+        assert!(t.turn("one_more", None).await.is_ok());
+    }
 
     #[test]
     fn repeated_failures_lock_the_account_for_any_address() {
