@@ -859,6 +859,11 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
             "request: only HTTP/1.0 and HTTP/1.1 are served",
         ),
         (
+            b"GET /universal/system/version http/1.1\r\nHost: a\r\n\r\n",
+            400,
+            "request: not a valid HTTP/1.1 request head",
+        ),
+        (
             b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n",
             400,
             "request: not a valid HTTP/1.1 request head",
@@ -904,6 +909,11 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
             405,
             "method: TRACE is not served",
         ),
+        (
+            b"TRACE /account/info HTTP/1.1\r\nHost: a\r\n\r\n",
+            405,
+            "method: TRACE is not served",
+        ),
     ] {
         let mut c = Raw::connect(t.port);
         c.send(wire);
@@ -914,7 +924,13 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
         assert_eq!(r.header("connection"), Some("close"));
         if status == 405 {
             // RFC 9110 15.5.6: a 405 says what is served there (at an authority, nothing).
-            let served = if wire.starts_with(b"TRACE") { "GET, HEAD" } else { "" };
+            let served = if wire.starts_with(b"TRACE /account/") {
+                "GET, HEAD, PUT"
+            } else if wire.starts_with(b"TRACE") {
+                "GET, HEAD"
+            } else {
+                ""
+            };
             assert_eq!(r.header("allow"), Some(served));
         }
         let body: Value = serde_json::from_slice(&r.body).unwrap();
@@ -930,9 +946,9 @@ fn an_unreadable_head_connect_and_a_missing_host_get_errors_in_the_api_shape() {
     // Each refusal is counted, by reason.
     let metrics = t.metrics();
     for (reason, count) in [
-        ("unreadable_request_head", 6),
+        ("unreadable_request_head", 7),
         ("connect", 1),
-        ("trace", 1),
+        ("trace", 2),
         ("bad_request_head", 5),
     ] {
         let line = format!("tollgate_rejections_total{{reason=\"{reason}\"}} {count}");

@@ -384,7 +384,7 @@ async fn route(
 
 /// The methods an account API resource serves (the `Allow` of a 405), `None` for a path that
 /// is none of its resources. Reads also serve HEAD.
-fn allowed_methods(rest: &str) -> Option<&'static str> {
+pub fn allowed_methods(rest: &str) -> Option<&'static str> {
     match rest {
         "token/generation" | "token/validation" | "password" => Some("POST"),
         "info" => Some("GET, HEAD, PUT"),

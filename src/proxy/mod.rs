@@ -165,9 +165,15 @@ impl Tollgate {
             })
     }
 
-    /// The methods the routes serve at `path`, for the `Allow` of a 405 (RFC 9110 15.5.6):
-    /// a GET route serves HEAD too, and a route of any method the usual ones.
+    /// The methods served at `path`, for the `Allow` of a 405 (RFC 9110 15.5.6): the account
+    /// API's, or the routes': a GET route serves HEAD too, and a route of any method the usual
+    /// ones.
     fn allowed_methods(&self, path: &str) -> String {
+        if let Some(rest) = path.strip_prefix("/account/") {
+            return crate::account::allowed_methods(rest)
+                .unwrap_or_default()
+                .to_string();
+        }
         const ANY: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
         let mut allowed: Vec<&str> = Vec::new();
         for route in &self.app.config.routes {
@@ -858,13 +864,25 @@ fn unreadable_head_error(why: &pingora::Error) -> ApiError {
         ApiError::new(431, "request head: larger than 1 MiB")
     } else if parse == Some(&httparse::Error::TooManyHeaders) {
         ApiError::new(431, "request head: more than 256 header fields")
-    } else if parse == Some(&httparse::Error::Version) {
+    } else if parse == Some(&httparse::Error::Version) && names_a_version(context) {
         ApiError::new(505, "request: only HTTP/1.0 and HTTP/1.1 are served")
     } else if too_long_target {
         ApiError::new(414, "request target: longer than 65534 bytes")
     } else {
         ApiError::bad_request("request: not a valid HTTP/1.1 request head")
     }
+}
+
+/// Whether the request line pingora quotes (`buf: ...`, escaped) ends in a version of the
+/// form `HTTP/d.d`: only then is a version it cannot read one it does not serve (505), not a
+/// malformed line (400).
+fn names_a_version(context: &str) -> bool {
+    let quoted = context.strip_prefix("buf: ").unwrap_or_default();
+    let quoted = quoted.strip_prefix('"').unwrap_or(quoted);
+    let line = quoted.split("\\r").next().unwrap_or_default();
+    let line = line.split("\\n").next().unwrap_or_default().as_bytes();
+    matches!(line, [.., b' ', b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+        if major.is_ascii_digit() && minor.is_ascii_digit())
 }
 
 fn guess_service(path: &str) -> ServiceName {
