@@ -165,13 +165,19 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             };
             return ApiError::invalid(&missing, "is required");
         }
-        // An integer beyond 64 bits: "invalid value: integer N, expected i64" would read as
-        // if N were not an integer.
-        if let Some(number) = rule
+        // An integer beyond the field's 64 bits: "invalid value: integer N, expected i64", or,
+        // beyond any 64 bits, "invalid type: floating point" (serde_json reads it as a float),
+        // would read as if N were not an integer.
+        let number = rule
             .strip_prefix("invalid value: integer `")
             .and_then(|rest| rest.split_once('`'))
-            .map(|(number, _)| number)
-        {
+            .map(|(number, _)| number.to_string())
+            .or_else(|| {
+                rule.starts_with("invalid type: floating point")
+                    .then(|| integer_ending_at(body, inner.line(), inner.column()))
+                    .flatten()
+            });
+        if let Some(number) = number {
             return ApiError::invalid(&field, format!("{number} is out of range"));
         }
         ApiError::invalid(&field, plain_json_types(rule))
@@ -181,6 +187,29 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|_| ApiError::invalid("body", "trailing characters after the JSON value"))?;
     Ok(value)
+}
+
+/// The integer literal (digits, perhaps after '-') that ends at 1-based `line` and `column`
+/// of `body`, where serde_json reports a value it could not take; None for any other token.
+fn integer_ending_at(body: &[u8], line: usize, column: usize) -> Option<String> {
+    let line_start = if line <= 1 {
+        0
+    } else {
+        body.iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(line - 2)?
+            .0
+            + 1
+    };
+    let end = (line_start + column).min(body.len());
+    let start = body[..end]
+        .iter()
+        .rposition(|b| !(b.is_ascii_digit() || b"-+.eE".contains(b)))
+        .map_or(0, |i| i + 1);
+    let token = std::str::from_utf8(&body[start..end]).ok()?;
+    let digits = token.strip_prefix('-').unwrap_or(token);
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| token.to_string())
 }
 
 /// serde's message with its Rust type names ("expected i64", "expected struct AccountInfo")
@@ -439,6 +468,22 @@ mod tests {
             e.message,
             "ttl_seconds: 18446744073709551615 is out of range"
         );
+        for (number, pretty) in [
+            ("18446744073709551616", false),
+            ("-9223372036854775809", false),
+            ("100000000000000000000000000000", true),
+        ] {
+            let body = if pretty {
+                format!("{{\n  \"username\": \"a1\",\n  \"ttl_seconds\": {number}\n}}")
+            } else {
+                format!(r#"{{"username": "a1", "ttl_seconds": {number}}}"#)
+            };
+            let e = parse_json::<Req>(body.as_bytes()).unwrap_err();
+            assert_eq!(e.message, format!("ttl_seconds: {number} is out of range"));
+        }
+        // A number written as a float is not an integer, however large.
+        let e = parse_json::<Req>(br#"{"username": "a1", "ttl_seconds": 1e30}"#).unwrap_err();
+        assert!(e.message.contains("expected an integer"), "{}", e.message);
         let e = parse_json::<Req>(br#""just a string""#).unwrap_err();
         assert!(
             e.message.starts_with("body: invalid type: string"),
