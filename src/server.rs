@@ -1,7 +1,7 @@
 //! Wiring: opens the store, builds the shared state, and runs the pingora server with its
 //! services (the proxy, the metrics listener, the optional demo upstream, and the background
 //! upkeep: lease reaping and retention). SIGTERM drains calls in flight, then the store
-//! writer is flushed and the process exits 0.
+//! writer is flushed and the process exits 0 (1 when calls could not be put on record).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -289,12 +289,14 @@ pub fn serve(config: Config) -> Result<(), String> {
     // Calls have drained; write what the writer still holds before exiting.
     // Bounded: a writer whose batches keep failing must not hold the exit; what it could not
     // write is named in the log.
-    if let Err(e) = app.writer.flush_blocking(FINAL_FLUSH_WAIT) {
+    let flushed = app.writer.flush_blocking(FINAL_FLUSH_WAIT);
+    if let Err(e) = &flushed {
         tracing::error!(error = %e, "final store flush failed");
     }
     let _ = app.store.sync();
     drop(app);
     drop(writer_thread);
     tracing::info!("tollgate stopped");
-    Ok(())
+    // A supervisor must be able to tell an exit that lost records from a clean one.
+    flushed.map_err(|e| format!("stopped with calls not on record: {e}"))
 }

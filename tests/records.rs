@@ -2218,3 +2218,131 @@ fn documentation_files_are_served_and_nothing_beside_them() {
         );
     }
 }
+
+fn health(t: &Tollgate) -> f64 {
+    t.get("/account/system/check", "").json::<Value>().unwrap()["health"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn a_store_that_cannot_be_written_refuses_calls_says_so_and_recovers_with_nothing_lost() {
+    let mut t = Tollgate::start();
+    let alice = t.token("alice");
+    assert_eq!(health(&t), 1.0);
+    // The captured bodies' folder made unusable: the next batch with a body fails.
+    let payloads = t.dir.path().join("store").join("payloads");
+    std::fs::remove_dir_all(&payloads).unwrap();
+    std::fs::write(&payloads, b"in the way").unwrap();
+    // Answered (buffered durability): its record waits in the writer's queue.
+    let r = t.post_json(
+        "/universal/plan/calculation",
+        &alice,
+        &json!({"locations": [{"key": "a"}]}),
+    );
+    assert_eq!(r.status(), 200);
+    let kept = header(&r, "x-tracecode").unwrap();
+    // Once the batch fails, calls are refused rather than answered off the record, with a
+    // token or without, and health says the store is failing.
+    assert!(
+        eventually(Duration::from_secs(5), || health(&t) < 1.0),
+        "health stays 1 while the store fails"
+    );
+    for r in [
+        t.post_json(
+            "/universal/plan/calculation",
+            &alice,
+            &json!({"locations": []}),
+        ),
+        t.get("/universal/system/version", ""),
+    ] {
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        assert_error_shape(&r.json::<Value>().unwrap(), "UNIVERSAL");
+    }
+    // A read that needs the latest calls says they are not on record, at once.
+    let started = std::time::Instant::now();
+    assert_eq!(t.get("/account/audit", &alice).status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The folder back: the writer's next try succeeds, and nothing answered is missing.
+    std::fs::remove_file(&payloads).unwrap();
+    std::fs::create_dir(&payloads).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || health(&t) == 1.0),
+        "the store never recovered"
+    );
+    let audit = t.get("/account/audit", &alice).json::<Value>().unwrap();
+    let codes: Vec<&str> = audit["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["tracedata"]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, [kept.as_str()], "{audit}");
+    let input = data_ok(
+        &t,
+        &alice,
+        &kept,
+        "data_flow_type=INPUT&data_flow_stage=0&data_flow_convert=ORIGIN",
+    );
+    assert_eq!(input, br#"{"locations":[{"key":"a"}]}"#);
+    assert_eq!(
+        t.post_json(
+            "/universal/plan/calculation",
+            &alice,
+            &json!({"locations": []})
+        )
+        .status(),
+        200
+    );
+    assert_eq!(t.terminate(), Some(0));
+}
+
+#[test]
+fn with_strict_durability_a_call_whose_record_cannot_be_written_does_not_end_as_answered() {
+    let mut t = start_with_config_edit(Setup::default(), |config| {
+        config.replace(
+            "flush_interval_ms = 20",
+            "flush_interval_ms = 20\ndurability = \"strict\"",
+        )
+    });
+    let alice = t.token("alice");
+    let payloads = t.dir.path().join("store").join("payloads");
+    std::fs::remove_dir_all(&payloads).unwrap();
+    std::fs::write(&payloads, b"in the way").unwrap();
+    // Its record cannot be made durable: the answer is cut off, at once, not held without end.
+    let started = std::time::Instant::now();
+    let answered = client()
+        .post(t.url("/universal/plan/calculation"))
+        .bearer_auth(&alice)
+        .json(&json!({"locations": [{"key": "a"}]}))
+        .send()
+        .and_then(|r| r.bytes());
+    assert!(answered.is_err(), "answered as if on record: {answered:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        t.post_json(
+            "/universal/plan/calculation",
+            &alice,
+            &json!({"locations": []})
+        )
+        .status(),
+        503
+    );
+    // The record was kept for the writer's next try, which succeeds once the folder is back.
+    std::fs::remove_file(&payloads).unwrap();
+    std::fs::create_dir(&payloads).unwrap();
+    assert!(eventually(Duration::from_secs(5), || health(&t) == 1.0));
+    let audit = t.get("/account/audit", &alice).json::<Value>().unwrap();
+    assert_eq!(audit["actions"].as_array().unwrap().len(), 1, "{audit}");
+    assert_eq!(t.terminate(), Some(0));
+}

@@ -22,11 +22,11 @@ pub fn version() -> AccountResponse {
     )
 }
 
-/// 1 when the store answers and every upstream accepts a connection; each failing part
-/// takes its share off.
+/// 1 when the store answers and takes writes and every upstream accepts a connection; each
+/// failing part takes its share off.
 pub async fn check(app: &App) -> AccountResponse {
     let mut parts = 1usize;
-    let mut healthy = usize::from(app.store.healthy());
+    let mut healthy = usize::from(app.store.healthy() && !app.writer.failing());
     for upstream in &app.config.upstreams {
         parts += 1;
         let wait = upstream

@@ -34,7 +34,7 @@ const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 async fn flush(call: &Call<'_>) -> Result<(), ApiError> {
     match call.app.writer.flush(FLUSH_WAIT).await {
         Ok(()) => Ok(()),
-        Err(e @ store::StoreError::Behind(_)) => {
+        Err(e @ (store::StoreError::Behind(_) | store::StoreError::Failing)) => {
             tracing::error!(error = %e, "an account read did not see the latest calls on record");
             Err(ApiError::unavailable(
                 "store: the latest calls are not on record yet; try again shortly",

@@ -481,6 +481,18 @@ impl Tollgate {
             plain(ApiError::bad_request(format!("body: {e}")))
         })?;
         let mut remaining = None;
+        // Every call sent on goes on record, with a token or without: none is sent while the
+        // store cannot take its record (failing, or too far behind).
+        if !app.writer.has_room() {
+            app.metrics
+                .rejections
+                .with_label_values(&["store_backlog"])
+                .inc();
+            return Err(plain(ApiError::unavailable(
+                "the audit store is behind; try again shortly",
+                1,
+            )));
+        }
         if let Some(user) = &user {
             let key: LedgerKey = (
                 Arc::from(user.username.as_str()),
@@ -488,16 +500,6 @@ impl Tollgate {
                 route.method_group,
             );
             let limits = app.quotas.limits(user, route.service, route.method_group);
-            if !app.writer.has_room() {
-                app.metrics
-                    .rejections
-                    .with_label_values(&["store_backlog"])
-                    .inc();
-                return Err(plain(ApiError::unavailable(
-                    "the audit store is behind; try again shortly",
-                    1,
-                )));
-            }
             match app
                 .ledger
                 .admit(&key, &limits, ctx.points.points, today, Instant::now())
@@ -649,8 +651,15 @@ impl Tollgate {
                     // the caller saw is already charged and readable from /account/* once it
                     // ends.
                     Some(held) => {
-                        if let Some(record) = self.settle_and_take_record(ctx) {
-                            self.put_on_record(record).await;
+                        let recorded = match self.settle_and_take_record(ctx) {
+                            Some(record) => self.put_on_record(record).await,
+                            None => true,
+                        };
+                        if !recorded {
+                            // Strict durability, and the record is not on disk: the answer
+                            // does not end as if it were.
+                            ctx.broken_off = true;
+                            return Ok(());
                         }
                         let ended =
                             upstream::end_response(session, ex.held_head, held, ex.deadline).await;
@@ -729,14 +738,18 @@ impl Tollgate {
     /// Puts an answered call on record before its caller hears the end of the answer: durably
     /// (the charge or refund and the record on disk) with `durability = "strict"`, else handed
     /// to the writer.
-    async fn put_on_record(&self, record: CallRecord) {
+    /// False when durability is strict and the record could not be made durable (it stays
+    /// queued for the writer's next try).
+    async fn put_on_record(&self, record: CallRecord) -> bool {
         if self.app.config.store.durability == crate::config::Durability::Strict {
             if let Err(e) = self.app.writer.record_durable(record).await {
                 tracing::error!(error = %e, "strict record failed");
+                return false;
             }
         } else {
             self.enqueue(record);
         }
+        true
     }
 
     /// Hands a record to the store writer without waiting on the request path.

@@ -61,6 +61,10 @@ pub enum StoreError {
     /// behind): the caller may try again.
     #[error("store: the writer has not caught up within {0:?}")]
     Behind(std::time::Duration),
+    /// The writer's last batch failed (a full disk, say): it keeps the records and tries
+    /// again, and waiters are told at once rather than held.
+    #[error("store: writing is failing (a full disk?); the log says why")]
+    Failing,
     /// Another process (a running `tollgate serve`) holds the store's lock.
     #[error("store: in use by another process (a running tollgate holds its lock)")]
     InUse,

@@ -192,6 +192,8 @@ struct DayFile {
     file: File,
     /// The file's length: all of it written by this store instance, through `file`.
     len_bytes: u64,
+    /// Its length when the batch being built began: a batch given up is cut back to it.
+    batch_start_bytes: u64,
     /// Bodies staged and not yet written, in the order of their pointers' offsets (less than
     /// `WRITE_BYTES` of them, unless one body alone is more): the captured bytes themselves,
     /// shared, written straight from where the proxy put them.
@@ -294,7 +296,7 @@ impl PayloadFiles {
 
     /// Adds a body to the batch's bytes for `day` and returns the pointer value naming where
     /// it goes. The bytes reach the file by `append` at the latest, before any pointer is
-    /// committed; staged bytes already written stay if the batch is given up, named by nothing.
+    /// committed; staged bytes already written are cut off again if the batch is given up.
     pub fn stage(&mut self, day: Day, p: &Payload) -> Result<Vec<u8>> {
         let day_file = self.day_file(day)?;
         let pointer = Pointer {
@@ -307,10 +309,8 @@ impl PayloadFiles {
         day_file.pending.push(p.body.clone());
         day_file.pending_bytes += p.body.len();
         if day_file.pending_bytes >= WRITE_BYTES {
-            if let Err(e) = day_file.write_pending() {
-                self.forget(day);
-                return Err(io(e));
-            }
+            // On failure the batch is given up (`abandon`), which cuts the file back.
+            day_file.write_pending().map_err(io)?;
         }
         Ok(pointer.encode())
     }
@@ -335,20 +335,36 @@ impl PayloadFiles {
             }
         }
         match failed {
-            Some((day, e)) => {
-                self.forget(day);
+            Some((_, e)) => {
                 self.abandon();
                 Err(io(e))
             }
+            // Kept until the batch's pointers are committed: a commit that fails gives the
+            // batch up, and `abandon` cuts these bytes off again.
             None => Ok(()),
         }
     }
 
     /// Drops the staged bytes of a batch that will not be committed.
     pub fn abandon(&mut self) {
-        for f in self.open.values_mut() {
+        let mut uncut = Vec::new();
+        for (day, f) in self.open.iter_mut() {
             f.pending.clear();
             f.pending_bytes = 0;
+            // The batch's bytes, written or partly written, are named by nothing: cut them
+            // off, so a batch tried again (a full disk, say) does not add them twice. A file
+            // that cannot be cut is given up, and the day's next bytes go to a new one.
+            match f.file.set_len(f.batch_start_bytes) {
+                Ok(()) => {
+                    f.len_bytes = f.batch_start_bytes;
+                    f.submitted_bytes = f.submitted_bytes.min(f.len_bytes);
+                    f.dropped_bytes = f.dropped_bytes.min(f.len_bytes);
+                }
+                Err(_) => uncut.push(*day),
+            }
+        }
+        for day in uncut {
+            self.forget(day);
         }
     }
 
@@ -363,11 +379,14 @@ impl PayloadFiles {
         Ok(())
     }
 
-    /// Keeps the newest days' files open only; called between batches, when nothing is
-    /// staged.
-    pub fn trim(&mut self) {
+    /// Begins a batch: keeps the newest days' files open only, and marks where each ends, for
+    /// `abandon`. Called between batches, when nothing is staged.
+    pub fn begin_batch(&mut self) {
         while self.open.len() > OPEN_DAYS {
             self.open.pop_first();
+        }
+        for f in self.open.values_mut() {
+            f.batch_start_bytes = f.len_bytes;
         }
     }
 
@@ -431,6 +450,7 @@ impl PayloadFiles {
             number,
             file,
             len_bytes: 0,
+            batch_start_bytes: 0,
             pending: Vec::new(),
             pending_bytes: 0,
             unsynced: false,
@@ -490,6 +510,7 @@ mod tests {
         assert_eq!(read(&files.dir, day, &b).unwrap().unwrap(), "second");
         assert_eq!(b.offset_bytes, 5);
         // A batch given up leaves nothing behind to shift the next batch's offsets.
+        files.begin_batch();
         files.stage(day, &payload(b"lost")).unwrap();
         files.abandon();
         let c = Pointer::decode(&files.stage(day, &payload(b"third")).unwrap()).unwrap();
@@ -511,20 +532,26 @@ mod tests {
         let stage = |files: &mut PayloadFiles, n: u8| {
             Pointer::decode(&files.stage(day, &body(n)).unwrap()).unwrap()
         };
+        let first = stage(&mut files, 0);
+        files.append(false).unwrap();
+        files.begin_batch();
         // The second body fills the buffer past one write: it reaches the file at once.
         let given_up = [stage(&mut files, 1), stage(&mut files, 2)];
+        assert_eq!(disk_bytes(dir.path()), 3 * body(0).body.len() as u64);
         files.abandon();
+        // The batch given up is cut off the file: tried again, its bytes are not there twice.
+        assert_eq!(disk_bytes(dir.path()), body(0).body.len() as u64);
         let kept: Vec<Pointer> = (3..6).map(|n| stage(&mut files, n)).collect();
         files.append(false).unwrap();
-        assert_eq!(kept[0].offset_bytes, 2 * body(0).body.len() as u64);
+        assert_eq!(kept[0].offset_bytes, given_up[0].offset_bytes);
         for (n, p) in (3..6).zip(&kept) {
             assert_eq!(read(dir.path(), day, p).unwrap().unwrap(), body(n).body);
         }
-        // Bytes of the batch given up are there but named by nothing that was committed.
         assert_eq!(
-            read(dir.path(), day, &given_up[1]).unwrap().unwrap(),
-            body(2).body
+            read(dir.path(), day, &first).unwrap().unwrap(),
+            body(0).body
         );
+        assert_eq!(disk_bytes(dir.path()), 4 * body(0).body.len() as u64);
     }
 
     #[test]

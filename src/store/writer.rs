@@ -10,6 +10,7 @@
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,8 @@ struct Shared {
     wake_at: usize,
     /// Room kept free for calls already admitted, whose records come when they end.
     headroom: usize,
+    /// The writer's last batch failed: admission refuses calls, and health says so.
+    failing: Arc<AtomicBool>,
 }
 
 impl Drop for Shared {
@@ -106,15 +109,18 @@ impl StoreWriter {
         strict: bool,
     ) -> (StoreWriter, std::thread::JoinHandle<()>) {
         let (tx, rx) = bounded(capacity);
+        let failing = Arc::new(AtomicBool::new(false));
+        let writer_failing = failing.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(store, rx, flush_interval, strict))
+            .spawn(move || run(store, rx, flush_interval, strict, &writer_failing))
             .expect("spawning the store writer thread");
         let shared = Shared {
             tx,
             thread: handle.thread().clone(),
             wake_at: wake_at(capacity),
             headroom: headroom(capacity),
+            failing,
         };
         (
             StoreWriter {
@@ -145,9 +151,20 @@ impl StoreWriter {
     /// waiting at once share one batch and one fsync.
     pub async fn record_durable(&self, record: CallRecord) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
+        if self.failing() {
+            // Not held for a batch that is failing; the record waits in the queue all the same.
+            if let Err(Full(lost)) = self.try_record(record) {
+                tracing::error!(
+                    tracecode = %lost.audit.code,
+                    "a call's record is lost: the store is failing and its queue is full"
+                );
+            }
+            return Err(StoreError::Failing);
+        }
         self.send_waking(Op::Durable(Box::new(record), ack), None)
             .await?;
-        done.await.map_err(|_| StoreError::WriterGone)
+        // A sender dropped unanswered: the batch failed (or the writer stopped).
+        done.await.map_err(|_| self.gone_or_failing())
     }
 
     /// Hands a record over, waiting for room (off the async workers).
@@ -155,11 +172,27 @@ impl StoreWriter {
         self.send_blocking(Op::Call(record))
     }
 
-    /// Whether a new call could be recorded now (admission refuses calls when it could not).
+    /// Whether a new call could be recorded now (admission refuses calls when it could not):
+    /// the writer is not failing, and the queue has room.
     pub fn has_room(&self) -> bool {
         let tx = &self.shared.tx;
-        tx.capacity()
-            .is_none_or(|cap| tx.len() + self.shared.headroom < cap)
+        !self.failing()
+            && tx
+                .capacity()
+                .is_none_or(|cap| tx.len() + self.shared.headroom < cap)
+    }
+
+    /// Whether the writer's last batch failed.
+    pub fn failing(&self) -> bool {
+        self.shared.failing.load(Ordering::Relaxed)
+    }
+
+    fn gone_or_failing(&self) -> StoreError {
+        if self.failing() {
+            StoreError::Failing
+        } else {
+            StoreError::WriterGone
+        }
     }
 
     pub fn queued(&self) -> usize {
@@ -176,7 +209,7 @@ impl StoreWriter {
         // A full queue (the writer failing, or far behind) is waited on within the same bound.
         self.send_waking(Op::Flush(ack), Some(deadline)).await?;
         match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), done).await {
-            Ok(done) => done.map_err(|_| StoreError::WriterGone),
+            Ok(done) => done.map_err(|_| self.gone_or_failing()),
             Err(_) => Err(StoreError::Behind(wait)),
         }
     }
@@ -209,7 +242,7 @@ impl StoreWriter {
             match done.try_recv() {
                 Ok(()) => return Ok(()),
                 Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    return Err(StoreError::WriterGone)
+                    return Err(self.gone_or_failing())
                 }
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
                     if Instant::now() >= deadline {
@@ -258,7 +291,13 @@ impl StoreWriter {
     }
 }
 
-fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bool) {
+fn run(
+    store: Arc<Store>,
+    rx: Receiver<Op>,
+    flush_interval: Duration,
+    strict: bool,
+    failing: &AtomicBool,
+) {
     let mut calls: Vec<Box<CallRecord>> = Vec::new();
     let mut acks = Vec::new();
     let mut deadline = Instant::now() + flush_interval;
@@ -287,10 +326,25 @@ fn run(store: Arc<Store>, rx: Receiver<Op>, flush_interval: Duration, strict: bo
             if !calls.is_empty() {
                 if let Err(e) = write_batch(&store, &calls, strict) {
                     tracing::error!(error = %e, records = calls.len(), "store batch failed; retrying next interval");
+                    failing.store(true, Ordering::Relaxed);
+                    // Whoever waits on the batch (a strict call, an account read) is told now,
+                    // by its answer dropped; the records stay for the next try.
+                    acks.clear();
+                    if disconnected {
+                        // Shutting down: nothing is left to keep the records for.
+                        tracing::error!(
+                            records = calls.len(),
+                            "records not stored at shutdown: the store could not be written"
+                        );
+                        return;
+                    }
                     std::thread::sleep(flush_interval);
                     continue;
                 }
                 calls.clear();
+                if failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("store batches succeed again");
+                }
             }
             for ack in acks.drain(..) {
                 let _ = ack.send(());
@@ -585,7 +639,7 @@ fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result
     let mut tallies = store.tallies.lock();
     let mut files = store.payload_files.lock();
     tallies.trim();
-    files.trim();
+    files.begin_batch();
     let written = write_batch_with(store, &mut tallies, &mut files, calls, strict);
     if written.is_err() {
         // The counts and record numbers in memory ran ahead of the disk: read them again.
