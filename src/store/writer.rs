@@ -216,6 +216,7 @@ impl StoreWriter {
 
     /// Queues `op`, waiting for room until `deadline` at most.
     fn send_until(&self, op: Op, deadline: Instant) -> Result<()> {
+        let started = Instant::now();
         let shared = &self.shared;
         shared.thread.unpark();
         let sent = shared
@@ -224,9 +225,12 @@ impl StoreWriter {
         shared.thread.unpark();
         match sent {
             Ok(()) => Ok(()),
-            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => Err(StoreError::Behind(
-                deadline.saturating_duration_since(Instant::now()),
-            )),
+            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) if self.failing() => {
+                Err(StoreError::Failing)
+            }
+            Err(crossbeam_channel::SendTimeoutError::Timeout(_)) => {
+                Err(StoreError::Behind(started.elapsed()))
+            }
             Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
                 Err(StoreError::WriterGone)
             }
