@@ -1827,7 +1827,14 @@ fn sigint_during_a_drain_stops_at_once() {
         t.log()
     );
     assert!(t.log().contains("SIGINT during the drain"), "{}", t.log());
-    assert!(call.join().unwrap().is_err(), "the cut call got an answer");
+    // The call is cut, or answered 502 when its upstream (the demo, in the same process)
+    // stopped a moment before the proxy: never as if it had been served.
+    let got = call.join().unwrap();
+    assert!(
+        matches!(got, Err(_) | Ok(502)),
+        "the cut call got an answer {got:?}\n{}",
+        t.log()
+    );
 }
 
 #[test]

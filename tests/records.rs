@@ -2346,3 +2346,47 @@ fn with_strict_durability_a_call_whose_record_cannot_be_written_does_not_end_as_
     assert_eq!(audit["actions"].as_array().unwrap().len(), 1, "{audit}");
     assert_eq!(t.terminate(), Some(0));
 }
+
+#[test]
+fn a_caller_that_stops_taking_a_download_loses_its_connection_after_the_client_timeout() {
+    let t = start_with_config_edit(Setup::default(), |config| {
+        format!("{config}\n[limits]\nmax_capture_bytes = 33554432\nclient_read_timeout_ms = 1000\n")
+    });
+    let alice = t.token("alice");
+    // 24 MiB captured: more than the kernel buffers of both ends hold.
+    let body = vec![b'x'; 24 << 20];
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .body(body.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let code = header(&r, "x-tracecode").unwrap();
+    assert_eq!(r.bytes().unwrap().len(), body.len());
+
+    let mut caller = std::net::TcpStream::connect(("127.0.0.1", t.port)).unwrap();
+    std::io::Write::write_all(
+        &mut caller,
+        format!(
+            "GET /account/data/{code}?data_flow_type=INPUT&data_flow_stage=0&data_flow_convert=ORIGIN HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    // It reads nothing for a while: the answer's writes wait, then give up.
+    std::thread::sleep(Duration::from_secs(3));
+    caller
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut caller, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => received += n,
+            Err(e) => panic!("the connection of a caller that stopped reading stayed open: {e}"),
+        }
+    }
+    assert!(received < body.len(), "{received} bytes");
+}

@@ -49,7 +49,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_capture_bytes: usize,
     /// How long a read of the caller's request may wait for bytes before the call is given
-    /// up (a client that stopped sending mid-body gets a 400).
+    /// up (a client that stopped sending mid-body gets a 408), and a write of its answer for
+    /// room (a client that stopped reading loses its connection).
     pub client_read_timeout: std::time::Duration,
 }
 

@@ -1362,7 +1362,11 @@ impl Tollgate {
 
     /// Answers one call whose request head has been read.
     async fn handle(&self, session: &mut Session, ctx: &mut Ctx) {
-        session.set_read_timeout(Some(self.app.config.limits.client_read_timeout));
+        let client_timeout = self.app.config.limits.client_read_timeout;
+        session.set_read_timeout(Some(client_timeout));
+        // And the other way: a caller that stops taking its answer (an account API download,
+        // say) does not hold its connection past one such wait per write.
+        session.set_write_timeout(Some(client_timeout));
         // RFC 9112 9.3.2: requests a caller sends before reading the answers are answered in
         // order on the same connection (pingora otherwise closes it after the first answer and
         // drops the rest).

@@ -343,7 +343,10 @@ total_timeout_ms = 5000
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("tollgate did not stop within 20 s of SIGTERM");
+                panic!(
+                    "tollgate did not stop within 20 s of SIGTERM\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
