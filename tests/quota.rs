@@ -543,18 +543,7 @@ fn a_caller_that_stops_reading_is_cut_off_at_the_total_timeout_and_frees_its_slo
     // The slot is free while the stuck caller is still connected.
     assert_eq!(call_plan(&t, &alice, 1, &[]).status(), 200);
     // And its connection was closed: what it can still read ends, cut short.
-    caller
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut received = 0usize;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match caller.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => received += n,
-            Err(e) => panic!("the stuck caller's connection stayed open: {e}"),
-        }
-    }
+    let received = read_until_closed(&mut caller, Duration::from_secs(10));
     assert!(received < 64 << 20, "{received} bytes");
 }
 

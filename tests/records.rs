@@ -2219,6 +2219,17 @@ fn documentation_files_are_served_and_nothing_beside_them() {
     }
 }
 
+/// The status of an empty plan call: 200 when the call is taken.
+fn empty_plan(t: &Tollgate, token: &str) -> u16 {
+    t.post_json(
+        "/universal/plan/calculation",
+        token,
+        &json!({"locations": []}),
+    )
+    .status()
+    .as_u16()
+}
+
 fn health(t: &Tollgate) -> f64 {
     t.get("/account/system/check", "").json::<Value>().unwrap()["health"]
         .as_f64()
@@ -2291,15 +2302,7 @@ fn a_store_that_cannot_be_written_refuses_calls_says_so_and_recovers_with_nothin
         "data_flow_type=INPUT&data_flow_stage=0&data_flow_convert=ORIGIN",
     );
     assert_eq!(input, br#"{"locations":[{"key":"a"}]}"#);
-    assert_eq!(
-        t.post_json(
-            "/universal/plan/calculation",
-            &alice,
-            &json!({"locations": []})
-        )
-        .status(),
-        200
-    );
+    assert_eq!(empty_plan(&t, &alice), 200);
     assert_eq!(t.terminate(), Some(0));
 }
 
@@ -2329,15 +2332,7 @@ fn with_strict_durability_a_call_whose_record_cannot_be_written_does_not_end_as_
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(
-        t.post_json(
-            "/universal/plan/calculation",
-            &alice,
-            &json!({"locations": []})
-        )
-        .status(),
-        503
-    );
+    assert_eq!(empty_plan(&t, &alice), 503);
     // The record was kept for the writer's next try, which succeeds once the folder is back.
     std::fs::remove_file(&payloads).unwrap();
     std::fs::create_dir(&payloads).unwrap();
@@ -2376,17 +2371,6 @@ fn a_caller_that_stops_taking_a_download_loses_its_connection_after_the_client_t
     .unwrap();
     // It reads nothing for a while: the answer's writes wait, then give up.
     std::thread::sleep(Duration::from_secs(3));
-    caller
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut received = 0usize;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match std::io::Read::read(&mut caller, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => received += n,
-            Err(e) => panic!("the connection of a caller that stopped reading stayed open: {e}"),
-        }
-    }
+    let received = read_until_closed(&mut caller, Duration::from_secs(10));
     assert!(received < body.len(), "{received} bytes");
 }

@@ -663,6 +663,21 @@ fn socket_linger_zero(s: &TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// Reads what `stream` still gives until Tollgate closes it, and returns how many bytes that
+/// was; panics if it is still open after `within` without a byte.
+pub fn read_until_closed(stream: &mut TcpStream, within: Duration) -> usize {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return received,
+            Ok(n) => received += n,
+            Err(e) => panic!("the connection stayed open: {e}"),
+        }
+    }
+}
+
 /// Sends raw bytes on a fresh connection and returns everything read until close or timeout.
 pub fn raw_exchange(port: u16, request: &[u8], read_timeout: Duration) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
