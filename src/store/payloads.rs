@@ -368,6 +368,14 @@ impl PayloadFiles {
         }
     }
 
+    /// The batch's pointers are committed: its bytes are named now, and no later failure of
+    /// the batch (its persisting, say) may cut them off.
+    pub fn committed(&mut self) {
+        for f in self.open.values_mut() {
+            f.batch_start_bytes = f.len_bytes;
+        }
+    }
+
     /// Syncs every file written since its last sync (shutdown, `Store::sync`).
     pub fn sync(&mut self) -> Result<()> {
         for f in self.open.values_mut() {
@@ -517,6 +525,20 @@ mod tests {
         files.append(true).unwrap();
         assert_eq!(read(&files.dir, day, &c).unwrap().unwrap(), "third");
         assert_eq!(disk_bytes(&files.dir), 16);
+    }
+
+    #[test]
+    fn a_batch_given_up_after_its_commit_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = PayloadFiles::open(dir.path().join("p")).unwrap();
+        let day = 19_979;
+        files.begin_batch();
+        let a = Pointer::decode(&files.stage(day, &payload(b"named")).unwrap()).unwrap();
+        files.append(false).unwrap();
+        files.committed();
+        // Persisting the commit failed: the batch is given up, but its pointers are in.
+        files.abandon();
+        assert_eq!(read(&files.dir, day, &a).unwrap().unwrap(), "named");
     }
 
     #[test]

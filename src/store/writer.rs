@@ -819,6 +819,7 @@ fn write_batch_with(
     // cost disk only until retention deletes their day.
     files.append(strict)?;
     batch.commit()?;
+    files.committed();
     store.db.persist(if strict {
         PersistMode::SyncAll
     } else {
