@@ -49,7 +49,8 @@ pub struct Turn<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Crowded;
 
-/// Attempts waiting for or holding a turn, over all keys, beyond which more are refused.
+/// Keys with attempts waiting for or holding a turn, beyond which attempts on other keys are
+/// refused.
 const MOST_WAITING: usize = 4096;
 
 /// The longest an attempt waits for its turn.
@@ -65,7 +66,8 @@ struct Turns<K> {
 struct KeyTurn<'a, K: Eq + Hash> {
     turns: &'a Turns<K>,
     key: K,
-    queue: Arc<tokio::sync::Mutex<()>>,
+    /// Taken (dropped) only under the map's lock, when the place is left.
+    queue: Option<Arc<tokio::sync::Mutex<()>>>,
     held: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
@@ -76,17 +78,21 @@ impl<K: Eq + Hash + Clone> Turns<K> {
         }
     }
 
-    /// Joins `key`'s queue (refused when `MOST_WAITING` attempts are queued on all keys).
+    /// Joins `key`'s queue (refused when `MOST_WAITING` keys have attempts queued).
     fn join(&self, key: &K) -> Result<KeyTurn<'_, K>, Crowded> {
         let mut queues = self.queues.lock();
         if queues.len() >= MOST_WAITING && !queues.contains_key(key) {
-            return Err(Crowded);
+            // Only the map's copy left: no attempt holds or waits on it.
+            queues.retain(|_, queue| Arc::strong_count(queue) > 1);
+            if queues.len() >= MOST_WAITING {
+                return Err(Crowded);
+            }
         }
         let queue = queues.entry(key.clone()).or_default().clone();
         Ok(KeyTurn {
             turns: self,
             key: key.clone(),
-            queue,
+            queue: Some(queue),
             held: None,
         })
     }
@@ -94,18 +100,24 @@ impl<K: Eq + Hash + Clone> Turns<K> {
 
 impl<K: Eq + Hash> KeyTurn<'_, K> {
     async fn wait(&mut self) {
-        self.held = Some(self.queue.clone().lock_owned().await);
+        if let Some(queue) = &self.queue {
+            self.held = Some(queue.clone().lock_owned().await);
+        }
     }
 }
 
 impl<K: Eq + Hash> Drop for KeyTurn<'_, K> {
     /// Leaves the queue, and forgets it when no other attempt holds or waits on it (also when
-    /// the attempt was dropped while waiting).
+    /// the attempt was dropped while waiting). Done under the map's lock, so that of two
+    /// places left at once, the last sees itself the last.
     fn drop(&mut self) {
-        drop(self.held.take());
         let mut queues = self.turns.queues.lock();
-        // The map's copy and this one.
-        if Arc::strong_count(&self.queue) == 2 {
+        drop(self.held.take());
+        drop(self.queue.take());
+        if queues
+            .get(&self.key)
+            .is_some_and(|queue| Arc::strong_count(queue) == 1)
+        {
             queues.remove(&self.key);
         }
     }

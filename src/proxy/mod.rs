@@ -1324,8 +1324,18 @@ async fn respond(
         head.insert_header(k.to_string(), v.as_str())?;
     }
     session.write_response_header(Box::new(head)).await?;
-    session.write_response_body(body, true).await
+    // In pieces: the write timeout (client_read_timeout_ms) is then a bound on each piece
+    // taken, not on a whole download, so a slow reader that keeps reading is not cut off.
+    let mut rest = body;
+    while rest.len() > RESPONSE_PIECE {
+        let piece = rest.split_to(RESPONSE_PIECE);
+        session.write_response_body(piece, false).await?;
+    }
+    session.write_response_body(rest, true).await
 }
+
+/// The size of the pieces a local answer's body is written in.
+const RESPONSE_PIECE: usize = 64 << 10;
 
 impl Tollgate {
     fn new_ctx(&self) -> Ctx {

@@ -2599,6 +2599,7 @@ mod tests {
             let (writer, handle) =
                 StoreWriter::start(store.clone(), Duration::from_millis(5), 64, true);
             let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
                 .build()
                 .unwrap();
             for c in calls.clone() {

@@ -93,6 +93,9 @@ fn wake_at(capacity: usize) -> usize {
     MAX_BATCH_OPS.min(capacity / 2).max(1)
 }
 
+/// The longest a strict call's answer waits for its record to be durable.
+pub const DURABLE_WAIT: Duration = Duration::from_secs(10);
+
 /// Room admission keeps free for calls already admitted: 64 records, or an eighth of a small
 /// queue (a fixed 64 refused every call of a queue of 64 or fewer).
 fn headroom(capacity: usize) -> usize {
@@ -149,22 +152,31 @@ impl StoreWriter {
 
     /// Hands a record over and waits until it is fsynced (`durability = "strict"`). Calls
     /// waiting at once share one batch and one fsync.
+    /// Waits at most [`DURABLE_WAIT`]: a writer failing, or stuck behind a failing batch,
+    /// answers no one.
     pub async fn record_durable(&self, record: CallRecord) -> Result<()> {
         let (ack, done) = tokio::sync::oneshot::channel();
+        let deadline = Instant::now() + DURABLE_WAIT;
         if self.failing() {
-            // Not held for a batch that is failing; the record waits in the queue all the same.
-            if let Err(Full(lost)) = self.try_record(record) {
-                tracing::error!(
-                    tracecode = %lost.audit.code,
-                    "a call's record is lost: the store is failing and its queue is full"
-                );
+            // Not held for a batch that is failing; the record waits in the queue all the same
+            // (for room too, within the wait).
+            let code = record.audit.code;
+            if let Err(e) = self
+                .send_waking(Op::Call(Box::new(record)), Some(deadline))
+                .await
+            {
+                tracing::error!(tracecode = %code, error = %e, "a call's record is lost: the store is failing and its queue is full");
             }
             return Err(StoreError::Failing);
         }
-        self.send_waking(Op::Durable(Box::new(record), ack), None)
+        self.send_waking(Op::Durable(Box::new(record), ack), Some(deadline))
             .await?;
-        // A sender dropped unanswered: the batch failed (or the writer stopped).
-        done.await.map_err(|_| self.gone_or_failing())
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), done).await {
+            Ok(done) => done.map_err(|_| self.gone_or_failing()),
+            // Still queued: it is written when the writer gets to it, but not in time to hold
+            // the answer for.
+            Err(_) => Err(StoreError::Behind(DURABLE_WAIT)),
+        }
     }
 
     /// Hands a record over, waiting for room (off the async workers).
@@ -238,23 +250,32 @@ impl StoreWriter {
     }
 
     /// As [`StoreWriter::flush`], from a thread outside any runtime (shutdown).
+    /// A batch that fails is tried again until `wait` is over (a disk briefly full at
+    /// shutdown loses nothing).
     pub fn flush_blocking(&self, wait: Duration) -> Result<()> {
-        let (ack, mut done) = tokio::sync::oneshot::channel();
         let deadline = Instant::now() + wait;
-        self.send_until(Op::Flush(ack), deadline)?;
         loop {
-            match done.try_recv() {
-                Ok(()) => return Ok(()),
-                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                    return Err(self.gone_or_failing())
-                }
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
-                    if Instant::now() >= deadline {
-                        return Err(StoreError::Behind(wait));
+            let (ack, mut done) = tokio::sync::oneshot::channel();
+            self.send_until(Op::Flush(ack), deadline)?;
+            let failed = loop {
+                match done.try_recv() {
+                    Ok(()) => return Ok(()),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        break self.gone_or_failing()
                     }
-                    std::thread::sleep(Duration::from_millis(1));
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                        if Instant::now() >= deadline {
+                            return Err(StoreError::Behind(wait));
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
+            };
+            if !matches!(failed, StoreError::Failing) || Instant::now() >= deadline {
+                return Err(failed);
             }
+            // The writer tries again after its flush interval: ask again.
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -328,12 +349,18 @@ fn run(
         let full = calls.len() >= MAX_BATCH_OPS;
         if full || disconnected || !acks.is_empty() || Instant::now() >= deadline {
             if !calls.is_empty() {
-                if let Err(e) = write_batch(&store, &calls, strict) {
-                    tracing::error!(error = %e, records = calls.len(), "store batch failed; retrying next interval");
+                let mut committed = false;
+                if let Err(e) = write_batch(&store, &calls, strict, &mut committed) {
+                    tracing::error!(error = %e, records = calls.len(), committed, "store batch failed; retrying next interval");
                     failing.store(true, Ordering::Relaxed);
                     // Whoever waits on the batch (a strict call, an account read) is told now,
-                    // by its answer dropped; the records stay for the next try.
+                    // by its answer dropped; the records stay for the next try, unless they
+                    // were committed and only their persisting failed: tried again, they
+                    // would be on record twice.
                     acks.clear();
+                    if committed {
+                        calls.clear();
+                    }
                     if disconnected {
                         // Shutting down: nothing is left to keep the records for.
                         tracing::error!(
@@ -637,15 +664,22 @@ fn hour_of(ms_of_day: u32) -> u8 {
     (ms_of_day / HOUR_MS).min(u32::from(WHOLE_DAY) - 1) as u8
 }
 
-fn write_batch(store: &Store, calls: &[Box<CallRecord>], strict: bool) -> Result<()> {
+/// Writes a batch; `committed` says, on failure, whether it was committed (in the store,
+/// though perhaps not persisted) before it failed.
+fn write_batch(
+    store: &Store,
+    calls: &[Box<CallRecord>],
+    strict: bool,
+    committed: &mut bool,
+) -> Result<()> {
     // Held for the whole batch: the counts it writes are absolute, so two batches must not
     // interleave.
     let mut tallies = store.tallies.lock();
     let mut files = store.payload_files.lock();
     tallies.trim();
     files.begin_batch();
-    let written = write_batch_with(store, &mut tallies, &mut files, calls, strict);
-    if written.is_err() {
+    let written = write_batch_with(store, &mut tallies, &mut files, calls, strict, committed);
+    if written.is_err() && !*committed {
         // The counts and record numbers in memory ran ahead of the disk: read them again.
         *tallies = Tallies::default();
         files.abandon();
@@ -727,6 +761,7 @@ fn write_batch_with(
     files: &mut payloads::PayloadFiles,
     calls: &[Box<CallRecord>],
     strict: bool,
+    committed: &mut bool,
 ) -> Result<()> {
     let mut batch = store.db.batch();
     let mut stats: HashMap<Vec<u8>, DayCounts> = HashMap::default();
@@ -819,6 +854,7 @@ fn write_batch_with(
     // cost disk only until retention deletes their day.
     files.append(strict)?;
     batch.commit()?;
+    *committed = true;
     files.committed();
     store.db.persist(if strict {
         PersistMode::SyncAll
