@@ -10,7 +10,7 @@
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,8 +68,9 @@ struct Shared {
     wake_at: usize,
     /// Room kept free for calls already admitted, whose records come when they end.
     headroom: usize,
-    /// The writer's last batch failed: admission refuses calls, and health says so.
-    failing: Arc<AtomicBool>,
+    /// The writer's last batch failed (`FAILING`, or `FAILING_FOR_GOOD` when fjall refuses
+    /// every write until a restart): admission refuses calls, and health says so.
+    failing: Arc<AtomicU8>,
 }
 
 impl Drop for Shared {
@@ -93,6 +94,12 @@ fn wake_at(capacity: usize) -> usize {
     MAX_BATCH_OPS.min(capacity / 2).max(1)
 }
 
+/// The writer's states, in `Shared::failing`.
+const WRITING: u8 = 0;
+const FAILING: u8 = 1;
+/// fjall refuses every write once a journal write failed ("poisoned"), until a restart.
+const FAILING_FOR_GOOD: u8 = 2;
+
 /// The longest a strict call's answer waits for its record to be durable.
 pub const DURABLE_WAIT: Duration = Duration::from_secs(10);
 
@@ -112,7 +119,7 @@ impl StoreWriter {
         strict: bool,
     ) -> (StoreWriter, std::thread::JoinHandle<()>) {
         let (tx, rx) = bounded(capacity);
-        let failing = Arc::new(AtomicBool::new(false));
+        let failing = Arc::new(AtomicU8::new(WRITING));
         let writer_failing = failing.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -196,7 +203,7 @@ impl StoreWriter {
 
     /// Whether the writer's last batch failed.
     pub fn failing(&self) -> bool {
-        self.shared.failing.load(Ordering::Relaxed)
+        self.shared.failing.load(Ordering::Relaxed) != WRITING
     }
 
     fn gone_or_failing(&self) -> StoreError {
@@ -271,7 +278,8 @@ impl StoreWriter {
                     }
                 }
             };
-            if !matches!(failed, StoreError::Failing) || Instant::now() >= deadline {
+            let for_good = self.shared.failing.load(Ordering::Relaxed) == FAILING_FOR_GOOD;
+            if !matches!(failed, StoreError::Failing) || for_good || Instant::now() >= deadline {
                 return Err(failed);
             }
             // The writer tries again after its flush interval: ask again.
@@ -321,7 +329,7 @@ fn run(
     rx: Receiver<Op>,
     flush_interval: Duration,
     strict: bool,
-    failing: &AtomicBool,
+    failing: &AtomicU8,
 ) {
     let mut calls: Vec<Box<CallRecord>> = Vec::new();
     let mut acks = Vec::new();
@@ -352,7 +360,11 @@ fn run(
                 let mut committed = false;
                 if let Err(e) = write_batch(&store, &calls, strict, &mut committed) {
                     tracing::error!(error = %e, records = calls.len(), committed, "store batch failed; retrying next interval");
-                    failing.store(true, Ordering::Relaxed);
+                    let poisoned = matches!(e, StoreError::Engine(fjall::Error::Poisoned));
+                    failing.store(
+                        if poisoned { FAILING_FOR_GOOD } else { FAILING },
+                        Ordering::Relaxed,
+                    );
                     // Whoever waits on the batch (a strict call, an account read) is told now,
                     // by its answer dropped; the records stay for the next try, unless they
                     // were committed and only their persisting failed: tried again, they
@@ -373,7 +385,7 @@ fn run(
                     continue;
                 }
                 calls.clear();
-                if failing.swap(false, Ordering::Relaxed) {
+                if failing.swap(WRITING, Ordering::Relaxed) != WRITING {
                     tracing::info!("store batches succeed again");
                 }
             }
