@@ -285,9 +285,38 @@ impl Authority {
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
         self.hashing.run(work).await.map_err(|e| match e {
-            hashing::HashingError::Busy => crowded(throttle::Crowded),
+            hashing::HashingError::Busy => too_many_at_once(),
             hashing::HashingError::Gone => ApiError::internal("shutting down"),
         })
+    }
+
+    /// Waits for the turn of a password check on `username` from `address` (see
+    /// [`throttle::LoginThrottle::turn`]). A locked account or address is refused with
+    /// `locked` and Retry-After, at once rather than after the attempts queued on it, and
+    /// again when the attempts before this one locked it meanwhile.
+    async fn take_turn(
+        &self,
+        username: &str,
+        address: Option<IpAddr>,
+        locked: &str,
+    ) -> Result<throttle::Turn<'_>, ApiError> {
+        let refused = || {
+            self.throttle
+                .refused(username, address)
+                .map(|wait| ApiError::too_many(locked, wait))
+        };
+        if let Some(refusal) = refused() {
+            return Err(refusal);
+        }
+        let turn = self
+            .throttle
+            .turn(username, address)
+            .await
+            .map_err(|throttle::Crowded| too_many_at_once())?;
+        match refused() {
+            Some(refusal) => Err(refusal),
+            None => Ok(turn),
+        }
     }
 
     /// Checks a password and issues a token. Unknown users take the same time and get the same
@@ -299,23 +328,9 @@ impl Authority {
         ttl_seconds: u64,
         address: Option<IpAddr>,
     ) -> Result<String, ApiError> {
-        let refused = || {
-            self.throttle
-                .refused(username, address)
-                .map(|wait| ApiError::too_many("too many failed logins; try again later", wait))
-        };
-        // A locked key is refused at once, not after the attempts queued on it.
-        if let Some(refusal) = refused() {
-            return Err(refusal);
-        }
         let _turn = self
-            .throttle
-            .turn(username, address)
-            .await
-            .map_err(crowded)?;
-        if let Some(refusal) = refused() {
-            return Err(refusal);
-        }
+            .take_turn(username, address, "too many failed logins; try again later")
+            .await?;
         let user = self.user(username);
         let stored = user.as_ref().map(|u| u.password_hash.clone());
         let attempt = password.to_string();
@@ -347,25 +362,13 @@ impl Authority {
         new: &str,
         address: Option<IpAddr>,
     ) -> Result<String, ApiError> {
-        let refused = || {
-            self.throttle.refused(&user.username, address).map(|wait| {
-                ApiError::too_many(
-                    "current_password: too many failed attempts; try again later",
-                    wait,
-                )
-            })
-        };
-        if let Some(refusal) = refused() {
-            return Err(refusal);
-        }
         let _turn = self
-            .throttle
-            .turn(&user.username, address)
-            .await
-            .map_err(crowded)?;
-        if let Some(refusal) = refused() {
-            return Err(refusal);
-        }
+            .take_turn(
+                &user.username,
+                address,
+                "current_password: too many failed attempts; try again later",
+            )
+            .await?;
         let verified = user.password_hash.clone();
         let stored = verified.clone();
         let (current, new) = (current.to_string(), new.to_string());
@@ -435,6 +438,6 @@ impl Authority {
 }
 
 /// Too many password checks wait: for the hashing threads, or for their turn.
-fn crowded(_: throttle::Crowded) -> ApiError {
+fn too_many_at_once() -> ApiError {
     ApiError::unavailable("too many logins at once; try again shortly", 1)
 }
