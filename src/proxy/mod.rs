@@ -830,10 +830,9 @@ impl Tollgate {
     }
 }
 
-/// A duration in milliseconds with three decimals (microseconds, rounded), printed with integer
-/// arithmetic: float formatting was a visible share of each call's CPU.
 /// Appends a duration as milliseconds with three decimals ("1.235"), rounded to the
-/// microsecond; by hand, as it is written twice on every call.
+/// microsecond, with integer arithmetic: float formatting was a visible share of each call's
+/// CPU, and this is written twice on every call.
 fn push_ms(out: &mut String, d: Duration) {
     let us = (d.as_nanos() + 500) / 1000;
     out.push_str(itoa::Buffer::new().format(us / 1000));

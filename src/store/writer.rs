@@ -691,9 +691,12 @@ fn write_batch(
     tallies.trim();
     files.begin_batch();
     let written = write_batch_with(store, &mut tallies, &mut files, calls, strict, committed);
-    if written.is_err() && !*committed {
-        // The counts and record numbers in memory ran ahead of the disk: read them again.
-        *tallies = Tallies::default();
+    if written.is_err() {
+        if !*committed {
+            // The counts and record numbers in memory ran ahead of the store: read them again.
+            *tallies = Tallies::default();
+        }
+        // Cuts off the bytes no commit names (those of a committed batch stay).
         files.abandon();
     }
     written
