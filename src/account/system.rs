@@ -42,11 +42,14 @@ pub async fn check(app: &App) -> AccountResponse {
     AccountResponse::json(&json!({ "health": (health * 1000.0).round() / 1000.0 }))
 }
 
-/// Whether `name` is a plain file name: 6..128 characters of letters, digits, `_`, `-`, `.`,
-/// not starting with a dot, with no separators in any encoding.
+/// Whether `name` is a plain name of an HTML document: 6..128 characters of letters, digits,
+/// `_`, `-`, `.`, not starting with a dot, ending in `.html` or `.htm`, with no separators in
+/// any encoding. Only documents are served: whatever else an operator leaves in the folder (a
+/// config, a key) stays private.
 fn is_plain_name(name: &str) -> bool {
     (6..=128).contains(&name.chars().count())
         && !name.starts_with('.')
+        && (name.ends_with(".html") || name.ends_with(".htm"))
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
@@ -68,12 +71,11 @@ pub fn file(app: &App, raw_name: &str) -> Result<AccountResponse, ApiError> {
         return Err(not_found());
     }
     let body = std::fs::read(&path).map_err(|_| not_found())?;
-    let content_type = if name.ends_with(".html") || name.ends_with(".htm") {
-        "text/html; charset=utf-8"
-    } else {
-        "application/octet-stream"
-    };
-    Ok(AccountResponse::file(content_type, Bytes::from(body), None))
+    Ok(AccountResponse::file(
+        "text/html; charset=utf-8",
+        Bytes::from(body),
+        None,
+    ))
 }
 
 #[cfg(test)]
@@ -83,6 +85,7 @@ mod tests {
     #[test]
     fn only_plain_names_pass() {
         assert!(is_plain_name("file_en.html"));
+        assert!(is_plain_name("guide.htm"));
         for bad in [
             "a.htm",
             "../etc/passwd",
@@ -92,6 +95,9 @@ mod tests {
             "file\\en.html",
             "file..html",
             "файл_en.html",
+            "jwt-secret",
+            "tollgate.toml",
+            "file_en.html.bak",
         ] {
             assert!(!is_plain_name(bad), "{bad}");
         }

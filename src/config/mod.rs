@@ -299,13 +299,21 @@ impl Validator {
     }
 
     fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
-        value.parse().unwrap_or_else(|_| {
-            self.problem(
-                key,
-                format!("'{value}' is not an address such as 127.0.0.1:8080"),
-            );
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        })
+        match value.parse::<SocketAddr>() {
+            // Port 0 would be one the system picks, which no caller could be told.
+            Ok(addr) if addr.port() == 0 => {
+                self.problem(key, format!("'{value}': port 0 is no port to listen on"));
+                addr
+            }
+            Ok(addr) => addr,
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("'{value}' is not an address such as 127.0.0.1:8080"),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
     }
 
     /// An upstream's `host:port`: an address, or a host name, resolved when the server starts
@@ -314,15 +322,18 @@ impl Validator {
     fn upstream_addr(&mut self, key: &str, value: &str) -> (SocketAddr, String) {
         let unresolved = SocketAddr::from(([0, 0, 0, 0], 0));
         if let Ok(addr) = value.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                self.problem(key, format!("'{value}': port 0 cannot be connected to"));
+            }
             return (addr, value.to_string());
         }
         match value.rsplit_once(':') {
             // A bare IPv6 address ("::1:9") is no host name: it is written in brackets.
             Some((host, port)) if !host.is_empty() && !host.contains(['/', '[', ']', '@', ':']) => {
-                if port.parse::<u16>().is_err() {
+                if !port.parse::<u16>().is_ok_and(|p| p != 0) {
                     self.problem(
                         key,
-                        format!("'{value}': the port must be a number 0..65535"),
+                        format!("'{value}': the port must be a number 1..65535"),
                     );
                 }
             }
@@ -348,6 +359,15 @@ impl Validator {
 
     fn opt_range(&mut self, key: &str, value: Option<i64>, min: i64, max: i64) -> Option<i64> {
         value.map(|v| self.range(key, Some(v), min, min, max))
+    }
+
+    /// A path from the config, relative to the config's folder; an empty one is a problem (it
+    /// would mean the config's folder itself, never what was meant).
+    fn nonempty_path(&mut self, key: &str, value: &str) -> PathBuf {
+        if value.trim().is_empty() {
+            self.problem(key, "must not be empty: name a path");
+        }
+        self.path(value)
     }
 
     fn path(&self, value: &str) -> PathBuf {
@@ -454,8 +474,9 @@ impl Validator {
                 );
             }
         }
+        let store_path_raw = f.store.path.clone();
         let store = Store {
-            path: self.path(f.store.path.as_deref().unwrap_or("data")),
+            path: self.nonempty_path("store.path", store_path_raw.as_deref().unwrap_or("data")),
             flush_interval: Duration::from_millis(self.range(
                 "store.flush_interval_ms",
                 f.store.flush_interval_ms,
@@ -530,7 +551,7 @@ impl Validator {
             secret_file: f
                 .auth
                 .secret_file
-                .map(|p| self.path(&p))
+                .map(|p| self.nonempty_path("auth.secret_file", &p))
                 .unwrap_or_else(|| store.path.join("jwt-secret")),
             previous_secrets: {
                 let previous = f.auth.previous_secrets.unwrap_or_default();
@@ -581,7 +602,26 @@ impl Validator {
                 );
             }
         }
-        let docs_dir = self.path(f.docs.dir.as_deref().unwrap_or("docs"));
+        let docs_raw = f.docs.dir.as_deref().unwrap_or("docs");
+        let docs_dir = self.nonempty_path("docs.dir", docs_raw);
+        // Whatever is in the docs folder is public: the store (its secret, its records) must
+        // not be in it, nor it in the store. (An empty path is reported as such.)
+        let blank = |p: Option<&str>| p.is_some_and(|p| p.trim().is_empty());
+        let store_blank = blank(store_path_raw.as_deref());
+        if !store_blank
+            && !blank(Some(docs_raw))
+            && (docs_dir.starts_with(&store.path) || store.path.starts_with(&docs_dir))
+        {
+            self.problem(
+                "docs.dir",
+                format!(
+                    "'{}' overlaps store.path '{}': the docs folder is served to anyone, the \
+                     store must stay private",
+                    docs_dir.display(),
+                    store.path.display()
+                ),
+            );
+        }
         let mut routes: Vec<Route> = Vec::with_capacity(f.routes.len());
         let mut indices = Vec::with_capacity(f.routes.len());
         for (i, r) in f.routes.into_iter().enumerate() {
@@ -658,6 +698,12 @@ impl Validator {
 
     fn upstream(&mut self, i: usize, u: toml::Upstream) -> Upstream {
         let key = |k: &str| format!("upstreams[{i}].{k}");
+        if u.name.trim().is_empty() {
+            self.problem(
+                key("name"),
+                "must not be empty: routes name their upstream by it",
+            );
+        }
         let (address, authority) = self.upstream_addr(&key("address"), &u.address);
         Upstream {
             address,
@@ -751,13 +797,16 @@ impl Validator {
                 );
             }
         }
-        let roles = r
-            .roles
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-            .filter_map(|(j, role)| self.parsed::<Role>(&format!("routes[{i}].roles[{j}]"), role))
-            .collect();
+        let mut roles: Vec<Role> = Vec::new();
+        for (j, name) in r.roles.iter().flatten().enumerate() {
+            let Some(role) = self.parsed::<Role>(&format!("routes[{i}].roles[{j}]"), name) else {
+                continue;
+            };
+            if roles.contains(&role) {
+                self.problem(key("roles"), format!("lists '{name}' twice"));
+            }
+            roles.push(role);
+        }
         for (j, pointer) in r.redact.iter().flatten().enumerate() {
             // A pointer that is no pointer would never match: the values it means to hide
             // would be stored in clear.
@@ -954,6 +1003,72 @@ mod tests {
     }
 
     #[test]
+    fn paths_and_ports_that_mean_nothing_or_too_much_are_refused() {
+        let keys =
+            |text: &str| -> Vec<String> { problems(text).into_iter().map(|p| p.key).collect() };
+        // Empty paths would mean the config's own folder.
+        assert_eq!(
+            keys("[store]\npath = \"\"\n[auth]\nsecret_file = \" \"\n[docs]\ndir = \"\"\n"),
+            ["store.path", "auth.secret_file", "docs.dir"]
+        );
+        // The docs folder is public: the store must be neither in it nor around it.
+        for (store, docs) in [
+            ("data", "data"),
+            ("data", "data/docs"),
+            ("site/data", "site"),
+        ] {
+            let p = problems(&format!(
+                "[store]\npath = \"{store}\"\n[docs]\ndir = \"{docs}\"\n"
+            ));
+            assert_eq!(p.len(), 1, "{store} {docs}: {p:?}");
+            assert_eq!(p[0].key, "docs.dir");
+            assert!(p[0].message.contains("overlaps store.path"), "{p:?}");
+        }
+        parse(
+            "[store]\npath = \"data\"\n[docs]\ndir = \"data-docs\"\n",
+            Path::new("/etc/tollgate"),
+        )
+        .unwrap();
+        assert_eq!(
+            keys(
+                "[server]\nlisten = \"127.0.0.1:0\"\n\
+                 [[upstreams]]\nname = \"\"\naddress = \"127.0.0.1:0\"\n\
+                 [[upstreams]]\nname = \"h\"\naddress = \"compute.internal:0\"\n"
+            ),
+            [
+                "server.listen",
+                "upstreams[0].name",
+                "upstreams[0].address",
+                "upstreams[1].address"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_route_listing_a_role_twice_or_a_dot_segment_is_refused() {
+        let route = |path: &str, roles: &str| {
+            format!(
+                "[[upstreams]]\nname = \"u\"\naddress = \"127.0.0.1:9\"\n\
+                 [[routes]]\nmethod = \"GET\"\npath = \"{path}\"\nupstream = \"u\"\n\
+                 service = \"UNIVERSAL\"\nmethod_group = \"PLAN\"\noperation = \"abc\"\n\
+                 roles = {roles}\n"
+            )
+        };
+        let p = problems(&route("/a/b", "[\"USER\", \"USER\"]"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].key.as_str(), p[0].message.as_str()),
+            ("routes[0].roles", "lists 'USER' twice")
+        );
+        for path in ["/a/../b", "/a/./b", "/.."] {
+            let p = problems(&route(path, "[\"USER\"]"));
+            assert_eq!(p.len(), 1, "{path}: {p:?}");
+            assert_eq!(p[0].key, "routes[0].path", "{path}");
+            assert!(p[0].message.contains("dot segment"), "{p:?}");
+        }
+    }
+
+    #[test]
     fn listeners_sharing_a_port_are_refused() {
         let p = problems(
             "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"0.0.0.0:8080\"\n\
@@ -968,7 +1083,7 @@ mod tests {
         assert_eq!(mapped.len(), 1, "{mapped:?}");
         let fine =
             "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.2:8080\"\n\
-                    [demo_upstream]\nlisten = \"127.0.0.1:0\"\n";
+                    [demo_upstream]\nlisten = \"127.0.0.1:8081\"\n";
         parse(fine, Path::new("/etc/tollgate")).unwrap();
     }
 
