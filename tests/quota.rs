@@ -595,6 +595,42 @@ fn points_of_failed_upstream_calls_are_refunded() {
 }
 
 #[test]
+fn an_answers_ratelimit_says_what_is_left_when_it_goes_out() {
+    // A slow call admitted first, a quick one settled while it runs: the slow call's answer
+    // counts the quick one's points, not what was left at its admission.
+    let t = Tollgate::start_extra(&quota_table("UNIVERSAL", "PLAN", "", "points_per_day = 30"));
+    let alice = t.token("alice");
+    let slow = {
+        let (url, token) = (t.url(PLAN), alice.clone());
+        std::thread::spawn(move || {
+            let r = client()
+                .post(url)
+                .bearer_auth(token)
+                .header("x-demo-delay-ms", "1500")
+                .header("x-demo-status", "500")
+                .json(&plan(1))
+                .send()
+                .unwrap();
+            let rl = header(&r, "ratelimit").map(str::to_string);
+            (r.status().as_u16(), rl)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || t.demo_stats()["in_flight"] == 1),
+        "the slow call never reached the upstream"
+    );
+    let quick = call_plan(&t, &alice, 5, &[]);
+    assert_eq!(quick.status(), 200);
+    // 30, less the slow call's point (reserved) and the quick call's 5.
+    assert_ratelimit_headers(&quick, 30, Some(24));
+    let (status, rl) = slow.join().unwrap();
+    assert_eq!(status, 500);
+    // Its 500 gives its point back: 30 less the quick call's 5.
+    let rl = rl.expect("a RateLimit field on the slow answer");
+    assert!(rl.contains(";r=25;"), "{rl}");
+}
+
+#[test]
 fn a_route_with_requests_per_second_limits_each_user_apart() {
     let t = Tollgate::start_extra(
         r#"

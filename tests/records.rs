@@ -1989,6 +1989,74 @@ fn a_partner_sees_a_moved_users_statistics_from_the_day_after_it_joined() {
 }
 
 #[test]
+fn points_beyond_the_apis_bound_are_shown_as_the_bound_and_reported_whole() {
+    // Where no quota limits them, one call can count more points than the API's audit and
+    // statistics can say (0..10000000, which its clients enforce): those answers show the
+    // bound, and the report's workbook the whole count.
+    let t = Tollgate::start_with(Setup {
+        extra: r#"
+[[routes]]
+method = "POST"
+path = "/demo/echo"
+upstream = "demo"
+service = "ROUTING"
+method_group = "MATRIX"
+operation = "echo_payload"
+points = ["/items"]
+capture = false
+"#
+        .into(),
+        with_default_routes: false,
+        ..Setup::default()
+    });
+    let alice = t.token("alice");
+    let n = 10_000_001;
+    let mut body = Vec::with_capacity(2 * n + 16);
+    body.extend_from_slice(b"{\"items\":[0");
+    for _ in 1..n {
+        body.extend_from_slice(b",0");
+    }
+    body.extend_from_slice(b"]}");
+    let r = client()
+        .post(t.url("/demo/echo"))
+        .bearer_auth(&alice)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The record is made before the answer ends: read it to its end.
+    assert_eq!(r.bytes().unwrap().len(), 2 * n + 11);
+    let page = audit(&t, &alice, &[]);
+    assert_eq!(
+        page["actions"][0]["statistics"]["points_count"], 10_000_000,
+        "{page}"
+    );
+    let today = today_at(3);
+    let (status, body) = stats(&t, &alice, "");
+    assert_eq!(status, 200, "{body}");
+    let key = (
+        today.to_string(),
+        "ROUTING".to_string(),
+        "MATRIX".to_string(),
+    );
+    assert_eq!(
+        stats_table(&body),
+        BTreeMap::from([(key, (10_000_000, 1))]),
+        "{body}"
+    );
+    let r = t.get(&format!("/account/report?from={today}&to={today}"), &alice);
+    assert_eq!(r.status(), 200);
+    let daily = rows(&mut workbook(r.bytes().unwrap().to_vec()), "Daily");
+    assert_eq!(daily.len(), 2, "{daily:?}");
+    assert_eq!(
+        (number(&daily[1][3]), number(&daily[1][4])),
+        (10_000_001.0, 1.0),
+        "{daily:?}"
+    );
+}
+
+#[test]
 fn the_report_is_a_workbook_whose_daily_sheet_matches_the_statistics() {
     let t = Tollgate::start();
     let alice = t.token("alice");
@@ -2117,6 +2185,9 @@ fn a_link_in_the_docs_folder_is_served_only_when_it_stays_inside() {
     let docs = root.path().join("docs");
     std::fs::create_dir(&docs).unwrap();
     std::fs::write(docs.join("guide_en.html"), "<html>guide</html>").unwrap();
+    // What else an operator leaves in the folder is not documentation, and stays private.
+    std::fs::write(docs.join("signing-key"), "private").unwrap();
+    std::fs::write(docs.join("tollgate.toml"), "private").unwrap();
     std::fs::write(root.path().join("beside.html"), "<html>private</html>").unwrap();
     std::os::unix::fs::symlink("guide_en.html", docs.join("alias_en.html")).unwrap();
     std::os::unix::fs::symlink("../beside.html", docs.join("beside.html")).unwrap();
@@ -2142,7 +2213,12 @@ fn a_link_in_the_docs_folder_is_served_only_when_it_stays_inside() {
         get("alias_en.html"),
         (200, "<html>guide</html>".to_string())
     );
-    for outside in ["beside.html", "hostname.html"] {
+    for outside in [
+        "beside.html",
+        "hostname.html",
+        "signing-key",
+        "tollgate.toml",
+    ] {
         let (status, body) = get(outside);
         assert_eq!(status, 404, "{outside}: {body}");
         assert!(!body.contains("private"), "{outside}: {body}");

@@ -20,6 +20,11 @@ use crate::trace;
 /// The API's bounds for quota values; an unlimited quota is shown as its bound.
 const MAX_POINTS_PER_REQUEST: u64 = 1_000_000;
 const MAX_POINTS_PER_DAY: u64 = 100_000_000;
+/// The API's bound for the points of one audited call and of one statistics day: a larger
+/// value (possible where no quota limits it) is shown as the bound, as the API's clients
+/// refuse anything above it. The charge itself is exact, and the report's workbook shows it
+/// whole.
+const MAX_POINTS_SHOWN: u64 = 10_000_000;
 /// The longest statistics period, in days.
 const MAX_PERIOD_DAYS: i64 = 3653;
 
@@ -298,8 +303,8 @@ pub async fn statistics(call: &mut Call<'_>) -> Result<AccountResponse, ApiError
             .or_default()
             .push(json!({
                 "method_group": r.method_group,
-                "unique_points_per_day": r.unique_points,
-                "points_per_day": r.points,
+                "unique_points_per_day": r.unique_points.min(MAX_POINTS_SHOWN),
+                "points_per_day": r.points.min(MAX_POINTS_SHOWN),
             }));
     }
     let dates: Vec<Value> = dates
@@ -538,7 +543,10 @@ pub async fn audit(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
                     "time": trace::format_time(&time),
                 },
                 "method_group": r.method_group,
-                "statistics": {"points_count": r.points, "duration": iso_duration(r.duration_us)},
+                "statistics": {
+                    "points_count": r.points.min(MAX_POINTS_SHOWN),
+                    "duration": iso_duration(r.duration_us),
+                },
                 // Beyond the API's AuditAction (its clients ignore it): the HTTP status the
                 // caller got.
                 "status": r.status,

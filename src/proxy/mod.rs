@@ -480,7 +480,8 @@ impl Tollgate {
                 .inc();
             plain(ApiError::bad_request(format!("body: {e}")))
         })?;
-        let mut remaining = None;
+        // The caller's ledger account and limits, for the RateLimit fields of the answer.
+        let mut metered = None;
         // Every call sent on goes on record, with a token or without: none is sent while the
         // store cannot take its record (failing, or too far behind).
         if !app.writer.has_room() {
@@ -514,7 +515,7 @@ impl Tollgate {
                     return Err((rejection_error(&rejection), headers));
                 }
             }
-            remaining = app.ledger.remaining(&key, &limits, today);
+            metered = Some((key, limits));
         }
         let call_points = ctx.points.points;
 
@@ -603,14 +604,20 @@ impl Tollgate {
             }
         });
         ctx.forwarded = true;
-        // An answer other than 2xx is refunded once it ends: its points are not spent.
+        // What is left when the answer goes out (other calls may have settled meanwhile, or
+        // the day turned): this call's points are still reserved, and an answer other than
+        // 2xx gives them back once it ends, where they count in what is left.
+        let call_day = ctx.lease.as_ref().map(|l| l.day());
         let after = |refunded: bool| {
-            remaining.map(|mut r| {
-                if refunded {
-                    r.remaining = r.remaining.saturating_add(call_points).min(r.limit);
-                }
-                r
-            })
+            let (key, limits) = metered.as_ref()?;
+            let now = Today::at(Utc::now().timestamp(), tz);
+            let mut r = app.ledger.remaining(key, limits, now)?;
+            let counted = call_day
+                .is_some_and(|day| i64::from(day) > i64::from(now.day) - i64::from(r.window_days));
+            if refunded && counted {
+                r.remaining = r.remaining.saturating_add(call_points).min(r.limit);
+            }
+            Some(r)
         };
         let sent = Instant::now();
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
