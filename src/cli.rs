@@ -106,6 +106,10 @@ enum UserAction {
     },
 }
 
+/// Set once the log is JSON: a fatal error then goes to it as one more JSON line, not as text
+/// a log shipper could not read.
+static JSON_LOG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -115,7 +119,9 @@ fn init_logging(format: LogFormat) {
         // Colour only on a terminal: a log file or journald gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Json => builder.json().try_init().inspect(|_| {
+            JSON_LOG.store(true, std::sync::atomic::Ordering::Relaxed);
+        }),
         LogFormat::Text => builder.try_init(),
     };
 }
@@ -184,7 +190,11 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("tollgate: {e}");
+            if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(error = %e, "tollgate stopped on an error");
+            } else {
+                eprintln!("tollgate: {e}");
+            }
             1
         }
     }

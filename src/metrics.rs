@@ -39,6 +39,24 @@ pub struct Metrics {
     pub store_bytes: IntGauge,
 }
 
+/// The `kind` label of `upstream_errors_total`: every one is exported from the start, at 0, so
+/// the first failure of a kind shows in `rate()` and `increase()`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "protocol", "aborted"];
+
+/// The `reason` labels of `rejections_total` exported from the start (the quota's and the
+/// proxy's common refusals; rarer ones appear when first counted).
+const COMMON_REJECTIONS: [&str; 9] = [
+    "no_route",
+    "body_too_large",
+    "invalid_json",
+    "store_backlog",
+    "requests_per_second",
+    "points_per_request",
+    "points_per_day",
+    "points_per_date_window",
+    "max_concurrent_execution",
+];
+
 /// The `status_class` label by hundreds of the status; status 0 is a call that got no answer.
 pub const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -114,6 +132,12 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        for kind in UPSTREAM_ERROR_KINDS {
+            upstream_errors.with_label_values(&[kind]);
+        }
+        for reason in COMMON_REJECTIONS {
+            rejections.with_label_values(&[reason]);
+        }
         let routes = routes
             .iter()
             .map(|r| {
@@ -163,5 +187,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tollgate_in_flight_requests 2"), "{text}");
+        // Kinds not seen yet are there at 0, so an alert on their first increase can fire.
+        assert!(
+            text.contains("tollgate_upstream_errors_total{kind=\"connect\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tollgate_rejections_total{reason=\"points_per_day\"} 0"),
+            "{text}"
+        );
     }
 }

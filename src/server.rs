@@ -160,7 +160,9 @@ const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(30);
 /// to see the drain) and new calls are answered with `Connection: close`; then connections
 /// accepted later are closed unanswered, and the calls in flight get up to
 /// `shutdown_timeout_seconds` to finish before pingora shuts its runtimes down, which would
-/// cancel them. SIGINT stops at once, also during a drain; SIGQUIT upgrades.
+/// cancel them. SIGINT (Ctrl-C) drains the same way without the grace period: no load balancer
+/// watches a terminal. A second SIGINT, or one during a SIGTERM drain, stops at once; SIGQUIT
+/// upgrades.
 struct DrainThenStop {
     app: Arc<App>,
     grace: Duration,
@@ -179,47 +181,49 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
         ) else {
             return std::future::pending().await;
         };
+        let (name, grace) = tokio::select! {
+            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => ("SIGTERM", self.grace),
+            _ = int.recv() => ("SIGINT", Duration::ZERO),
+        };
+        self.app.draining.begin();
+        tracing::info!(?grace, "{name}: accepting for the grace period");
+        let drain = async {
+            tokio::time::sleep(grace).await;
+            let deadline = Instant::now() + self.timeout;
+            tracing::info!(
+                active = self.app.draining.active(),
+                "{name}: draining requests in progress"
+            );
+            // Every request being read or served, account API included: pingora's shutdown
+            // after this cancels whatever still runs.
+            while self.app.draining.active() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let left = self.app.draining.active();
+            if left > 0 {
+                tracing::warn!(
+                    active = left,
+                    timeout = ?self.timeout,
+                    "{name}: shutdown_timeout_seconds passed; requests still in progress are cut"
+                );
+            }
+        };
+        // SIGINT still stops at once while the drain waits.
         tokio::select! {
-            _ = int.recv() => ShutdownSignal::FastShutdown,
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
-            _ = term.recv() => {
-                self.app.draining.begin();
-                tracing::info!(grace = ?self.grace, "SIGTERM: accepting for the grace period");
-                let drain = async {
-                    tokio::time::sleep(self.grace).await;
-                    let deadline = Instant::now() + self.timeout;
-                    tracing::info!(active = self.app.draining.active(), "SIGTERM: draining requests in progress");
-                    // Every request being read or served, account API included: pingora's
-                    // shutdown after this cancels whatever still runs.
-                    while self.app.draining.active() > 0 && Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    let left = self.app.draining.active();
-                    if left > 0 {
-                        tracing::warn!(
-                            active = left,
-                            timeout = ?self.timeout,
-                            "SIGTERM: shutdown_timeout_seconds passed; requests still in progress are cut"
-                        );
-                    }
-                };
-                // SIGINT still stops at once while the drain waits.
-                tokio::select! {
-                    _ = drain => ShutdownSignal::GracefulTerminate,
-                    _ = int.recv() => {
-                        tracing::warn!(
-                            active = self.app.draining.active(),
-                            "SIGINT during the drain: stopping at once"
-                        );
-                        ShutdownSignal::FastShutdown
-                    }
-                }
+            _ = drain => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => {
+                tracing::warn!(
+                    active = self.app.draining.active(),
+                    "SIGINT during the drain: stopping at once"
+                );
+                ShutdownSignal::FastShutdown
             }
         }
     }
 }
 
-/// Runs Tollgate until SIGTERM (graceful) or SIGINT.
+/// Runs Tollgate until SIGTERM or SIGINT (both drain; see [`DrainThenStop`]).
 pub fn serve(config: Config) -> Result<(), String> {
     // Bind failures must stop the start with a clear message, not leave a silent process.
     for (what, addr) in [

@@ -1806,6 +1806,17 @@ fn slow_call_in_flight(
 }
 
 #[test]
+fn sigint_drains_the_calls_in_flight_too() {
+    // Ctrl-C on a foreground server: the call sent on before it is answered and on record,
+    // not cut.
+    let mut t = Tollgate::start();
+    let call = slow_call_in_flight(&t, 1500);
+    let code = t.stop_with(libc::SIGINT);
+    assert_eq!(call.join().unwrap(), Ok(200), "{}", t.log());
+    assert_eq!(code, Some(0), "{}", t.log());
+}
+
+#[test]
 fn sigint_during_a_drain_stops_at_once() {
     let mut t = Tollgate::start();
     let call = slow_call_in_flight(&t, 8000);

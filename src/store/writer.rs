@@ -370,16 +370,23 @@ fn run(
                     // were committed and only their persisting failed: tried again, they
                     // would be on record twice.
                     acks.clear();
-                    if committed {
-                        calls.clear();
-                    }
                     if disconnected {
                         // Shutting down: nothing is left to keep the records for.
-                        tracing::error!(
-                            records = calls.len(),
-                            "records not stored at shutdown: the store could not be written"
-                        );
+                        if committed {
+                            tracing::error!(
+                                records = calls.len(),
+                                "records written but not made durable at shutdown: the store could not persist them"
+                            );
+                        } else {
+                            tracing::error!(
+                                records = calls.len(),
+                                "records not stored at shutdown: the store could not be written"
+                            );
+                        }
                         return;
+                    }
+                    if committed {
+                        calls.clear();
                     }
                     std::thread::sleep(flush_interval);
                     continue;

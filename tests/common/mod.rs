@@ -332,9 +332,14 @@ total_timeout_ms = 5000
 
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal` and waits for the exit; returns the exit code.
+    pub fn stop_with(&mut self, signal: i32) -> Option<i32> {
         let mut c = self.child.take()?;
         unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
+            libc::kill(c.id() as i32, signal);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -344,7 +349,7 @@ total_timeout_ms = 5000
             if Instant::now() > deadline {
                 let _ = c.kill();
                 panic!(
-                    "tollgate did not stop within 20 s of SIGTERM\n{}",
+                    "tollgate did not stop within 20 s of signal {signal}\n{}",
                     self.log()
                 );
             }
