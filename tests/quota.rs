@@ -598,7 +598,9 @@ fn points_of_failed_upstream_calls_are_refunded() {
 fn an_answers_ratelimit_says_what_is_left_when_it_goes_out() {
     // A slow call admitted first, a quick one settled while it runs: the slow call's answer
     // counts the quick one's points, not what was left at its admission.
-    let t = Tollgate::start_extra(&quota_table("UNIVERSAL", "PLAN", "", "points_per_day = 30"));
+    let mut extra = quota_table("UNIVERSAL", "PLAN", "", "points_per_day = 30");
+    extra.push_str(&failing_plan_routes(&[("down", free_port())]));
+    let t = Tollgate::start_extra(&extra);
     let alice = t.token("alice");
     let slow = {
         let (url, token) = (t.url(PLAN), alice.clone());
@@ -628,6 +630,15 @@ fn an_answers_ratelimit_says_what_is_left_when_it_goes_out() {
     // Its 500 gives its point back: 30 less the quick call's 5.
     let rl = rl.expect("a RateLimit field on the slow answer");
     assert!(rl.contains(";r=25;"), "{rl}");
+    // Tollgate's own 502 says the same: its call's 3 points are given back once, not twice.
+    let r = client()
+        .post(t.url("/universal/plan/down"))
+        .bearer_auth(&alice)
+        .json(&plan(3))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_ratelimit_headers(&r, 30, Some(25));
 }
 
 #[test]

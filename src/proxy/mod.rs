@@ -611,13 +611,8 @@ impl Tollgate {
         let after = |refunded: bool| {
             let (key, limits) = metered.as_ref()?;
             let now = Today::at(Utc::now().timestamp(), tz);
-            let mut r = app.ledger.remaining(key, limits, now)?;
-            let counted = call_day
-                .is_some_and(|day| i64::from(day) > i64::from(now.day) - i64::from(r.window_days));
-            if refunded && counted {
-                r.remaining = r.remaining.saturating_add(call_points).min(r.limit);
-            }
-            Some(r)
+            let returned = call_day.filter(|_| refunded).map(|day| (day, call_points));
+            app.ledger.remaining_returning(key, limits, now, returned)
         };
         let sent = Instant::now();
         let result = upstream::exchange(leg, session, req, body, |head, upstream_time| {
@@ -722,7 +717,8 @@ impl Tollgate {
                     "Server-Timing",
                     server_timing(std::iter::empty(), proxy_time, upstream_time),
                 )];
-                headers.extend(rate_limit_headers(after(true)));
+                // Settled above: the ledger no longer counts the call's points.
+                headers.extend(rate_limit_headers(after(false)));
                 Err((ApiError::new(failure.status(), message), headers))
             }
         }
@@ -1173,7 +1169,7 @@ fn is_host_value(value: &[u8]) -> bool {
 /// Whether a segment of `path` is "." or "..", as an upstream might resolve it: dots spelled
 /// with or without percent-encoding, segments also ended by an encoded slash or a backslash
 /// (raw or encoded), and by a ';' parameter (as Java servers read "..;").
-fn has_dot_segment(path: &str) -> bool {
+pub(crate) fn has_dot_segment(path: &str) -> bool {
     let path = path.as_bytes();
     if !path.iter().any(|&b| b == b'.' || b == b'%') {
         return false;

@@ -421,8 +421,21 @@ fn seconds_after_midnights(today: Today, midnights: i64) -> u64 {
         .saturating_add(whole_days.saturating_mul(SECONDS_PER_DAY.unsigned_abs()))
 }
 
-fn remaining_in_day(days: &[DayPoints], limit: u64, today: Today) -> Remaining {
-    let used = used_between(days, i64::from(today.day), i64::from(today.day));
+/// Points of a reservation counted as not used: `(day, points)` of a call whose answer gives
+/// them back, still reserved until it settles.
+type Returned = Option<(Day, u64)>;
+
+/// What `returned` takes off the use of the days `first..=last`.
+fn returned_between(returned: Returned, first: i64, last: i64) -> u64 {
+    match returned {
+        Some((day, points)) if (first..=last).contains(&i64::from(day)) => points,
+        _ => 0,
+    }
+}
+
+fn remaining_in_day(days: &[DayPoints], limit: u64, today: Today, returned: Returned) -> Remaining {
+    let day = i64::from(today.day);
+    let used = used_between(days, day, day).saturating_sub(returned_between(returned, day, day));
     Remaining {
         window_days: 1,
         limit,
@@ -436,11 +449,13 @@ fn remaining_in_window(
     limit: u64,
     date_window_days: u32,
     today: Today,
+    returned: Returned,
 ) -> Remaining {
     let window_days = i64::from(date_window_days.max(1));
     let today_day = i64::from(today.day);
     let first_day = today_day - window_days + 1;
-    let used = used_between(days, first_day, today_day);
+    let used = used_between(days, first_day, today_day)
+        .saturating_sub(returned_between(returned, first_day, today_day));
     // With nothing used yet, the answer is when today's use would age out.
     let oldest_used_day = days
         .iter()
@@ -557,6 +572,19 @@ where
     /// The tightest of the daily and date-window quotas, counting reserved points as used;
     /// `None` when neither is limited.
     pub fn remaining(&self, key: &K, limits: &Limits, today: Today) -> Option<Remaining> {
+        self.remaining_returning(key, limits, today, None)
+    }
+
+    /// [`Ledger::remaining`] with the points of `returned` (the day and points of a call still
+    /// reserved whose answer gives them back) counted as not used, in each quota whose days
+    /// hold it, before the tightest is taken.
+    pub fn remaining_returning(
+        &self,
+        key: &K,
+        limits: &Limits,
+        today: Today,
+        returned: Returned,
+    ) -> Option<Remaining> {
         let cell = self.existing_account(key);
         let account = cell.as_ref().map(|cell| cell.lock());
         let days = account
@@ -567,10 +595,10 @@ where
             .map_or(today, |account| account.day_of(today));
         let daily = limits
             .points_per_day
-            .map(|limit| remaining_in_day(days, limit, today));
-        let window = limits
-            .points_per_date_window
-            .map(|limit| remaining_in_window(days, limit, limits.date_window_days, today));
+            .map(|limit| remaining_in_day(days, limit, today, returned));
+        let window = limits.points_per_date_window.map(|limit| {
+            remaining_in_window(days, limit, limits.date_window_days, today, returned)
+        });
         match (daily, window) {
             (Some(daily), Some(window)) if window.remaining < daily.remaining => Some(window),
             (Some(daily), _) => Some(daily),
@@ -1340,6 +1368,40 @@ mod tests {
                 remaining: 18,
                 reset_seconds: 3_600
             })
+        );
+        // The held call's answer gives its 2 points back: counted in each quota before the
+        // tightest is taken (the day then has 10, the window 6).
+        assert_eq!(
+            ledger
+                .remaining_returning(&"k", &limits, day(5), Some((day(5).day, 2)))
+                .map(|r| (r.window_days, r.remaining)),
+            Some((3, 6))
+        );
+        // Seen the next day: the new day's 10 are whole, and the window (days 4-6, day 3's 9
+        // points gone) has 15 once the call of day 5 gives its 2 back.
+        assert_eq!(
+            ledger
+                .remaining_returning(&"k", &limits, day(6), Some((day(5).day, 2)))
+                .map(|r| (r.window_days, r.remaining)),
+            Some((1, 10))
+        );
+        assert_eq!(
+            ledger
+                .remaining_returning(&"k", &window(15, 3), day(6), Some((day(5).day, 2)))
+                .map(|r| r.remaining),
+            Some(15)
+        );
+        assert_eq!(
+            ledger
+                .remaining(&"k", &window(15, 3), day(6))
+                .map(|r| r.remaining),
+            Some(13)
+        );
+        assert_eq!(
+            ledger
+                .remaining_returning(&"k", &daily(20), day(6), Some((day(5).day, 2)))
+                .map(|r| r.remaining),
+            Some(20)
         );
     }
 
