@@ -23,6 +23,32 @@ pub struct Problem {
 }
 
 /// Whether two listen addresses would take the same port (a port 0 is picked when bound).
+/// Whether two configured paths name one folder: as written, made absolute and with `.` and
+/// `..` resolved, or, when both exist, after links are followed.
+fn same_folder(a: &Path, b: &Path) -> bool {
+    fn plain(p: &Path) -> PathBuf {
+        let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut out = PathBuf::new();
+        for c in absolute.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+    if plain(a) == plain(b) {
+        return true;
+    }
+    matches!(
+        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+        (Ok(a), Ok(b)) if a == b
+    )
+}
+
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     let (ip_a, ip_b) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() != 0
@@ -604,20 +630,24 @@ impl Validator {
         }
         let docs_raw = f.docs.dir.as_deref().unwrap_or("docs");
         let docs_dir = self.nonempty_path("docs.dir", docs_raw);
-        // Whatever is in the docs folder is public: the store (its secret, its records) must
-        // not be in it, nor it in the store. (An empty path is reported as such.)
+        // The docs folder's pages are public: the store's folder (its secret, its records)
+        // must not be it. (An empty path is reported as such.)
         let blank = |p: Option<&str>| p.is_some_and(|p| p.trim().is_empty());
-        let store_blank = blank(store_path_raw.as_deref());
-        if !store_blank
+        if !blank(store_path_raw.as_deref())
             && !blank(Some(docs_raw))
-            && (docs_dir.starts_with(&store.path) || store.path.starts_with(&docs_dir))
+            && same_folder(&docs_dir, &store.path)
         {
+            // Named by the key that was set: a default is not the mistake.
+            let key = if f.docs.dir.is_some() {
+                "docs.dir"
+            } else {
+                "store.path"
+            };
             self.problem(
-                "docs.dir",
+                key,
                 format!(
-                    "'{}' overlaps store.path '{}': the docs folder is served to anyone, the \
-                     store must stay private",
-                    docs_dir.display(),
+                    "docs.dir and store.path are one folder, '{}': the docs folder's pages are \
+                     served to anyone, the store must stay private",
                     store.path.display()
                 ),
             );
@@ -754,6 +784,16 @@ impl Validator {
         let pattern = PathPattern::parse(&r.path)
             .map_err(|e| self.problem(key("path"), format!("'{}' {e}", r.path)))
             .ok();
+        if pattern.is_some() && crate::proxy::has_dot_segment(&r.path) {
+            // Spelt encoded, or ended by a ';' parameter: calls with one are refused all the same.
+            self.problem(
+                key("path"),
+                format!(
+                    "'{}' has a dot segment: calls with one are refused, so it would never match",
+                    r.path
+                ),
+            );
+        }
         if r.path == "/account" || r.path.starts_with("/account/") {
             self.problem(
                 key("path"),
@@ -1011,24 +1051,33 @@ mod tests {
             keys("[store]\npath = \"\"\n[auth]\nsecret_file = \" \"\n[docs]\ndir = \"\"\n"),
             ["store.path", "auth.secret_file", "docs.dir"]
         );
-        // The docs folder is public: the store must be neither in it nor around it.
+        // The docs folder is public: it may not be the store's folder, however spelt.
         for (store, docs) in [
             ("data", "data"),
-            ("data", "data/docs"),
-            ("site/data", "site"),
+            ("data", "./data/"),
+            ("data", "../tollgate/data"),
+            ("/etc/tollgate/data", "data"),
         ] {
             let p = problems(&format!(
                 "[store]\npath = \"{store}\"\n[docs]\ndir = \"{docs}\"\n"
             ));
             assert_eq!(p.len(), 1, "{store} {docs}: {p:?}");
             assert_eq!(p[0].key, "docs.dir");
-            assert!(p[0].message.contains("overlaps store.path"), "{p:?}");
+            assert!(p[0].message.contains("are one folder"), "{p:?}");
         }
-        parse(
-            "[store]\npath = \"data\"\n[docs]\ndir = \"data-docs\"\n",
-            Path::new("/etc/tollgate"),
-        )
-        .unwrap();
+        // Left at its default, docs is not what was set wrong.
+        let p = problems("[store]\npath = \"docs\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "store.path");
+        // Folders inside one another serve nothing of the store: only the docs folder's own
+        // pages are served.
+        for (store, docs) in [("data", "data-docs"), (".", "docs"), ("site/data", "site")] {
+            parse(
+                &format!("[store]\npath = \"{store}\"\n[docs]\ndir = \"{docs}\"\n"),
+                Path::new("/etc/tollgate"),
+            )
+            .unwrap();
+        }
         assert_eq!(
             keys(
                 "[server]\nlisten = \"127.0.0.1:0\"\n\
@@ -1060,7 +1109,14 @@ mod tests {
             (p[0].key.as_str(), p[0].message.as_str()),
             ("routes[0].roles", "lists 'USER' twice")
         );
-        for path in ["/a/../b", "/a/./b", "/.."] {
+        for path in [
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/a/%2e%2e/b",
+            "/a/..;x/b",
+            "/a/.%2E",
+        ] {
             let p = problems(&route(path, "[\"USER\"]"));
             assert_eq!(p.len(), 1, "{path}: {p:?}");
             assert_eq!(p[0].key, "routes[0].path", "{path}");
