@@ -191,7 +191,14 @@ pub fn main() -> i32 {
         Ok(()) => 0,
         Err(e) => {
             if JSON_LOG.load(std::sync::atomic::Ordering::Relaxed) {
-                tracing::error!(error = %e, "tollgate stopped on an error");
+                // Written directly, in the log's shape: no log filter may hide why it stopped.
+                let line = serde_json::json!({
+                    "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    "level": "ERROR",
+                    "fields": {"message": "tollgate stopped on an error", "error": e},
+                    "target": "tollgate::cli",
+                });
+                eprintln!("{line}");
             } else {
                 eprintln!("tollgate: {e}");
             }

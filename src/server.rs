@@ -181,13 +181,18 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
         ) else {
             return std::future::pending().await;
         };
+        // Biased: of signals that came together, SIGINT (an operator at the terminal) wins.
+        // Two SIGINTs before this task runs are one to tokio: that is a drain.
         let (name, grace) = tokio::select! {
-            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
-            _ = term.recv() => ("SIGTERM", self.grace),
+            biased;
             _ = int.recv() => ("SIGINT", Duration::ZERO),
+            _ = term.recv() => ("SIGTERM", self.grace),
+            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
         };
         self.app.draining.begin();
-        tracing::info!(?grace, "{name}: accepting for the grace period");
+        if !grace.is_zero() {
+            tracing::info!(?grace, "{name}: accepting for the grace period");
+        }
         let drain = async {
             tokio::time::sleep(grace).await;
             let deadline = Instant::now() + self.timeout;
