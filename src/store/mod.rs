@@ -1727,6 +1727,26 @@ mod tests {
     use std::time::Duration;
     use writer::{CallRecord, StoreWriter};
 
+    #[test]
+    fn a_held_record_is_due_by_its_answer_time_or_by_when_it_was_taken() {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut due = writer::Due::default();
+        assert!(!due.is_due(Duration::ZERO), "nothing held is never due");
+        // Answered 90 ms ago (the call took 1.5 ms of that), taken just now.
+        due.hold(&call("alice", now - 92, Uuid::new_v4(), 1, 0));
+        assert!(due.is_due(Duration::from_millis(75)));
+        assert!(!due.is_due(Duration::from_secs(10)));
+        // A younger record does not make the oldest younger.
+        due.hold(&call("alice", now, Uuid::new_v4(), 1, 0));
+        assert!(due.is_due(Duration::from_millis(75)));
+        // Answered "later than now" (the wall clock was set back): due by when it was taken.
+        let mut due = writer::Due::default();
+        due.hold(&call("alice", now + 3_600_000, Uuid::new_v4(), 1, 0));
+        assert!(!due.is_due(Duration::from_millis(30)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(due.is_due(Duration::from_millis(30)));
+    }
+
     fn call(
         username: &str,
         time_ms: i64,

@@ -333,17 +333,26 @@ fn run(
 ) {
     let mut calls: Vec<Box<CallRecord>> = Vec::new();
     let mut acks = Vec::new();
-    let mut deadline = Instant::now() + flush_interval;
+    // A record is to be written within flush_interval of its call's answer. The writer looks
+    // every quarter interval, and begins a batch early enough to end in time, judged by how
+    // long recent batches took to write (a batch of large captures takes a while).
+    let look = (flush_interval / 4).max(Duration::from_millis(1));
+    let mut batch_time = Duration::ZERO;
+    let mut due = Due::default();
     loop {
         // Take what is queued, up to a batch; a flush thereby covers everything sent before it.
         let mut disconnected = false;
         while calls.len() < MAX_BATCH_OPS {
             match rx.try_recv() {
-                Ok(Op::Call(c)) => calls.push(c),
+                Ok(Op::Call(c)) => {
+                    due.hold(&c);
+                    calls.push(c);
+                }
                 // A flush whose reader gave up (it answered 503) needs no batch.
                 Ok(Op::Flush(ack)) if ack.is_closed() => {}
                 Ok(Op::Flush(ack)) => acks.push(ack),
                 Ok(Op::Durable(c, ack)) => {
+                    due.hold(&c);
                     calls.push(c);
                     acks.push(ack);
                 }
@@ -355,8 +364,13 @@ fn run(
             }
         }
         let full = calls.len() >= MAX_BATCH_OPS;
-        if full || disconnected || !acks.is_empty() || Instant::now() >= deadline {
+        if full
+            || disconnected
+            || !acks.is_empty()
+            || due.is_due(flush_interval.saturating_sub(batch_time + look))
+        {
             if !calls.is_empty() {
+                let began = Instant::now();
                 let mut committed = false;
                 if let Err(e) = write_batch(&store, &calls, strict, &mut committed) {
                     tracing::error!(error = %e, records = calls.len(), committed, "store batch failed; retrying next interval");
@@ -387,11 +401,14 @@ fn run(
                     }
                     if committed {
                         calls.clear();
+                        due = Due::default();
                     }
                     std::thread::sleep(flush_interval);
                     continue;
                 }
                 calls.clear();
+                due = Due::default();
+                batch_time = (batch_time * 3 + began.elapsed()) / 4;
                 if failing.swap(WRITING, Ordering::Relaxed) != WRITING {
                     tracing::info!("store batches succeed again");
                 }
@@ -399,7 +416,6 @@ fn run(
             for ack in acks.drain(..) {
                 let _ = ack.send(());
             }
-            deadline = Instant::now() + flush_interval;
             if disconnected {
                 let _ = store.sync();
                 return;
@@ -409,7 +425,36 @@ fn run(
                 continue;
             }
         }
-        std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
+        std::thread::park_timeout(look);
+    }
+}
+
+/// When the records a writer holds are due: by the answer time of the oldest, or, should the
+/// wall clock have been set back, by when the writer took it.
+#[derive(Default)]
+pub(super) struct Due {
+    answered_ms: Option<i64>,
+    taken: Option<Instant>,
+}
+
+impl Due {
+    pub(super) fn hold(&mut self, call: &CallRecord) {
+        let a = &call.audit;
+        let answered = a.time_ms + (a.duration_us / 1000) as i64;
+        self.answered_ms = Some(self.answered_ms.map_or(answered, |t| t.min(answered)));
+        self.taken.get_or_insert_with(Instant::now);
+    }
+
+    /// Whether the oldest record held is `wait` old or older.
+    pub(super) fn is_due(&self, wait: Duration) -> bool {
+        let Some(taken) = self.taken else {
+            return false;
+        };
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let answered_age = self
+            .answered_ms
+            .map_or(0, |t| u64::try_from(now_ms - t).unwrap_or(0));
+        Duration::from_millis(answered_age) >= wait || taken.elapsed() >= wait
     }
 }
 
