@@ -69,11 +69,27 @@ struct MetricsApp(Arc<App>);
 impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let app = &self.0;
-        if session.req_header().uri.path() != "/metrics" {
-            return http::Response::builder()
-                .status(404)
-                .body(b"see /metrics\n".to_vec())
-                .expect("static response");
+        // Requests sent before the answers are read are answered in order, as on the proxy's
+        // port (pingora would close the connection and drop them).
+        session.set_pipelining_enabled(true);
+        let head = session.req_header();
+        // Every answer says its length, so the connection serves the next request.
+        let plain = |status: u16, text: &str| {
+            let mut r = http::Response::builder()
+                .status(status)
+                .header("content-type", "text/plain; charset=utf-8")
+                .header("content-length", text.len());
+            if status == 405 {
+                r = r.header("allow", "GET, HEAD");
+            }
+            r.body(text.as_bytes().to_vec()).expect("static response")
+        };
+        if head.uri.path() != "/metrics" {
+            return plain(404, "see /metrics\n");
+        }
+        let is_head = head.method == http::Method::HEAD;
+        if head.method != http::Method::GET && !is_head {
+            return plain(405, "GET /metrics\n");
         }
         app.metrics.store_queue.set(app.writer.queued() as i64);
         let body = app.metrics.render();
@@ -81,7 +97,7 @@ impl ServeHttp for MetricsApp {
             .status(200)
             .header("content-type", prometheus::TEXT_FORMAT)
             .header("content-length", body.len())
-            .body(body)
+            .body(if is_head { Vec::new() } else { body })
             .expect("static response")
     }
 }

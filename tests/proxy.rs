@@ -1598,6 +1598,43 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 #[test]
+fn the_metrics_listener_serves_get_and_head_and_keeps_its_connection() {
+    let t = Tollgate::start();
+    let mut c = Raw::connect(t.metrics_port);
+    // Three requests sent at once: each answer has its length, so all three are answered.
+    c.send(
+        b"GET /nothing HTTP/1.1\r\nHost: m\r\n\r\n\
+          POST /metrics HTTP/1.1\r\nHost: m\r\nContent-Length: 0\r\n\r\n\
+          GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n",
+    );
+    let missing = c.read_response().expect("an answer to the unknown path");
+    assert_eq!(missing.status, 404);
+    let posted = c.read_response().expect("an answer to the POST");
+    assert_eq!(posted.status, 405);
+    assert_eq!(posted.header("allow"), Some("GET, HEAD"));
+    let got = c
+        .read_response()
+        .expect("the metrics, on the same connection");
+    assert_eq!(got.status, 200);
+    assert!(String::from_utf8_lossy(&got.body).contains("tollgate_in_flight_requests"));
+    // HEAD: the length of what GET sends, and no body.
+    let mut c = Raw::connect(t.metrics_port);
+    c.send(b"HEAD /metrics HTTP/1.1\r\nHost: m\r\n\r\nGET /nothing HTTP/1.1\r\nHost: m\r\n\r\n");
+    let (status, headers) = c.read_head().expect("an answer to HEAD");
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "content-length" && v != "0"),
+        "{headers:?}"
+    );
+    let next = c
+        .read_response()
+        .expect("the next answer, right after the head");
+    assert_eq!(next.status, 404);
+}
+
+#[test]
 fn metrics_count_calls_by_label_without_user_names() {
     let t = Tollgate::start();
     let alice = t.token("alice");
