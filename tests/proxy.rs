@@ -1502,7 +1502,14 @@ fn a_chunked_answer_that_breaks_off_never_ends_as_if_whole() {
 
 #[test]
 fn an_answer_in_a_coding_tollgate_cannot_take_off_is_a_502() {
-    for fault in [Fault::GzipCoded, Fault::CodedWithLength] {
+    // A trailing empty element or an unasked-for 101 would have the answer read unframed,
+    // the upstream's bytes passed on raw (a second answer hidden in them reaching the caller).
+    for fault in [
+        Fault::GzipCoded,
+        Fault::CodedWithLength,
+        Fault::ChunkedTrailingComma,
+        Fault::SwitchingUnasked,
+    ] {
         let upstream = FaultUpstream::start(fault);
         let t = Tollgate::start_extra(&fault_route("coded", upstream.port, ""));
         let alice = t.token("alice");
@@ -2448,6 +2455,18 @@ fn head_is_served_where_get_is_and_unknown_codings_are_refused() {
     );
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("chunked must be applied only once"), "{text}");
+    assert_eq!(demo_count(&t, "/demo/echo"), before);
+    // `chunked,` (an empty element last): read as no body, the chunks would be taken for the
+    // next request, which a front proxy reading them as chunks never sent. Refused (pingora
+    // finds the head invalid already).
+    let text = raw_text(
+        t.port,
+        &format!(
+            "POST /demo/echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {alice}\r\nTransfer-Encoding: chunked,\r\n\r\n3d\r\nGET /universal/system/version HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaa\r\n\r\n\r\n0\r\n\r\n"
+        ),
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(text.matches("X-Tracecode:").count(), 1, "{text}");
     assert_eq!(demo_count(&t, "/demo/echo"), before);
 
     // An empty POST says its length upstream (RFC 9110 8.6).

@@ -1622,7 +1622,18 @@ mod tests {
         };
         assert!(!with(&[]));
         assert!(!with(&["chunked"]));
-        assert!(!with(&[" CHUNKED ", ""]));
+        assert!(!with(&[" CHUNKED "]));
+        assert!(!with(&[", chunked"]));
+        assert!(!with(&["", "chunked"]));
+        // An empty element after `chunked`: pingora would not read the body as chunked.
+        for values in [
+            &["chunked,"][..],
+            &["chunked , "],
+            &["chunked,,"],
+            &[" CHUNKED ", ""],
+        ] {
+            assert!(with(values), "{values:?}");
+        }
         assert!(with(&["gzip, chunked"]));
         assert!(with(&["chunked, chunked"]));
         assert!(with(&["gzip", "chunked"]));

@@ -109,7 +109,23 @@ pub(super) fn transfer_coding(headers: &http::HeaderMap) -> TransferCoding {
         list_items(headers, http::header::TRANSFER_ENCODING).filter(|c| !c.is_empty());
     match (codings.next(), codings.next()) {
         (None, _) => TransferCoding::Empty,
-        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => TransferCoding::Chunked,
+        // Pingora frames a message as chunked by the last element of the last field alone: an
+        // empty element after `chunked` (`chunked,`, or an empty field after it) would have
+        // it read the body unframed while the field says chunked, a message boundary two
+        // readers see apart. Such a field is refused, not passed on.
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked") => {
+            let last = headers
+                .get_all(http::header::TRANSFER_ENCODING)
+                .into_iter()
+                .next_back()
+                .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+                .map(<[u8]>::trim_ascii);
+            if last.is_some_and(|l| l.eq_ignore_ascii_case(b"chunked")) {
+                TransferCoding::Chunked
+            } else {
+                TransferCoding::Other
+            }
+        }
         _ => TransferCoding::Other,
     }
 }
@@ -730,7 +746,10 @@ impl Request {
             // Passed on, an HTTP/1.0 caller (which knows no codings) would get the coded bytes
             // as if plain, and a coding without `chunked` last leaves the answer's end to the
             // upstream's close, which a kept connection never gives.
+            // Nor is a 101: Tollgate asks no upstream to switch protocols (it drops the
+            // caller's `Upgrade`), and pingora reads whatever follows one as a raw stream.
             if !(100..600).contains(&head.status.as_u16())
+                || head.status == http::StatusCode::SWITCHING_PROTOCOLS
                 || !matches!(
                     transfer_coding(&head.headers),
                     TransferCoding::Absent | TransferCoding::Chunked

@@ -543,6 +543,11 @@ pub enum Fault {
     CodedWithLength,
     /// Answers 200 chunked with an empty chunk-size line before the body's real end.
     EmptyChunkSize,
+    /// Answers 200 with `Transfer-Encoding: chunked,` (an empty element last) and a second
+    /// answer hidden behind the chunked body, and stays open.
+    ChunkedTrailingComma,
+    /// Answers 101 (asked for no upgrade), then a 200 with a length, and stays open.
+    SwitchingUnasked,
 }
 
 const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
@@ -622,6 +627,18 @@ impl FaultUpstream {
                             Fault::EmptyChunkSize => {
                                 let _ = s.write_all(CHUNKED_HEAD);
                                 let _ = s.write_all(b"\r\nX: y\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+                                held.push(s);
+                            }
+                            Fault::ChunkedTrailingComma => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\nContent-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"smuggled\":\"TE\"}",
+                                );
+                                held.push(s);
+                            }
+                            Fault::SwitchingUnasked => {
+                                let _ = s.write_all(
+                                    b"HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+                                );
                                 held.push(s);
                             }
                             Fault::BadChunk => {
