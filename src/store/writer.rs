@@ -364,15 +364,22 @@ fn run(
             }
         }
         let full = calls.len() >= MAX_BATCH_OPS;
+        let mut wrote = false;
+        // A record answered just after a batch began waits for that batch, then for its own:
+        // the oldest is due with room for both (or a look, when batches are quicker).
         if full
             || disconnected
             || !acks.is_empty()
-            || due.is_due(flush_interval.saturating_sub(batch_time + look))
+            || due.is_due(flush_interval.saturating_sub(batch_time + batch_time.max(look)))
         {
             if !calls.is_empty() {
                 let began = Instant::now();
                 let mut committed = false;
-                if let Err(e) = write_batch(&store, &calls, strict, &mut committed) {
+                let result = write_batch(&store, &calls, strict, &mut committed);
+                // Recent batches' write time: up at once when writing slows, down slowly.
+                let took = began.elapsed();
+                batch_time = ((batch_time * 3 + took) / 4).max(took);
+                if let Err(e) = result {
                     tracing::error!(error = %e, records = calls.len(), committed, "store batch failed; retrying next interval");
                     let poisoned = matches!(e, StoreError::Engine(fjall::Error::Poisoned));
                     failing.store(
@@ -408,7 +415,7 @@ fn run(
                 }
                 calls.clear();
                 due = Due::default();
-                batch_time = (batch_time * 3 + began.elapsed()) / 4;
+                wrote = true;
                 if failing.swap(WRITING, Ordering::Relaxed) != WRITING {
                     tracing::info!("store batches succeed again");
                 }
@@ -420,8 +427,9 @@ fn run(
                 let _ = store.sync();
                 return;
             }
-            if full {
-                // More is queued behind the batch just written (perhaps a flush): go on.
+            if full || wrote {
+                // More is queued behind the batch just written (perhaps a flush), or came in
+                // while it was written: look again before sleeping.
                 continue;
             }
         }
