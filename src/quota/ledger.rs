@@ -461,7 +461,8 @@ fn remaining_in_window(
         .iter()
         .find(|entry| {
             let day = i64::from(entry.day);
-            day >= first_day && day <= today_day && entry.used_points() > 0
+            let returned_here = returned_between(returned, day, day);
+            day >= first_day && day <= today_day && entry.used_points() > returned_here
         })
         .map_or(today_day, |entry| i64::from(entry.day));
     Remaining {
@@ -1402,6 +1403,28 @@ mod tests {
                 .remaining_returning(&"k", &daily(20), day(6), Some((day(5).day, 2)))
                 .map(|r| r.remaining),
             Some(20)
+        );
+    }
+
+    #[test]
+    fn points_given_back_are_no_use_that_holds_the_window_reset() {
+        // A call of day 5 still held, answered on day 6 with an error: its day holds nothing
+        // once it settles, so the window resets when day 6's use leaves it, three midnights on.
+        let ledger = ledger();
+        let limits = window(15, 3);
+        let held = ledger
+            .admit(&"k", &limits, 2, day(5), Instant::now())
+            .expect("within quota");
+        commit(&ledger, &limits, 10, 6);
+        let told = ledger
+            .remaining_returning(&"k", &limits, day(6), Some((5, 2)))
+            .unwrap();
+        held.settle(false);
+        let after = ledger.remaining(&"k", &limits, day(6)).unwrap();
+        assert_eq!(told, after);
+        assert_eq!(
+            (after.remaining, after.reset_seconds),
+            (5, 3_600 + 2 * 86_400)
         );
     }
 
