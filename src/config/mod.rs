@@ -22,7 +22,6 @@ pub struct Problem {
     pub message: String,
 }
 
-/// Whether two listen addresses would take the same port (a port 0 is picked when bound).
 /// Whether two configured paths name one folder: as written, made absolute and with `.` and
 /// `..` resolved, or, when both exist, after links are followed.
 fn same_folder(a: &Path, b: &Path) -> bool {
@@ -49,6 +48,7 @@ fn same_folder(a: &Path, b: &Path) -> bool {
     )
 }
 
+/// Whether two listen addresses would take the same port (a port 0 is picked when bound).
 fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     let (ip_a, ip_b) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() != 0
