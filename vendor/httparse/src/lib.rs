@@ -1324,6 +1324,11 @@ pub fn parse_chunk_size(buf: &[u8])
             b'\t' | b' ' if !in_ext && !in_chunk_size => {}
             // LWS can follow the chunk size, but no more digits can come
             b'\t' | b' ' if in_chunk_size => in_chunk_size = false,
+            // Tollgate: RFC 9112 7.1.1, a chunk extension is tokens and quoted strings, which
+            // hold no control characters but HTAB. A bare LF accepted here ended the line
+            // for readers that end lines at LF (RFC 9112 2.2) and not for this one: the two
+            // disagreed on where the chunk, and the message, ends (request smuggling).
+            0x00..=0x08 | 0x0a..=0x1f | 0x7f if in_ext => return Err(InvalidChunkSize),
             // We allow any arbitrary octet once we are in the extension, since
             // they all get ignored anyway. According to the HTTP spec, valid
             // extensions would have a more strict syntax:
@@ -2024,6 +2029,9 @@ mod tests {
         assert_eq!(parse_chunk_size(b"\r\n"), Err(crate::InvalidChunkSize));
         assert_eq!(parse_chunk_size(b";ext\r\n"), Err(crate::InvalidChunkSize));
         assert_eq!(parse_chunk_size(b" \r\n"), Err(crate::InvalidChunkSize));
+        assert_eq!(parse_chunk_size(b"0;a\n\r\n"), Err(crate::InvalidChunkSize));
+        assert_eq!(parse_chunk_size(b"5;a\x00b\r\n"), Err(crate::InvalidChunkSize));
+        assert_eq!(parse_chunk_size(b"5;a=\"x\ty\"\r\n"), Ok(Status::Complete((11, 5))));
     }
 
     static RESPONSE_WITH_MULTIPLE_SPACE_DELIMITERS: &[u8] =
