@@ -550,6 +550,29 @@ pub enum Fault {
     SwitchingUnasked,
 }
 
+impl Fault {
+    /// What a fault that keeps its connection open writes to it (nothing, for a hang); None
+    /// for one that closes or resets it.
+    fn held_answer(self) -> Option<&'static [&'static [u8]]> {
+        Some(match self {
+            Fault::Hang => &[],
+            Fault::NoContentWithLength => &[b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"],
+            Fault::HeadOnly => &[b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\n"],
+            Fault::Chunked => &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"],
+            Fault::GzipCoded => &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+            Fault::CodedWithLength => &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"],
+            Fault::EmptyChunkSize => &[CHUNKED_HEAD, b"\r\nX: y\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+            Fault::BadChunk => &[CHUNKED_HEAD, b"zz\r\nabc\r\n0\r\n\r\n"],
+            Fault::ChunkedTrailingComma => &[b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\nContent-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"smuggled\":\"TE\"}"],
+            Fault::SwitchingUnasked => &[b"HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"],
+            Fault::ResetMidResponse
+            | Fault::CloseSilently
+            | Fault::ResetMidChunked
+            | Fault::CloseDelimited => return None,
+        })
+    }
+}
+
 const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nb\r\n{\"partial\":\r\n";
 
 /// A raw TCP upstream that misbehaves on purpose; stops when dropped.
@@ -575,8 +598,15 @@ impl FaultUpstream {
                             .unwrap();
                         let mut buf = [0u8; 65536];
                         let _ = s.read(&mut buf);
+                        if let Some(answer) = fault.held_answer() {
+                            // Answered, and the connection kept open.
+                            for part in answer {
+                                let _ = s.write_all(part);
+                            }
+                            held.push(s);
+                            continue;
+                        }
                         match fault {
-                            Fault::Hang => held.push(s),
                             Fault::ResetMidResponse => {
                                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: application/json\r\n\r\n{\"partial\":");
                                 let _ = socket_linger_zero(&s);
@@ -588,64 +618,13 @@ impl FaultUpstream {
                                 let _ = socket_linger_zero(&s);
                                 drop(s);
                             }
-                            Fault::NoContentWithLength => {
-                                let _ = s.write_all(
-                                    b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
-                                );
-                                held.push(s);
-                            }
-                            Fault::HeadOnly => {
-                                let _ = s.write_all(
-                                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\n",
-                                );
-                                held.push(s);
-                            }
                             Fault::CloseDelimited => {
                                 let _ = s.write_all(
                                     b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
                                 );
                                 drop(s);
                             }
-                            Fault::Chunked => {
-                                let _ = s.write_all(
-                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
-                                );
-                                held.push(s);
-                            }
-                            Fault::GzipCoded => {
-                                let _ = s.write_all(
-                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-                                );
-                                held.push(s);
-                            }
-                            Fault::CodedWithLength => {
-                                let _ = s.write_all(
-                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
-                                );
-                                held.push(s);
-                            }
-                            Fault::EmptyChunkSize => {
-                                let _ = s.write_all(CHUNKED_HEAD);
-                                let _ = s.write_all(b"\r\nX: y\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
-                                held.push(s);
-                            }
-                            Fault::ChunkedTrailingComma => {
-                                let _ = s.write_all(
-                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\nContent-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{\"smuggled\":\"TE\"}",
-                                );
-                                held.push(s);
-                            }
-                            Fault::SwitchingUnasked => {
-                                let _ = s.write_all(
-                                    b"HTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
-                                );
-                                held.push(s);
-                            }
-                            Fault::BadChunk => {
-                                let _ = s.write_all(CHUNKED_HEAD);
-                                let _ = s.write_all(b"zz\r\nabc\r\n0\r\n\r\n");
-                                held.push(s);
-                            }
+                            _ => unreachable!("every other fault keeps its connection"),
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
