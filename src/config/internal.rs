@@ -146,11 +146,6 @@ impl PathPattern {
                 return Err("ends with '/': route paths are written without a trailing '/'".into());
             } else if part.is_empty() {
                 return Err("empty segment ('//')".into());
-            } else if *part == "." || *part == ".." {
-                // A proxied path with a dot segment is refused, so the route could never match.
-                return Err(format!(
-                    "dot segment '{part}': calls with one are refused, so it would never match"
-                ));
             } else if part.contains(['{', '}', '*', '?', '#']) {
                 return Err(format!(
                     "segment '{part}' mixes literal text and pattern characters"

@@ -500,9 +500,8 @@ impl Validator {
                 );
             }
         }
-        let store_path_raw = f.store.path.clone();
         let store = Store {
-            path: self.nonempty_path("store.path", store_path_raw.as_deref().unwrap_or("data")),
+            path: self.nonempty_path("store.path", f.store.path.as_deref().unwrap_or("data")),
             flush_interval: Duration::from_millis(self.range(
                 "store.flush_interval_ms",
                 f.store.flush_interval_ms,
@@ -633,7 +632,7 @@ impl Validator {
         // The docs folder's pages are public: the store's folder (its secret, its records)
         // must not be it. (An empty path is reported as such.)
         let blank = |p: Option<&str>| p.is_some_and(|p| p.trim().is_empty());
-        if !blank(store_path_raw.as_deref())
+        if !blank(f.store.path.as_deref())
             && !blank(Some(docs_raw))
             && same_folder(&docs_dir, &store.path)
         {
@@ -785,7 +784,7 @@ impl Validator {
             .map_err(|e| self.problem(key("path"), format!("'{}' {e}", r.path)))
             .ok();
         if pattern.is_some() && crate::proxy::has_dot_segment(&r.path) {
-            // Spelt encoded, or ended by a ';' parameter: calls with one are refused all the same.
+            // Plain, encoded, or ended by a ';' parameter: calls with one are refused.
             self.problem(
                 key("path"),
                 format!(
