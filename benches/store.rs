@@ -308,6 +308,7 @@ fn payload_writer_cost() {
             c.charged_day = Some(today);
             for p in [&mut c.input, &mut c.output] {
                 *p = Some(Payload {
+                    content_encoding: None,
                     content_type: Some("application/json".into()),
                     truncated: false,
                     body: body.clone(),

@@ -28,6 +28,8 @@
 //!
 //! Processes are forgotten one hour after they start, and at most 10,000 are kept (the oldest
 //! goes first), so memory stays bounded. Invalid JSON answers 400; bodies over 64 MiB answer 413.
+//! Bodies in `Content-Encoding` gzip or deflate are read decoded (a broken stream answers 400,
+//! another coding 415).
 //!
 //! # Test hooks
 //!
@@ -45,7 +47,7 @@
 //! - `POST /demo/stats/reset`: zero the counts and bodies, set the peak to the current in-flight
 //!   number; answers 204.
 //! - `POST /demo/echo`: answers the request body back byte-exact with the request's
-//!   `Content-Type`, and puts the request headers it received in the response header
+//!   `Content-Type` and `Content-Encoding`, and puts the request headers it received in the response header
 //!   `x-demo-seen-headers` as a JSON object `{lowercase name: value}` (repeated headers joined
 //!   with `, `).
 //!
@@ -61,7 +63,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
+use http::header::{ALLOW, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, EXPECT};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use parking_lot::Mutex;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
@@ -75,6 +77,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tracing::debug;
 use uuid::Uuid;
+
+use crate::coding::{self, Codings};
 
 const TRACECODE_HEADER: &str = "x-tracecode";
 const DELAY_HEADER: &str = "x-demo-delay-ms";
@@ -308,6 +312,14 @@ impl DemoUpstream {
                     .push((ALLOW, HeaderValue::from_static(allowed)));
                 return reply;
             }
+        };
+        // A computation service reads gzip and deflate bodies; the echo answers the bytes as sent.
+        let body = match endpoint {
+            Endpoint::Echo => body,
+            _ => match decoded(headers, body) {
+                Ok(body) => body,
+                Err((status, message)) => return trace.error(status, "content_encoding", &message),
+            },
         };
         match endpoint {
             Endpoint::PlanCalculation => match summarize_plan(&body) {
@@ -703,6 +715,22 @@ fn demo_matrix(waypoints: usize) -> (Vec<Vec<u64>>, Vec<Vec<u64>>) {
     (distances, durations)
 }
 
+/// The body as it reads, decoded from its `Content-Encoding`; the error status and message
+/// when it cannot be.
+fn decoded(headers: &HeaderMap, body: Bytes) -> Result<Bytes, (StatusCode, String)> {
+    let field = headers.get_all(CONTENT_ENCODING);
+    match Codings::parse(field.iter().map(|v| v.as_bytes())) {
+        Codings::Readable(codings) if codings.is_empty() => Ok(body),
+        Codings::Readable(codings) => coding::decode(&codings, &body, MAX_BODY_BYTES)
+            .map(Bytes::from)
+            .map_err(|e| (StatusCode::BAD_REQUEST, format!("Content-Encoding: {e}"))),
+        Codings::Unreadable(name) => Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding: '{name}' is not read here"),
+        )),
+    }
+}
+
 fn echo(headers: &HeaderMap, body: Bytes) -> Reply {
     let mut seen_headers: BTreeMap<&str, String> = BTreeMap::new();
     for (name, value) in headers {
@@ -723,6 +751,10 @@ fn echo(headers: &HeaderMap, body: Bytes) -> Reply {
     };
     if let Some(content_type) = headers.get(CONTENT_TYPE) {
         reply.headers.push((CONTENT_TYPE, content_type.clone()));
+    }
+    // The bytes come back as they were sent, so in the same coding.
+    for coding in headers.get_all(CONTENT_ENCODING) {
+        reply.headers.push((CONTENT_ENCODING, coding.clone()));
     }
     // JSON escapes control characters, so the value is a valid header; a failure here would
     // only drop the header, which the tests reading it would notice.

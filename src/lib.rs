@@ -13,6 +13,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod coding;
 pub mod config;
 pub mod demo;
 pub mod error;

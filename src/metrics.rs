@@ -45,10 +45,12 @@ pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "timeout", "protocol", "
 
 /// The `reason` labels of `rejections_total` exported from the start (the quota's and the
 /// proxy's common refusals; rarer ones appear when first counted).
-const COMMON_REJECTIONS: [&str; 9] = [
+const COMMON_REJECTIONS: [&str; 11] = [
     "no_route",
     "body_too_large",
     "invalid_json",
+    "invalid_content_coding",
+    "unreadable_content_coding",
     "store_backlog",
     "requests_per_second",
     "points_per_request",

@@ -226,10 +226,40 @@ pub const REDACTED: &str = "***";
 /// far as it can be read and cut where it stops being JSON, and marked truncated: a value that
 /// could not be read as JSON is never stored, so no redacted value reaches the store whole.
 /// What is stored never passes `max_bytes` (a short value's mask is longer than the value).
+///
+/// A coded body (`Content-Encoding` gzip or deflate) is read decoded. When nothing in it is
+/// masked and it decodes whole, it is kept as sent; otherwise what is stored is the decoded
+/// text, masked, without its coding (a cut stream's undecoded tail could hold a value). A body
+/// in a coding that cannot be read is not stored.
 pub fn redact(payload: &mut crate::store::Payload, pointers: &[String], max_bytes: usize) {
+    use crate::coding::{self, Codings};
     if pointers.is_empty() {
         return;
     }
+    let Some(field) = payload.content_encoding.as_deref() else {
+        return redact_plain(payload, pointers, max_bytes);
+    };
+    let Codings::Readable(codings) = Codings::of_field(field) else {
+        payload.body = bytes::Bytes::new();
+        payload.truncated = true;
+        payload.content_encoding = None;
+        return;
+    };
+    let (decoded, whole) = coding::decode_prefix(&codings, &payload.body, max_bytes);
+    let decoded = bytes::Bytes::from(decoded);
+    let mut plain = crate::store::Payload {
+        content_type: payload.content_type.clone(),
+        content_encoding: None,
+        truncated: payload.truncated || !whole,
+        body: decoded.clone(),
+    };
+    redact_plain(&mut plain, pointers, max_bytes);
+    if !whole || plain.truncated != payload.truncated || plain.body != decoded {
+        *payload = plain;
+    }
+}
+
+fn redact_plain(payload: &mut crate::store::Payload, pointers: &[String], max_bytes: usize) {
     let body = &payload.body[..];
     let start = skip_bom_and_whitespace(body);
     if !matches!(body.get(start), Some(b'{' | b'[')) {
@@ -553,6 +583,7 @@ mod tests {
 
     fn redacted(body: &[u8], pointers: &[String], max_bytes: usize) -> Payload {
         let mut payload = Payload {
+            content_encoding: None,
             content_type: None,
             truncated: false,
             body: bytes::Bytes::copy_from_slice(body),
@@ -608,6 +639,52 @@ mod tests {
         let out = redacted(body, &pointers, body.len());
         assert_eq!(&out.body[..], &br#"{"pad":"xxxxxxxxxx","tok":"*"#[..]);
         assert!(out.truncated);
+    }
+
+    #[test]
+    fn coded_captures_are_redacted_decoded() {
+        use std::io::Write;
+        let gzip = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let pointers = vec!["/tok".to_string()];
+        let coded = |body: Vec<u8>, encoding: &str| Payload {
+            content_encoding: Some(encoding.into()),
+            content_type: Some("application/json".into()),
+            truncated: false,
+            body: body.into(),
+        };
+        // A value to mask: the decoded text is stored, masked, without the coding.
+        let mut p = coded(gzip(br#"{"tok":"SECRET","a":1}"#), "gzip");
+        redact(&mut p, &pointers, 1 << 20);
+        assert_eq!(&p.body[..], br#"{"tok":"***","a":1}"#);
+        assert_eq!((p.content_encoding, p.truncated), (None, false));
+        // Nothing to mask: the very bytes sent, coding and all.
+        let sent = gzip(br#"{"a":1}"#);
+        let mut p = coded(sent.clone(), "gzip");
+        redact(&mut p, &pointers, 1 << 20);
+        assert_eq!(
+            (&p.body[..], p.content_encoding.as_deref()),
+            (&sent[..], Some("gzip"))
+        );
+        // A stream cut part way (a capture at max_capture_bytes): what decodes, masked, cut.
+        let long: String = format!(r#"{{"pad":"{}","tok":"SECRET"}}"#, "x".repeat(5000));
+        let sent = gzip(long.as_bytes());
+        let mut p = coded(sent[..sent.len() - 8].to_vec(), "gzip");
+        p.truncated = true;
+        redact(&mut p, &pointers, 1 << 20);
+        assert!(p.truncated && p.content_encoding.is_none());
+        assert!(!String::from_utf8_lossy(&p.body).contains("SECRET"));
+        // More than the capture may hold once decoded: cut at the limit.
+        let mut p = coded(gzip(long.as_bytes()), "gzip");
+        redact(&mut p, &pointers, 100);
+        assert_eq!((p.body.len(), p.truncated), (100, true));
+        // A coding that cannot be read: nothing is stored.
+        let mut p = coded(b"\x1b\x00 opaque".to_vec(), "br");
+        redact(&mut p, &pointers, 1 << 20);
+        assert_eq!((&p.body[..], p.truncated), (&b""[..], true));
     }
 
     #[test]

@@ -2450,3 +2450,182 @@ fn a_caller_that_stops_taking_a_download_loses_its_connection_after_the_client_t
     let received = read_until_closed(&mut caller, Duration::from_secs(10));
     assert!(received < body.len(), "{received} bytes");
 }
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// The suite's routes, with /demo/echo counting points: the upstream answers what it got.
+fn counting_echo(limits: &str) -> Tollgate {
+    let echo = "[[routes]]\nmethod = \"POST\"\npath = \"/demo/echo\"\nupstream = \"demo\"\n\
+                service = \"UNIVERSAL\"\nmethod_group = \"CONVERT\"\noperation = \"echo_payload\"\n";
+    assert!(ROUTES.contains(echo));
+    let routes = ROUTES.replace(echo, "");
+    let extra = format!(
+        r#"
+[[routes]]
+method = "POST"
+path = "/demo/echo"
+upstream = "demo"
+service = "UNIVERSAL"
+method_group = "CONVERT"
+operation = "echo_payload"
+points = ["/locations"]
+unique_key = "/key"
+{routes}
+{limits}
+"#
+    );
+    Tollgate::start_with(Setup {
+        extra,
+        with_default_routes: false,
+        ..Setup::default()
+    })
+}
+
+#[test]
+fn gzip_bodies_are_counted_decoded_forwarded_as_sent_and_readable_from_the_record() {
+    let t = counting_echo("");
+    let alice = t.token("alice");
+    let plain = br#"{"locations":[{"key":"a"},{"key":"b"},{"key":"a"}]}"#;
+    let coded = gzip(plain);
+    let call = send(
+        &t,
+        reqwest::Method::POST,
+        "/demo/echo",
+        &alice,
+        Some("application/json"),
+        &coded,
+        &[("content-encoding", "gzip")],
+    );
+    assert_eq!(call.status, 200);
+    assert_eq!(call.body, coded, "the upstream got the coded bytes as sent");
+
+    // Counted as the same body sent plain would be.
+    let page = audit(&t, &alice, &[]);
+    let action = page["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["tracedata"]["code"] == call.code.as_str())
+        .unwrap_or_else(|| panic!("the call is not on record: {page}"))
+        .clone();
+    assert_eq!(action["statistics"]["points_count"], 3, "{action}");
+
+    for flow in ["INPUT", "OUTPUT"] {
+        // ORIGIN: the bytes as sent, with the coding that reads them.
+        let r = data(&t, &alice, &call.code, &format!("data_flow_type={flow}"));
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            header(&r, "content-encoding").as_deref(),
+            Some("gzip"),
+            "{flow}"
+        );
+        assert_eq!(
+            header(&r, "content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(r.bytes().unwrap().to_vec(), coded, "{flow}");
+        // JSON: the payload itself.
+        let r = data(
+            &t,
+            &alice,
+            &call.code,
+            &format!("data_flow_type={flow}&data_flow_convert=JSON"),
+        );
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "content-encoding"), None, "{flow}");
+        assert_eq!(r.bytes().unwrap().as_ref(), plain, "{flow}");
+        // XLSX: one row per location.
+        let r = data(
+            &t,
+            &alice,
+            &call.code,
+            &format!("data_flow_type={flow}&data_flow_convert=XLSX"),
+        );
+        assert_eq!(r.status(), 200);
+        let mut book: Xlsx<_> =
+            open_workbook_from_rs(Cursor::new(r.bytes().unwrap().to_vec())).unwrap();
+        let sheet = book.worksheet_range("locations").unwrap();
+        assert_eq!(
+            sheet.height(),
+            4,
+            "{flow}: a header row and three locations"
+        );
+    }
+}
+
+#[test]
+fn coded_bodies_that_cannot_be_counted_are_refused_and_never_forwarded() {
+    let t = counting_echo("[limits]\nmax_body_bytes = 1048576\n");
+    let alice = t.token("alice");
+    let echoed = || {
+        t.demo_stats()["requests"]["/demo/echo"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let body = br#"{"locations":[{"key":"a"}]}"#;
+    let refused = |coded: &[u8], coding: &str| {
+        let r = client()
+            .post(t.url("/demo/echo"))
+            .bearer_auth(&alice)
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .body(coded.to_vec())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        let accept = header(&r, "accept-encoding");
+        let body = json_of(r);
+        assert_error_shape(&body, "UNIVERSAL");
+        (
+            status,
+            accept,
+            body["message"].as_str().unwrap().to_string(),
+        )
+    };
+
+    // A coding Tollgate cannot read: 415, naming the codings it can (RFC 9110 15.5.16).
+    let (status, accept, message) = refused(body, "br");
+    assert_eq!(status, 415);
+    assert_eq!(accept.as_deref(), Some("gzip, deflate"));
+    assert!(
+        message.contains("Content-Encoding") && message.contains("br"),
+        "{message}"
+    );
+    // A broken stream: 400 naming the coding.
+    let coded = gzip(body);
+    let (status, _, message) = refused(&coded[..coded.len() - 6], "gzip");
+    assert_eq!(status, 400);
+    assert!(message.contains("Content-Encoding gzip"), "{message}");
+    // Two megabytes of zeros in a few kilobytes: decoding stops at max_body_bytes.
+    let bomb = gzip(&vec![b' '; 2 << 20]);
+    assert!(bomb.len() < 1 << 20);
+    let (status, _, message) = refused(&bomb, "gzip");
+    assert_eq!(status, 413);
+    assert!(
+        message.contains("max_body_bytes (1048576) once decoded"),
+        "{message}"
+    );
+    // Decoded JSON is judged as JSON.
+    let (status, _, message) = refused(&gzip(b"{\"locations\":[1,"), "gzip");
+    assert_eq!(status, 400);
+    assert!(message.contains("invalid JSON"), "{message}");
+    assert_eq!(echoed(), 0, "none reached the upstream");
+
+    // The same body sent plain, and with an identity coding, is counted as before.
+    let ok = send(
+        &t,
+        reqwest::Method::POST,
+        "/demo/echo",
+        &alice,
+        Some("application/json"),
+        body,
+        &[("content-encoding", "identity")],
+    );
+    assert_eq!(ok.status, 200);
+    assert_eq!(echoed(), 1);
+}

@@ -11,10 +11,11 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{check_len, AccountResponse, Call};
+use crate::coding::{self, Codings};
 use crate::error::ApiError;
 use crate::model::{MethodGroup, Role, ServiceName};
 use crate::report::{self, DailyRow};
-use crate::store::{self, AuditQuery, AuditSort, Flow, UserRecord, Visibility};
+use crate::store::{self, AuditQuery, AuditSort, Flow, Payload, UserRecord, Visibility};
 use crate::trace;
 
 /// The API's bounds for quota values; an unlimited quota is shown as its bound.
@@ -605,14 +606,23 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
         .map_err(internal)?
         .ok_or_else(not_found)?;
     let mut response = match convert {
-        "ORIGIN" => AccountResponse::file(
-            payload
-                .content_type
-                .as_deref()
-                .unwrap_or("application/octet-stream"),
-            payload.body.clone(),
-            None,
-        ),
+        "ORIGIN" => {
+            let mut response = AccountResponse::file(
+                payload
+                    .content_type
+                    .as_deref()
+                    .unwrap_or("application/octet-stream"),
+                payload.body.clone(),
+                None,
+            );
+            // The bytes as sent, in the coding they were sent in: HTTP clients decode them.
+            if let Some(encoding) = &payload.content_encoding {
+                response
+                    .headers
+                    .push(("Content-Encoding", encoding.clone()));
+            }
+            response
+        }
         _ => {
             if payload.truncated {
                 return Err(ApiError::invalid(
@@ -620,6 +630,11 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                     "the capture was truncated; only ORIGIN can be served",
                 ));
             }
+            let limits = &call.app.config.limits;
+            let body = decoded(
+                &payload,
+                limits.max_body_bytes.max(limits.max_capture_bytes),
+            )?;
             // serde_json's reason: not JSON at all, or JSON this conversion cannot hold (nested
             // deeper than 128 levels, a number past f64 for XLSX).
             let not_json = |e: serde_json::Error| {
@@ -633,12 +648,11 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
             if convert == "JSON" {
                 // Checked, then served as captured: parsing into values and printing them
                 // again would round long numbers and reorder members.
-                serde_json::from_slice::<serde::de::IgnoredAny>(&payload.body).map_err(not_json)?;
-                AccountResponse::file("application/json", payload.body.clone(), None)
+                serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(not_json)?;
+                AccountResponse::file("application/json", body, None)
             } else {
                 // Parsing and laying out a payload of up to max_capture_bytes is CPU work of
                 // milliseconds to seconds: off the threads that serve calls.
-                let body = payload.body.clone();
                 let bytes = tokio::task::spawn_blocking(move || {
                     let value: Value = serde_json::from_slice(&body).map_err(not_json)?;
                     report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))
@@ -669,6 +683,27 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
         .headers
         .push(("Content-Security-Policy", "sandbox".to_string()));
     Ok(response)
+}
+
+/// A capture's body as it reads: decoded from its content coding, to at most `limit` bytes.
+fn decoded(payload: &Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let Some(field) = &payload.content_encoding else {
+        return Ok(payload.body.clone());
+    };
+    let cannot = |why: String| {
+        ApiError::invalid(
+            "data_flow_convert",
+            format!("the captured payload (Content-Encoding: {field}) {why}; use ORIGIN"),
+        )
+    };
+    match Codings::of_field(field) {
+        Codings::Readable(codings) => coding::decode(&codings, &payload.body, limit)
+            .map(Bytes::from)
+            .map_err(|e| cannot(e.to_string())),
+        Codings::Unreadable(name) => Err(cannot(format!(
+            "is coded in '{name}', which cannot be read"
+        ))),
+    }
 }
 
 #[cfg(test)]

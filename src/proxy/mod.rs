@@ -39,11 +39,12 @@ use uuid::Uuid;
 
 use crate::account::{self, AccountRequest};
 use crate::app::App;
+use crate::coding::{self, Codings, DecodeError};
 use crate::config::{MethodMatch, Route};
 use crate::error::ApiError;
 use crate::model::{Role, ServiceName};
 use crate::quota::ledger::{Lease, Rejection, Today};
-use crate::quota::points::{Points, PointsCount};
+use crate::quota::points::{count_points, Points, PointsCount};
 use crate::quota::LedgerKey;
 use crate::store::writer::CallRecord;
 use crate::store::{AuditRecord, Payload, ProcessRecord, UserRecord};
@@ -441,8 +442,37 @@ impl Tollgate {
         // The whole body, before anything reaches the upstream; its points counted as it arrives.
         let mut counting = PointsCount::new(&route.points);
         let whole = !route.points.array_pointers.is_empty();
+        // A coded body (gzip, deflate) is counted decoded, once whole, and forwarded as sent.
+        let codings = if whole {
+            let field = session
+                .req_header()
+                .headers
+                .get_all(http::header::CONTENT_ENCODING);
+            match Codings::parse(field.iter().map(|v| v.as_bytes())) {
+                Codings::Readable(codings) => codings,
+                Codings::Unreadable(name) => {
+                    session.set_keepalive(None);
+                    app.metrics
+                        .rejections
+                        .with_label_values(&["unreadable_content_coding"])
+                        .inc();
+                    // RFC 9110 15.5.16: the answer names the codings that would do.
+                    let error = ApiError::new(
+                        415,
+                        format!(
+                            "Content-Encoding: '{name}' cannot be read to count points \
+                             (accepted: {}, or none)",
+                            coding::READABLE
+                        ),
+                    );
+                    return Err((error, vec![("Accept-Encoding", coding::READABLE.into())]));
+                }
+            }
+        } else {
+            Vec::new()
+        };
         let limit = app.config.limits.max_body_bytes;
-        let counted_on_arrival = whole.then_some(&mut counting);
+        let counted_on_arrival = (whole && codings.is_empty()).then_some(&mut counting);
         let mut body = match read_body(session, limit, whole, counted_on_arrival).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
@@ -468,10 +498,43 @@ impl Tollgate {
 
         // Points, then the one atomic admission.
         // Counting needs the body in one piece; a route without a points rule never joins it.
-        let counted = if whole {
+        let counted = if !whole {
+            Ok(Points::default())
+        } else if codings.is_empty() {
             counting.finish(body.whole())
         } else {
-            Ok(Points::default())
+            let named = || {
+                let names: Vec<_> = codings.iter().map(|c| c.name()).collect();
+                names.join(", ")
+            };
+            match coding::decode(&codings, body.whole(), limit) {
+                Ok(decoded) => count_points(&decoded, &route.points),
+                Err(DecodeError::TooLarge(_)) => {
+                    session.set_keepalive(None);
+                    app.metrics
+                        .rejections
+                        .with_label_values(&["body_too_large"])
+                        .inc();
+                    return Err(plain(ApiError::new(
+                        413,
+                        format!(
+                            "body: larger than max_body_bytes ({limit}) once decoded \
+                             (Content-Encoding: {})",
+                            named()
+                        ),
+                    )));
+                }
+                Err(invalid) => {
+                    app.metrics
+                        .rejections
+                        .with_label_values(&["invalid_content_coding"])
+                        .inc();
+                    return Err(plain(ApiError::bad_request(format!(
+                        "body: Content-Encoding {}: {invalid}",
+                        named()
+                    ))));
+                }
+            }
         };
         ctx.points = counted.map_err(|e| {
             app.metrics
@@ -523,6 +586,7 @@ impl Tollgate {
         if route.capture {
             let cap = app.config.limits.max_capture_bytes;
             ctx.input = Some(Payload {
+                content_encoding: coding::field(&session.req_header().headers),
                 content_type: session
                     .req_header()
                     .headers
@@ -643,6 +707,7 @@ impl Tollgate {
                 ctx.upstream_failed = ex.upstream_failed;
                 if route.capture {
                     ctx.output = Some(Payload {
+                        content_encoding: ex.content_encoding,
                         content_type: ex.content_type,
                         truncated: ex.capture_truncated,
                         body: ex.captured.freeze(),

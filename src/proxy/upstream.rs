@@ -14,6 +14,7 @@ use pingora::protocols::http::ServerSession as Session;
 use pingora::protocols::Stream;
 
 use super::pool::Upstream;
+use crate::coding;
 
 /// How the upstream leg failed, for the caller's status and the metrics' `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +48,7 @@ impl UpstreamFailure {
 pub struct Exchange {
     pub status: u16,
     pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
     pub captured: BytesMut,
     pub capture_truncated: bool,
     /// From the request being written to the response head arriving.
@@ -428,6 +430,7 @@ pub async fn exchange(
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let content_encoding = coding::field(&head.headers);
     let mut out = head;
     for h in connection_options(&out.headers) {
         out.remove_header(&h);
@@ -509,6 +512,7 @@ pub async fn exchange(
     let mut ex = Exchange {
         status,
         content_type,
+        content_encoding,
         captured: BytesMut::new(),
         capture_truncated: false,
         upstream_time,

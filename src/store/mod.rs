@@ -143,6 +143,8 @@ pub enum Flow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
     pub content_type: Option<String>,
+    /// The `Content-Encoding` the body was sent with (it is stored coded, as sent).
+    pub content_encoding: Option<String>,
     pub truncated: bool,
     pub body: bytes::Bytes,
 }
@@ -341,6 +343,7 @@ fn decode_payload(v: &[u8]) -> Option<Payload> {
     let ct_len = u16::from_be_bytes([*v.get(1)?, *v.get(2)?]) as usize;
     let ct = v.get(3..3 + ct_len)?;
     Some(Payload {
+        content_encoding: None,
         content_type: (!ct.is_empty()).then(|| String::from_utf8_lossy(ct).into_owned()),
         truncated,
         body: bytes::Bytes::copy_from_slice(v.get(3 + ct_len..)?),
@@ -1486,6 +1489,7 @@ impl Store {
         };
         Ok(
             payloads::read(&self.payloads_dir, process.day, &pointer)?.map(|body| Payload {
+                content_encoding: pointer.content_encoding,
                 content_type: pointer.content_type,
                 truncated: pointer.truncated,
                 body,
@@ -1710,12 +1714,14 @@ mod tests {
     #[test]
     fn payloads_round_trip_with_content_type_and_truncation() {
         let p = Payload {
+            content_encoding: None,
             content_type: Some("application/json".into()),
             truncated: true,
             body: bytes::Bytes::from_static(b"{\"a\":1}"),
         };
         assert_eq!(decode_payload(&encode_payload(&p)), Some(p));
         let bare = Payload {
+            content_encoding: None,
             content_type: None,
             truncated: false,
             body: bytes::Bytes::new(),
@@ -1779,6 +1785,7 @@ mod tests {
             },
             stage: crate::trace::stage_of(exchanges - 1),
             input: Some(Payload {
+                content_encoding: None,
                 content_type: Some("application/json".into()),
                 truncated: false,
                 body: bytes::Bytes::from_static(br#"{"locations":[1,2,3]}"#),
@@ -2414,11 +2421,13 @@ mod tests {
         };
         CallRecord {
             input: Some(Payload {
+                content_encoding: None,
                 content_type: Some("application/json".into()),
                 truncated: false,
                 body: body(0),
             }),
             output: Some(Payload {
+                content_encoding: None,
                 content_type: None,
                 truncated: true,
                 body: body(1),

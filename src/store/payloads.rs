@@ -59,19 +59,26 @@ pub(super) struct Pointer {
     pub len_bytes: u64,
     pub truncated: bool,
     pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
 }
 
 impl Pointer {
-    /// `POINTER_V1`, truncated flag, then varints file, offset, length, then the content type.
+    /// `POINTER_V1`, truncated flag, then varints file, offset, length, then the content type,
+    /// then, for a coded body only, its content encoding (pointers written before there was
+    /// one end after the content type, and read as bodies without one).
     pub fn encode(&self) -> Vec<u8> {
         let ct = self.content_type.as_deref().unwrap_or("");
-        let mut v = Vec::with_capacity(2 + 3 * 10 + 1 + ct.len());
+        let ce = self.content_encoding.as_deref();
+        let mut v = Vec::with_capacity(2 + 3 * 10 + 2 + ct.len() + ce.map_or(0, str::len));
         v.push(POINTER_V1);
         v.push(self.truncated as u8);
         put_varint(&mut v, self.file);
         put_varint(&mut v, self.offset_bytes);
         put_varint(&mut v, self.len_bytes);
         put_str(&mut v, ct);
+        if let Some(ce) = ce {
+            put_str(&mut v, ce);
+        }
         v
     }
 
@@ -85,12 +92,18 @@ impl Pointer {
         let offset_bytes = take_varint(&mut v)?;
         let len_bytes = take_varint(&mut v)?;
         let ct = take_str(&mut v)?;
+        let ce = if v.is_empty() {
+            None
+        } else {
+            Some(take_str(&mut v)?)
+        };
         Some(Pointer {
             file,
             offset_bytes,
             len_bytes,
             truncated,
             content_type: (!ct.is_empty()).then_some(ct),
+            content_encoding: ce,
         })
     }
 }
@@ -305,6 +318,7 @@ impl PayloadFiles {
             len_bytes: p.body.len() as u64,
             truncated: p.truncated,
             content_type: p.content_type.clone(),
+            content_encoding: p.content_encoding.clone(),
         };
         day_file.pending.push(p.body.clone());
         day_file.pending_bytes += p.body.len();
@@ -474,6 +488,7 @@ mod tests {
 
     fn payload(body: &'static [u8]) -> Payload {
         Payload {
+            content_encoding: None,
             content_type: Some("application/json".into()),
             truncated: false,
             body: bytes::Bytes::from_static(body),
@@ -488,8 +503,18 @@ mod tests {
             len_bytes: 20_000,
             truncated: true,
             content_type: Some("text/plain".into()),
+            content_encoding: None,
         };
         assert_eq!(Pointer::decode(&p.encode()), Some(p.clone()));
+        let coded = Pointer {
+            content_encoding: Some("gzip".into()),
+            ..p.clone()
+        };
+        assert_eq!(Pointer::decode(&coded.encode()), Some(coded.clone()));
+        // A body without a coding keeps the pointer as it was before codings were stored.
+        assert_eq!(coded.encode()[..p.encode().len()], p.encode());
+        let v = coded.encode();
+        assert_eq!(Pointer::decode(&v[..v.len() - 1]), None);
         let bare = Pointer {
             content_type: None,
             truncated: false,
@@ -547,6 +572,7 @@ mod tests {
         let mut files = PayloadFiles::open(dir.path().to_path_buf()).unwrap();
         let day = 19_979;
         let body = |n: u8| Payload {
+            content_encoding: None,
             content_type: None,
             truncated: false,
             body: vec![n; WRITE_BYTES / 2 + 1].into(),
@@ -588,6 +614,7 @@ mod tests {
         for batch in 0..10 {
             for n in batch * 10..batch * 10 + 10 {
                 let p = Payload {
+                    content_encoding: None,
                     content_type: None,
                     truncated: false,
                     body: body(n),
