@@ -397,8 +397,6 @@ impl Tollgate {
         }
         let now_utc = Utc::now();
         let tz = user.as_ref().map(|u| u.timezone).unwrap_or(0);
-        let today = Today::at(now_utc.timestamp(), tz);
-        ctx.local_day = today.day;
 
         // Which process: a follow-up reuses (and must own) its tracecode.
         let owner = user
@@ -557,6 +555,10 @@ impl Tollgate {
                 1,
             )));
         }
+        // The user's day at admission, not when the head came: a body still arriving at
+        // midnight is admitted against (and charged to) the new day.
+        let today = Today::at(Utc::now().timestamp(), tz);
+        ctx.local_day = today.day;
         if let Some(user) = &user {
             let key: LedgerKey = (
                 Arc::from(user.username.as_str()),
