@@ -352,8 +352,13 @@ pub async fn report(call: &mut Call<'_>) -> Result<AccountResponse, ApiError> {
 /// Parses the date-times the official client and people send: RFC 3339 with `Z`, `+03:00`
 /// or `+0300`, fractional seconds or not, and naive ones (taken in the user's timezone).
 pub fn parse_time(value: &str, tz: FixedOffset) -> Option<DateTime<Utc>> {
+    let mut v = value.trim().to_string();
+    // RFC 3339 5.6 lets a space stand for the `T` between the date and the time.
+    if v.as_bytes().get(10) == Some(&b' ') {
+        v.replace_range(10..11, "T");
+    }
     // A `+` that arrived unencoded in a query string was decoded to a space.
-    let v = value.trim().replace(' ', "+");
+    let v = v.replace(' ', "+");
     if let Ok(t) = DateTime::parse_from_rfc3339(&v) {
         return Some(t.with_timezone(&Utc));
     }
@@ -747,6 +752,9 @@ mod tests {
             "2025-01-02T06:04:05 0300",
             "2025-01-02T06:04:05",
             "2025-01-02T06:04:05.000000",
+            "2025-01-02 03:04:05Z",
+            "2025-01-02 06:04:05 03:00",
+            "2025-01-02 06:04:05",
         ] {
             assert_eq!(parse_time(v, tz), Some(want), "{v}");
         }
