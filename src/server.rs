@@ -238,7 +238,12 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
                     active = self.app.draining.active(),
                     "SIGINT during the drain: stopping at once"
                 );
-                ShutdownSignal::FastShutdown
+                // Not pingora's fast shutdown: that stops the runtimes with the listeners still
+                // accepting, and a listener whose socket's runtime is already gone spins on the
+                // failing accept() (millions of "Accept() failed" lines) and holds the exit for
+                // good. Its graceful one closes the listeners first, then gives what still runs
+                // graceful_shutdown_timeout_seconds (1) before cutting it: the drain is skipped.
+                ShutdownSignal::GracefulTerminate
             }
         }
     }
