@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pingora::apps::http_app::{HttpServer, ServeHttp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
@@ -65,25 +66,69 @@ pub fn build_app(config: Config) -> Result<(Arc<App>, std::thread::JoinHandle<()
 /// Serves `/metrics` in the Prometheus text format.
 struct MetricsApp(Arc<App>);
 
+/// The metrics port keeps the proxy port's deadlines (pingora's stock HTTP app has none for a
+/// head or an answer, so a few hundred connections trickling bytes held it, and the process's
+/// file descriptors, for good), and answers a head it cannot read with a 400 instead of
+/// writing the head, however long, to the log.
 #[async_trait]
-impl ServeHttp for MetricsApp {
-    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        let app = &self.0;
+impl HttpServerApp for MetricsApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let config = &self.0.config;
+        let keepalive = Duration::from_secs(config.server.keepalive_timeout_seconds);
+        session.set_read_timeout(Some(config.limits.client_read_timeout));
+        session.set_write_timeout(Some(config.limits.client_read_timeout));
+        let read = tokio::select! {
+            read = pingora::time::timeout(keepalive, session.read_request()) => read.ok()?,
+            _ = self.0.draining.wait() => return None,
+        };
+        let response = match read {
+            Ok(true) => self.response(&session),
+            // Closed between requests.
+            Ok(false) => return None,
+            Err(_) => {
+                session.set_keepalive(None);
+                plain(400, "bad request\n")
+            }
+        };
+        if *shutdown.borrow() || self.0.draining.is_set() {
+            session.set_keepalive(None);
+        }
         // Requests sent before the answers are read are answered in order, as on the proxy's
         // port (pingora would close the connection and drop them).
         session.set_pipelining_enabled(true);
+        let (parts, body) = response.into_parts();
+        let head = Box::new(ResponseHeader::from(parts));
+        session.write_response_header(head).await.ok()?;
+        session
+            .write_response_body(bytes::Bytes::from(body), true)
+            .await
+            .ok()?;
+        let settings = HttpPersistentSettings::for_session(&session);
+        let stream = session.finish().await.ok()??;
+        Some(ReusedHttpStream::from_reusable_stream(stream, settings))
+    }
+}
+
+/// A short text answer; every answer says its length, so the connection serves the next one.
+fn plain(status: u16, text: &str) -> http::Response<Vec<u8>> {
+    let mut r = http::Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .header("content-length", text.len());
+    if status == 405 {
+        r = r.header("allow", "GET, HEAD");
+    }
+    r.body(text.as_bytes().to_vec()).expect("static response")
+}
+
+impl MetricsApp {
+    fn response(&self, session: &ServerSession) -> http::Response<Vec<u8>> {
+        let app = &self.0;
         let head = session.req_header();
-        // Every answer says its length, so the connection serves the next request.
-        let plain = |status: u16, text: &str| {
-            let mut r = http::Response::builder()
-                .status(status)
-                .header("content-type", "text/plain; charset=utf-8")
-                .header("content-length", text.len());
-            if status == 405 {
-                r = r.header("allow", "GET, HEAD");
-            }
-            r.body(text.as_bytes().to_vec()).expect("static response")
-        };
         if head.uri.path() != "/metrics" {
             return plain(404, "see /metrics\n");
         }
@@ -288,10 +333,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     server.add_service(proxy);
 
     if let Some(addr) = app.config.metrics_listen {
-        let mut metrics = ListeningService::new(
-            "metrics".into(),
-            HttpServer::new_app(MetricsApp(app.clone())),
-        );
+        let mut metrics = ListeningService::new("metrics".into(), MetricsApp(app.clone()));
         metrics.add_tcp(&addr.to_string());
         metrics.threads = Some(1);
         server.add_service(metrics);

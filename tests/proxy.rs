@@ -795,11 +795,29 @@ fn a_request_head_trickled_in_is_cut_off_at_keepalive_timeout_seconds() {
         server: "keepalive_timeout_seconds = 1".into(),
         ..Setup::default()
     });
-    let mut c = Raw::connect(t.port);
+    // The metrics port as well: a few hundred such connections held it, and the process's
+    // file descriptors, for good.
+    for (port, path) in [
+        (t.port, "/universal/system/version"),
+        (t.metrics_port, "/metrics"),
+    ] {
+        trickled_head_is_cut_off(port, path);
+    }
+    // A head the metrics port cannot read is answered, and not written to the log.
+    let long = "x".repeat(100_000);
+    let mut c = Raw::connect(t.metrics_port);
+    c.send(format!("GET /{long} HTTP/1.1\r\nHost: m\r\n\r\n").as_bytes());
+    let got = c.read_response().expect("an answer to an unreadable head");
+    assert_eq!(got.status, 400);
+    assert!(!t.log().contains(&long[..1000]), "the head went to the log");
+}
+
+fn trickled_head_is_cut_off(port: u16, path: &str) {
+    let mut c = Raw::connect(port);
     c.s.set_read_timeout(Some(Duration::from_millis(250)))
         .unwrap();
     let started = Instant::now();
-    c.send(b"GET /universal/system/version HTTP/1.1\r\nHost: localhost\r\nX-Slow: ");
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").as_bytes());
     // A byte every 250 ms: each read comes quickly, the head never ends.
     let closed = loop {
         if started.elapsed() > Duration::from_secs(5) {
@@ -816,10 +834,13 @@ fn a_request_head_trickled_in_is_cut_off_at_keepalive_timeout_seconds() {
             Err(_) => break true,
         }
     };
-    assert!(closed, "the trickled head held the connection for 5 s");
+    assert!(
+        closed,
+        "{port}: the trickled head held the connection for 5 s"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(3),
-        "{:?}",
+        "{port}: {:?}",
         started.elapsed()
     );
 }
