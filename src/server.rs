@@ -294,6 +294,28 @@ impl pingora::server::ShutdownSignalWatch for DrainThenStop {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as servers do: at a common soft limit
+/// of 1024, a thousand idle callers took every descriptor, and the store's writes failed with
+/// them (every metered call a 503 until they left).
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let soft = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            tracing::info!(from = soft, to = limit.rlim_max, "open files limit raised");
+        }
+    }
+}
+
 /// Runs Tollgate until SIGTERM or SIGINT (both drain; see [`DrainThenStop`]).
 pub fn serve(config: Config) -> Result<(), String> {
     // Bind failures must stop the start with a clear message, not leave a silent process.
@@ -310,6 +332,7 @@ pub fn serve(config: Config) -> Result<(), String> {
                 .map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))?;
         }
     }
+    raise_open_files_limit();
     let server_cfg = config.server.clone();
     let (app, writer_thread) = build_app(config)?;
     let conf = ServerConf {
