@@ -828,6 +828,7 @@ mod tests {
         for p in parts {
             body.push(Bytes::from(p.to_string()));
         }
+        body.finish();
         body
     }
 
@@ -983,22 +984,23 @@ mod tests {
 
     #[test]
     fn a_body_in_pieces_joins_once_and_gives_any_prefix() {
-        let mut body = pieces(&["abc", "", "defg", "h"]);
-        assert_eq!(body.len(), 8);
-        assert_eq!(body.pieces.len(), 3, "empty pieces are not kept");
-        for (n, want) in [
-            (0, ""),
-            (2, "ab"),
-            (3, "abc"),
-            (5, "abcde"),
-            (8, "abcdefgh"),
-            (99, "abcdefgh"),
-        ] {
-            assert_eq!(body.prefix(n), want.as_bytes(), "prefix({n})");
+        // Pieces large enough to be kept as they came (smaller ones are copied together).
+        let k = SMALL_PIECE_BYTES;
+        let parts = [vec![b'a'; k], vec![], vec![b'b'; k + 1], vec![b'c'; k]];
+        let mut body = RequestBody::default();
+        for p in &parts {
+            body.push(Bytes::from(p.clone()));
         }
-        assert_eq!(body.whole().as_ref(), b"abcdefgh");
+        body.finish();
+        let all = parts.concat();
+        assert_eq!(body.len(), 3 * k + 1);
+        assert_eq!(body.pieces.len(), 3, "empty pieces are not kept");
+        for n in [0, 2, k, k + 5, 2 * k + 1, 3 * k + 1, 10 * k] {
+            assert_eq!(body.prefix(n)[..], all[..n.min(all.len())], "prefix({n})");
+        }
+        assert_eq!(body.whole()[..], all[..]);
         assert_eq!(body.pieces.len(), 1);
-        assert_eq!(body.prefix(4), "abcd".as_bytes());
+        assert_eq!(body.prefix(4), "aaaa".as_bytes());
         let mut empty = RequestBody::default();
         assert!(empty.is_empty());
         assert_eq!(empty.whole().as_ref(), b"");
