@@ -86,6 +86,40 @@ pub fn field(headers: &http::HeaderMap) -> Option<String> {
     Some(texts.join(", "))
 }
 
+/// Whether a caller whose `Accept-Encoding` is `accept` takes a body in the codings `field`
+/// lists (RFC 9110 12.5.3): without the field, any; with it, each coding must be listed, or
+/// `*` be, with a weight above 0 (an empty field takes none). `x-gzip` is `gzip`.
+pub fn accepts(accept: Option<&[u8]>, field: &str) -> bool {
+    let Some(accept) = accept else {
+        return true;
+    };
+    let same = |token: &str| match token {
+        "x-gzip" => "gzip".to_string(),
+        other => other.to_string(),
+    };
+    let accept = String::from_utf8_lossy(accept).to_ascii_lowercase();
+    let listed: Vec<(String, bool)> = accept
+        .split(',')
+        .filter_map(|element| {
+            let mut parts = element.split(';');
+            let token = parts.next()?.trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (!token.is_empty()).then(|| (same(token), !refused))
+        })
+        .collect();
+    let taken = |name: &str| listed.iter().find(|(t, _)| t == name).map(|(_, ok)| *ok);
+    field
+        .split(',')
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity")
+        .all(|c| taken(&same(&c)).or_else(|| taken("*")).unwrap_or(false))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Decoding would give more than the limit.
@@ -224,6 +258,23 @@ mod tests {
         assert_eq!(parse(&["gzip, br"]), Codings::Unreadable("br".into()));
         assert_eq!(parse(&["zstd"]), Codings::Unreadable("zstd".into()));
         assert_eq!(parse(&["gzip;q=1"]), Codings::Unreadable("gzip;q=1".into()));
+    }
+
+    #[test]
+    fn a_caller_takes_a_coding_it_lists_or_has_no_field_for() {
+        let takes = |accept: Option<&str>, field: &str| accepts(accept.map(str::as_bytes), field);
+        assert!(takes(None, "gzip"));
+        assert!(takes(Some("gzip, deflate, br"), "gzip"));
+        assert!(takes(Some("GZIP;q=0.5"), "x-gzip"));
+        assert!(takes(Some("deflate, gzip"), "gzip, deflate"));
+        assert!(takes(Some("*"), "gzip"));
+        assert!(takes(Some("br, *;q=0.1"), "deflate"));
+        assert!(!takes(Some(""), "gzip"), "an empty field takes no coding");
+        assert!(!takes(Some("identity"), "gzip"));
+        assert!(!takes(Some("gzip;q=0"), "gzip"));
+        assert!(!takes(Some("*, gzip;q=0"), "gzip"));
+        assert!(!takes(Some("gzip"), "gzip, deflate"));
+        assert!(takes(Some("identity"), "identity"));
     }
 
     #[test]

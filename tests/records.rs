@@ -2529,6 +2529,27 @@ fn gzip_bodies_are_counted_decoded_forwarded_as_sent_and_readable_from_the_recor
             Some("application/json")
         );
         assert_eq!(r.bytes().unwrap().to_vec(), coded, "{flow}");
+        // A caller that takes no coding gets the same bytes as opaque ones, the coding named.
+        let r = client()
+            .get(t.url(&format!(
+                "/account/data/{}?data_flow_type={flow}",
+                call.code
+            )))
+            .bearer_auth(&alice)
+            .header("accept-encoding", "identity")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "content-encoding"), None, "{flow}");
+        assert_eq!(
+            header(&r, "x-capture-content-encoding").as_deref(),
+            Some("gzip")
+        );
+        assert_eq!(
+            header(&r, "content-type").as_deref(),
+            Some("application/octet-stream")
+        );
+        assert_eq!(r.bytes().unwrap().to_vec(), coded, "{flow}");
         // JSON: the payload itself.
         let r = data(
             &t,
@@ -2628,4 +2649,38 @@ fn coded_bodies_that_cannot_be_counted_are_refused_and_never_forwarded() {
     );
     assert_eq!(ok.status, 200);
     assert_eq!(echoed(), 1);
+}
+
+#[test]
+fn a_coded_capture_converts_only_within_max_capture_bytes_decoded() {
+    let t = counting_echo("[limits]\nmax_capture_bytes = 2048\n");
+    let alice = t.token("alice");
+    // Under 2 KiB as sent, 20 KB decoded: stored whole, too large to convert.
+    let plain = format!(
+        r#"{{"locations":[{{"key":"a"}}],"pad":"{}"}}"#,
+        " ".repeat(20_000)
+    );
+    let coded = gzip(plain.as_bytes());
+    assert!(coded.len() < 2048);
+    let call = send(
+        &t,
+        reqwest::Method::POST,
+        "/demo/echo",
+        &alice,
+        Some("application/json"),
+        &coded,
+        &[("content-encoding", "gzip")],
+    );
+    assert_eq!(call.status, 200);
+    let r = data(&t, &alice, &call.code, "data_flow_convert=JSON");
+    assert_eq!(r.status(), 400);
+    let body = json_of(r);
+    assert_error_shape(&body, "ACCOUNT");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("data_flow_convert") && message.contains("max_capture_bytes (2048)"),
+        "{message}"
+    );
+    // As sent, it is still there.
+    assert_eq!(data_ok(&t, &alice, &call.code, ""), coded);
 }

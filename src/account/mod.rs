@@ -27,6 +27,8 @@ pub struct AccountRequest<'a> {
     pub query: &'a str,
     pub authorization: Option<&'a [u8]>,
     pub content_type: Option<&'a [u8]>,
+    /// The codings the caller takes (`Accept-Encoding`), for captures served as they came.
+    pub accept_encoding: Option<&'a [u8]>,
     /// The body, or why it could not be read (too large, malformed chunks, the client stopped
     /// sending): the error an operation that reads a body answers with.
     pub body: Result<Bytes, ApiError>,

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{check_len, AccountResponse, Call};
-use crate::coding::{self, Codings};
+use crate::coding::{self, Codings, DecodeError};
 use crate::error::ApiError;
 use crate::model::{MethodGroup, Role, ServiceName};
 use crate::report::{self, DailyRow};
@@ -612,21 +612,39 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
         .ok_or_else(not_found)?;
     let mut response = match convert {
         "ORIGIN" => {
-            let mut response = AccountResponse::file(
-                payload
-                    .content_type
-                    .as_deref()
-                    .unwrap_or("application/octet-stream"),
-                payload.body.clone(),
-                None,
-            );
-            // The bytes as sent, in the coding they were sent in: HTTP clients decode them.
-            if let Some(encoding) = &payload.content_encoding {
-                response
-                    .headers
-                    .push(("Content-Encoding", encoding.clone()));
+            let content_type = payload
+                .content_type
+                .as_deref()
+                .unwrap_or("application/octet-stream");
+            match &payload.content_encoding {
+                None => AccountResponse::file(content_type, payload.body.clone(), None),
+                // The bytes as sent, in the coding they were sent in: HTTP clients decode them.
+                Some(encoding)
+                    if !payload.truncated
+                        && coding::accepts(call.req.accept_encoding, encoding) =>
+                {
+                    let mut response =
+                        AccountResponse::file(content_type, payload.body.clone(), None);
+                    response
+                        .headers
+                        .push(("Content-Encoding", encoding.clone()));
+                    response
+                }
+                // A stream cut at max_capture_bytes, which no decoder would take whole, or a
+                // coding the caller does not take: the same bytes, as opaque ones, the coding
+                // named beside them.
+                Some(encoding) => {
+                    let mut response = AccountResponse::file(
+                        "application/octet-stream",
+                        payload.body.clone(),
+                        None,
+                    );
+                    response
+                        .headers
+                        .push(("X-Capture-Content-Encoding", encoding.clone()));
+                    response
+                }
             }
-            response
         }
         _ => {
             if payload.truncated {
@@ -635,11 +653,6 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                     "the capture was truncated; only ORIGIN can be served",
                 ));
             }
-            let limits = &call.app.config.limits;
-            let body = decoded(
-                &payload,
-                limits.max_body_bytes.max(limits.max_capture_bytes),
-            )?;
             // serde_json's reason: not JSON at all, or JSON this conversion cannot hold (nested
             // deeper than 128 levels, a number past f64 for XLSX).
             let not_json = |e: serde_json::Error| {
@@ -650,20 +663,23 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                     format!("the captured payload cannot be read as JSON ({reason}); use ORIGIN"),
                 )
             };
-            if convert == "JSON" {
-                // Checked, then served as captured: parsing into values and printing them
-                // again would round long numbers and reorder members.
-                serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(not_json)?;
-                AccountResponse::file("application/json", body, None)
-            } else {
-                // Parsing and laying out a payload of up to max_capture_bytes is CPU work of
-                // milliseconds to seconds: off the threads that serve calls.
-                let bytes = tokio::task::spawn_blocking(move || {
-                    let value: Value = serde_json::from_slice(&body).map_err(not_json)?;
-                    report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))
-                })
-                .await
-                .map_err(|e| ApiError::internal(e.to_string()))??;
+            // Decoding, parsing and laying out a payload of up to max_capture_bytes is CPU
+            // work of milliseconds to seconds: off the threads that serve calls. A coded
+            // capture decodes to at most what a plain one may hold.
+            let max_bytes = call.app.config.limits.max_capture_bytes;
+            let as_json = convert == "JSON";
+            let captured = payload.clone();
+            let response = tokio::task::spawn_blocking(move || {
+                let body = decoded(&captured, max_bytes)?;
+                if as_json {
+                    // Checked, then served as captured: parsing into values and printing them
+                    // again would round long numbers and reorder members.
+                    serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(not_json)?;
+                    return Ok(AccountResponse::file("application/json", body, None));
+                }
+                let value: Value = serde_json::from_slice(&body).map_err(not_json)?;
+                let bytes =
+                    report::json_workbook(&value).map_err(|e| ApiError::internal(e.to_string()))?;
                 let name = format!(
                     "{code}_{}_{stage}.xlsx",
                     if flow == Flow::Input {
@@ -672,8 +688,15 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                         "output"
                     }
                 );
-                AccountResponse::file("application/octet-stream", Bytes::from(bytes), Some(name))
-            }
+                Ok::<_, ApiError>(AccountResponse::file(
+                    "application/octet-stream",
+                    Bytes::from(bytes),
+                    Some(name),
+                ))
+            });
+            response
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))??
         }
     };
     response
@@ -702,9 +725,13 @@ fn decoded(payload: &Payload, limit: usize) -> Result<Bytes, ApiError> {
         )
     };
     match Codings::of_field(field) {
-        Codings::Readable(codings) => coding::decode(&codings, &payload.body, limit)
-            .map(Bytes::from)
-            .map_err(|e| cannot(e.to_string())),
+        Codings::Readable(codings) => match coding::decode(&codings, &payload.body, limit) {
+            Ok(body) => Ok(Bytes::from(body)),
+            Err(DecodeError::TooLarge(_)) => Err(cannot(format!(
+                "decodes to more than max_capture_bytes ({limit})"
+            ))),
+            Err(e) => Err(cannot(e.to_string())),
+        },
         Codings::Unreadable(name) => Err(cannot(format!(
             "is coded in '{name}', which cannot be read"
         ))),

@@ -300,6 +300,7 @@ impl Tollgate {
             query: req.uri.query().unwrap_or(""),
             authorization: header("authorization"),
             content_type: header("content-type"),
+            accept_encoding: header("accept-encoding"),
             body,
             client_ip: client_ip(session),
             code: ctx.code,
@@ -505,8 +506,28 @@ impl Tollgate {
                 let names: Vec<_> = codings.iter().map(|c| c.name()).collect();
                 names.join(", ")
             };
-            match coding::decode(&codings, body.whole(), limit) {
-                Ok(decoded) => count_points(&decoded, &route.points),
+            // A few kilobytes of gzip can decode to max_body_bytes, a thousand times the work
+            // of their size: off the threads that serve calls.
+            // At most a few at once, each holding up to max_body_bytes decoded: the rest wait.
+            static DECODING: tokio::sync::Semaphore =
+                tokio::sync::Semaphore::const_new(CODED_BODIES_AT_ONCE);
+            let _turn = DECODING
+                .acquire()
+                .await
+                .map_err(|e| plain(ApiError::internal(e.to_string())))?;
+            let coded = body.whole().clone();
+            let (applied, shared) = (codings.clone(), self.app.clone());
+            let counted = tokio::task::spawn_blocking(move || {
+                let decoded = coding::decode(&applied, &coded, limit)?;
+                Ok(count_points(
+                    &decoded,
+                    &shared.config.routes[route_index].points,
+                ))
+            })
+            .await
+            .map_err(|e| plain(ApiError::internal(e.to_string())))?;
+            match counted {
+                Ok(counted) => counted,
                 Err(DecodeError::TooLarge(_)) => {
                     session.set_keepalive(None);
                     app.metrics
@@ -1518,6 +1539,9 @@ impl Tollgate {
         .await;
     }
 }
+
+/// Coded request bodies decoded at once (each up to `max_body_bytes` decoded).
+const CODED_BODIES_AT_ONCE: usize = 4;
 
 #[async_trait]
 impl HttpServerApp for Tollgate {
