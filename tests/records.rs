@@ -619,6 +619,11 @@ fn a_body_over_max_capture_bytes_is_proxied_whole_and_its_capture_says_truncated
 }
 
 fn redacting_echo(limits: &str) -> Tollgate {
+    echo_route_with("redact = [\"/secret\", \"/auth/key\"]", limits)
+}
+
+/// The suite's routes, with `keys` added to /demo/echo's (the upstream answers what it got).
+fn echo_route_with(keys: &str, limits: &str) -> Tollgate {
     // The suite's own echo route gives way to this one (a second would never be reached).
     let echo = "[[routes]]\nmethod = \"POST\"\npath = \"/demo/echo\"\nupstream = \"demo\"\n\
                 service = \"UNIVERSAL\"\nmethod_group = \"CONVERT\"\noperation = \"echo_payload\"\n";
@@ -633,7 +638,7 @@ upstream = "demo"
 service = "UNIVERSAL"
 method_group = "CONVERT"
 operation = "echo_payload"
-redact = ["/secret", "/auth/key"]
+{keys}
 {routes}
 {limits}
 "#
@@ -2458,32 +2463,24 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+/// Posts `coded` to /demo/echo as gzip-coded JSON.
+fn post_gzip(t: &Tollgate, token: &str, coded: &[u8]) -> Seen {
+    let headers = [("content-encoding", "gzip")];
+    let json = Some("application/json");
+    send(
+        t,
+        reqwest::Method::POST,
+        "/demo/echo",
+        token,
+        json,
+        coded,
+        &headers,
+    )
+}
+
 /// The suite's routes, with /demo/echo counting points: the upstream answers what it got.
 fn counting_echo(limits: &str) -> Tollgate {
-    let echo = "[[routes]]\nmethod = \"POST\"\npath = \"/demo/echo\"\nupstream = \"demo\"\n\
-                service = \"UNIVERSAL\"\nmethod_group = \"CONVERT\"\noperation = \"echo_payload\"\n";
-    assert!(ROUTES.contains(echo));
-    let routes = ROUTES.replace(echo, "");
-    let extra = format!(
-        r#"
-[[routes]]
-method = "POST"
-path = "/demo/echo"
-upstream = "demo"
-service = "UNIVERSAL"
-method_group = "CONVERT"
-operation = "echo_payload"
-points = ["/locations"]
-unique_key = "/key"
-{routes}
-{limits}
-"#
-    );
-    Tollgate::start_with(Setup {
-        extra,
-        with_default_routes: false,
-        ..Setup::default()
-    })
+    echo_route_with("points = [\"/locations\"]\nunique_key = \"/key\"", limits)
 }
 
 #[test]
@@ -2492,15 +2489,7 @@ fn gzip_bodies_are_counted_decoded_forwarded_as_sent_and_readable_from_the_recor
     let alice = t.token("alice");
     let plain = br#"{"locations":[{"key":"a"},{"key":"b"},{"key":"a"}]}"#;
     let coded = gzip(plain);
-    let call = send(
-        &t,
-        reqwest::Method::POST,
-        "/demo/echo",
-        &alice,
-        Some("application/json"),
-        &coded,
-        &[("content-encoding", "gzip")],
-    );
+    let call = post_gzip(&t, &alice, &coded);
     assert_eq!(call.status, 200);
     assert_eq!(call.body, coded, "the upstream got the coded bytes as sent");
 
@@ -2550,24 +2539,18 @@ fn gzip_bodies_are_counted_decoded_forwarded_as_sent_and_readable_from_the_recor
             Some("application/octet-stream")
         );
         assert_eq!(r.bytes().unwrap().to_vec(), coded, "{flow}");
+        let converted = |to: &str| {
+            let query = format!("data_flow_type={flow}&data_flow_convert={to}");
+            let r = data(&t, &alice, &call.code, &query);
+            assert_eq!(r.status(), 200, "{flow} as {to}");
+            r
+        };
         // JSON: the payload itself.
-        let r = data(
-            &t,
-            &alice,
-            &call.code,
-            &format!("data_flow_type={flow}&data_flow_convert=JSON"),
-        );
-        assert_eq!(r.status(), 200);
+        let r = converted("JSON");
         assert_eq!(header(&r, "content-encoding"), None, "{flow}");
         assert_eq!(r.bytes().unwrap().as_ref(), plain, "{flow}");
         // XLSX: one row per location.
-        let r = data(
-            &t,
-            &alice,
-            &call.code,
-            &format!("data_flow_type={flow}&data_flow_convert=XLSX"),
-        );
-        assert_eq!(r.status(), 200);
+        let r = converted("XLSX");
         let mut book: Xlsx<_> =
             open_workbook_from_rs(Cursor::new(r.bytes().unwrap().to_vec())).unwrap();
         let sheet = book.worksheet_range("locations").unwrap();
@@ -2662,15 +2645,7 @@ fn a_coded_capture_converts_only_within_max_capture_bytes_decoded() {
     );
     let coded = gzip(plain.as_bytes());
     assert!(coded.len() < 2048);
-    let call = send(
-        &t,
-        reqwest::Method::POST,
-        "/demo/echo",
-        &alice,
-        Some("application/json"),
-        &coded,
-        &[("content-encoding", "gzip")],
-    );
+    let call = post_gzip(&t, &alice, &coded);
     assert_eq!(call.status, 200);
     let r = data(&t, &alice, &call.code, "data_flow_convert=JSON");
     assert_eq!(r.status(), 400);

@@ -471,23 +471,22 @@ impl Tollgate {
             Vec::new()
         };
         let limit = app.config.limits.max_body_bytes;
+        // The rest of the body is not read: the connection closes after the answer.
+        let too_large = |session: &mut Session, how: String| {
+            session.set_keepalive(None);
+            app.metrics
+                .rejections
+                .with_label_values(&["body_too_large"])
+                .inc();
+            plain(ApiError::new(
+                413,
+                format!("body: larger than max_body_bytes ({limit}){how}"),
+            ))
+        };
         let counted_on_arrival = (whole && codings.is_empty()).then_some(&mut counting);
         let mut body = match read_body(session, limit, whole, counted_on_arrival).await {
             Ok(b) => b,
-            Err(BodyError::TooLarge) => {
-                session.set_keepalive(None);
-                app.metrics
-                    .rejections
-                    .with_label_values(&["body_too_large"])
-                    .inc();
-                return Err(plain(ApiError::new(
-                    413,
-                    format!(
-                        "body: larger than max_body_bytes ({})",
-                        app.config.limits.max_body_bytes
-                    ),
-                )));
-            }
+            Err(BodyError::TooLarge) => return Err(too_large(session, String::new())),
             Err(e) => {
                 session.set_keepalive(None);
                 ctx.body_broken = true;
@@ -529,19 +528,8 @@ impl Tollgate {
             match counted {
                 Ok(counted) => counted,
                 Err(DecodeError::TooLarge(_)) => {
-                    session.set_keepalive(None);
-                    app.metrics
-                        .rejections
-                        .with_label_values(&["body_too_large"])
-                        .inc();
-                    return Err(plain(ApiError::new(
-                        413,
-                        format!(
-                            "body: larger than max_body_bytes ({limit}) once decoded \
-                             (Content-Encoding: {})",
-                            named()
-                        ),
-                    )));
+                    let how = format!(" once decoded (Content-Encoding: {})", named());
+                    return Err(too_large(session, how));
                 }
                 Err(invalid) => {
                     app.metrics
