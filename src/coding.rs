@@ -61,6 +61,12 @@ impl Codings {
         Codings::Readable(codings)
     }
 
+    /// Reads the `Content-Encoding` fields of a message.
+    pub fn of_headers(headers: &http::HeaderMap) -> Codings {
+        let values = headers.get_all(http::header::CONTENT_ENCODING);
+        Codings::parse(values.iter().map(|v| v.as_bytes()))
+    }
+
     /// Parses a field value as stored with a capture.
     pub fn of_field(value: &str) -> Codings {
         Codings::parse([value.as_bytes()])
@@ -75,10 +81,10 @@ impl Codings {
 /// The `Content-Encoding` of a captured body as it is stored with it: the field's values
 /// joined, or `None` for a body without a coding.
 pub fn field(headers: &http::HeaderMap) -> Option<String> {
-    let values = headers.get_all(http::header::CONTENT_ENCODING);
-    if Codings::parse(values.iter().map(|v| v.as_bytes())).is_identity() {
+    if Codings::of_headers(headers).is_identity() {
         return None;
     }
+    let values = headers.get_all(http::header::CONTENT_ENCODING);
     let texts: Vec<_> = values
         .iter()
         .map(|v| String::from_utf8_lossy(v.as_bytes()))
@@ -155,16 +161,23 @@ pub fn decode_prefix(codings: &[Coding], body: &[u8], limit: usize) -> (Vec<u8>,
     let mut data = body.to_vec();
     let mut whole = true;
     for &coding in codings.iter().rev() {
-        let mut out = Vec::new();
-        let mut rest = &data[..];
-        let read = reader(coding, &mut rest)
-            .take(limit as u64 + 1)
-            .read_to_end(&mut out);
-        whole &= read.is_ok() && out.len() <= limit && rest.is_empty();
+        let (mut out, read, all_taken) = inflate(coding, &data, limit);
+        whole &= read.is_ok() && out.len() <= limit && all_taken;
         out.truncate(limit);
         data = out;
     }
     (data, whole)
+}
+
+/// Decodes one coding to at most `limit + 1` bytes (one past the limit tells it was passed):
+/// what came out, how the reading ended, and whether the stream took all of `body`.
+fn inflate(coding: Coding, body: &[u8], limit: usize) -> (Vec<u8>, std::io::Result<usize>, bool) {
+    let mut out = Vec::new();
+    let mut rest = body;
+    let read = reader(coding, &mut rest)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out);
+    (out, read, rest.is_empty())
 }
 
 /// A decoder over `rest`, which it advances past the input it takes.
@@ -194,18 +207,14 @@ fn decode_one(coding: Coding, body: &[u8], limit: usize) -> Result<Vec<u8>, Deco
         coding: coding.name(),
         reason,
     };
-    let mut out = Vec::new();
-    let mut rest = body;
-    reader(coding, &mut rest)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| invalid(e.to_string()))?;
+    let (out, read, all_taken) = inflate(coding, body, limit);
+    read.map_err(|e| invalid(e.to_string()))?;
     if out.len() > limit {
         return Err(DecodeError::TooLarge(limit));
     }
     // A deflate stream ends by itself: bytes after it are not part of the body. (A gzip body's
     // trailing bytes already failed, read as the header of a next member.)
-    if !rest.is_empty() {
+    if !all_taken {
         return Err(invalid("bytes after the end of the stream".into()));
     }
     Ok(out)

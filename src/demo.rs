@@ -718,8 +718,7 @@ fn demo_matrix(waypoints: usize) -> (Vec<Vec<u64>>, Vec<Vec<u64>>) {
 /// The body as it reads, decoded from its `Content-Encoding`; the error status and message
 /// when it cannot be.
 fn decoded(headers: &HeaderMap, body: Bytes) -> Result<Bytes, (StatusCode, String)> {
-    let field = headers.get_all(CONTENT_ENCODING);
-    match Codings::parse(field.iter().map(|v| v.as_bytes())) {
+    match Codings::of_headers(headers) {
         Codings::Readable(codings) if codings.is_empty() => Ok(body),
         Codings::Readable(codings) => coding::decode(&codings, &body, MAX_BODY_BYTES)
             .map(Bytes::from)

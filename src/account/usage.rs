@@ -616,35 +616,26 @@ pub async fn data(call: &mut Call<'_>, raw_code: &str) -> Result<AccountResponse
                 .content_type
                 .as_deref()
                 .unwrap_or("application/octet-stream");
-            match &payload.content_encoding {
-                None => AccountResponse::file(content_type, payload.body.clone(), None),
+            let (content_type, coding_field) = match &payload.content_encoding {
+                None => (content_type, None),
                 // The bytes as sent, in the coding they were sent in: HTTP clients decode them.
                 Some(encoding)
                     if !payload.truncated
                         && coding::accepts(call.req.accept_encoding, encoding) =>
                 {
-                    let mut response =
-                        AccountResponse::file(content_type, payload.body.clone(), None);
-                    response
-                        .headers
-                        .push(("Content-Encoding", encoding.clone()));
-                    response
+                    (content_type, Some(("Content-Encoding", encoding.clone())))
                 }
                 // A stream cut at max_capture_bytes, which no decoder would take whole, or a
                 // coding the caller does not take: the same bytes, as opaque ones, the coding
                 // named beside them.
-                Some(encoding) => {
-                    let mut response = AccountResponse::file(
-                        "application/octet-stream",
-                        payload.body.clone(),
-                        None,
-                    );
-                    response
-                        .headers
-                        .push(("X-Capture-Content-Encoding", encoding.clone()));
-                    response
-                }
-            }
+                Some(encoding) => (
+                    "application/octet-stream",
+                    Some(("X-Capture-Content-Encoding", encoding.clone())),
+                ),
+            };
+            let mut response = AccountResponse::file(content_type, payload.body.clone(), None);
+            response.headers.extend(coding_field);
+            response
         }
         _ => {
             if payload.truncated {

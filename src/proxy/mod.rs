@@ -443,11 +443,7 @@ impl Tollgate {
         let whole = !route.points.array_pointers.is_empty();
         // A coded body (gzip, deflate) is counted decoded, once whole, and forwarded as sent.
         let codings = if whole {
-            let field = session
-                .req_header()
-                .headers
-                .get_all(http::header::CONTENT_ENCODING);
-            match Codings::parse(field.iter().map(|v| v.as_bytes())) {
+            match Codings::of_headers(&session.req_header().headers) {
                 Codings::Readable(codings) => codings,
                 Codings::Unreadable(name) => {
                     session.set_keepalive(None);
